@@ -1,0 +1,46 @@
+"""The ``dmm`` command: one entry point, subcommands registered by each application.
+
+Each application module (``dmm.trainer.cli``, ``dmm.server.cli``, ``dmm.client.cli``) exposes
+``register(subparsers)``, which adds its subcommands with ``set_defaults(handler=...)``. Those
+modules import only argparse at module level, so ``dmm rollout`` never pays for importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from dmm.errors import DMMError
+
+APP_CLIS = ("dmm.trainer.cli", "dmm.server.cli", "dmm.client.cli")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse exits with status 2 on bad arguments already; keep its one-line message."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="dmm", description="Decision MetaMamba: train, store and serve offline-RL policies.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in APP_CLIS:
+        importlib.import_module(module).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except DMMError as err:
+        print(f"dmm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dmm {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
