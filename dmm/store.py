@@ -272,12 +272,12 @@ class ModelStore:
         found = self.versions(name)
         if number in found:
             return number
-        if not found:
-            raise self._model_not_found(name)
         path = self.root / name / str(number)
         if path.is_dir():
             # An integer folder that is not complete: say why instead of pretending it is absent.
             self._verify_listing(path)
+        if not found:
+            raise self._model_not_found(name)
         listing = ", ".join(str(v) for v in found)
         raise VersionNotFoundError(f"model {name!r} has no version {number}; available versions: {listing}")
 
@@ -407,26 +407,31 @@ class ModelStore:
         metrics_bytes = _json_bytes({} if metrics is None else metrics, "metrics")
         extra = _prepare_files(files)
 
-        if self._check_root() is False:
-            self.root.mkdir(parents=True, exist_ok=True)
-            _fsync_dir(self.root.parent)
         model_dir = self.root / name
-        if not model_dir.is_dir():
-            model_dir.mkdir(exist_ok=True)
-            _fsync_dir(self.root)
-
-        tmp = model_dir / f"{TMP_PREFIX}{uuid.uuid4().hex}"
-        tmp.mkdir()
+        try:
+            if not self._check_root():
+                self.root.mkdir(parents=True, exist_ok=True)
+                _fsync_dir(self.root.parent)
+            if not model_dir.is_dir():
+                model_dir.mkdir(exist_ok=True)
+                _fsync_dir(self.root)
+            tmp = model_dir / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+            tmp.mkdir()
+        except OSError as err:
+            raise StoreError(f"cannot create {model_dir}: {err}") from None
         try:
             digests = self._write_version(tmp, prepared, config_bytes, metrics_bytes, extra)
             lines = "".join(f"{digests[f]}  {f}\n" for f in sorted(digests))
             _write_bytes(tmp / CHECKSUMS_FILE, lines.encode("utf-8"))
             _fsync_dir(tmp)
             version = self._rename_into_place(model_dir, tmp)
-        except BaseException:
+        except BaseException as err:
+            # Nothing half-written stays behind; the temp folder was never visible as a version.
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(err, OSError):
+                raise StoreError(f"cannot write a new version of {name!r} in {model_dir}: {err}") from err
             raise
-        _fsync_dir(model_dir)
+        _fsync_dir(model_dir)  # make the rename durable
         return version
 
     @staticmethod
