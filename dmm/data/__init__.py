@@ -1,0 +1,32 @@
+"""Offline-RL data: D4RL hdf5 and Decision-Transformer pickles, returns-to-go, context windows."""
+
+from dmm.data.dataset import Dataset, load_dataset
+from dmm.data.download import cache_path, dataset_url, default_cache_dir, fetch_dataset
+from dmm.data.formats import load_hdf5, load_pickle, read_hdf5_attrs
+from dmm.data.sampler import WindowBatch, WindowSampler
+from dmm.data.trajectory import (
+    Trajectory,
+    returns_to_go,
+    rewards_from_cumulative,
+    split_episodes,
+    state_stats,
+)
+
+__all__ = [
+    "Dataset",
+    "Trajectory",
+    "WindowBatch",
+    "WindowSampler",
+    "cache_path",
+    "dataset_url",
+    "default_cache_dir",
+    "fetch_dataset",
+    "load_dataset",
+    "load_hdf5",
+    "load_pickle",
+    "read_hdf5_attrs",
+    "returns_to_go",
+    "rewards_from_cumulative",
+    "split_episodes",
+    "state_stats",
+]
