@@ -465,3 +465,48 @@ def test_failed_write_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.
     assert sorted(p.name for p in (tmp_path / "hopper").iterdir()) == ["1"]
     assert store.versions("hopper") == [1]
     assert _publish(store, seed=3) == 2
+
+
+_RACING_WRITER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    import torch
+    from dmm.store import ModelStore
+
+    root, go, ident = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+    go.with_name(f"ready-{ident}").touch()
+    while not go.exists():
+        time.sleep(0.005)
+    print(ModelStore(root).publish("hopper", {"w": torch.full((64,), float(ident))}, {"writer": ident}))
+    """
+)
+
+
+def test_concurrent_processes_get_distinct_versions(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "store")
+    script = tmp_path / "writer.py"
+    script.write_text(_RACING_WRITER)
+    go = tmp_path / "go"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(store.root), str(go), str(i)], stdout=subprocess.PIPE, text=True
+        )
+        for i in range(3)
+    ]
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("ready-*"))) < len(procs):  # all imported torch and wait together
+        assert all(p.poll() is None for p in procs), "a writer exited early"
+        assert time.monotonic() < deadline, "writers never became ready"
+        time.sleep(0.02)
+    go.touch()
+    claimed = {}
+    for i, proc in enumerate(procs):
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0
+        claimed[i] = int(out)
+    assert sorted(claimed.values()) == [1, 2, 3]
+    for i, version in claimed.items():
+        ckpt = store.load("hopper", version)
+        assert ckpt.config == {"writer": i}
+        assert torch.equal(ckpt.tensors["w"], torch.full((64,), float(i)))
