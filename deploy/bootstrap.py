@@ -1,0 +1,107 @@
+"""One-shot store bootstrap, so that a fresh ``docker compose up`` serves a policy with no manual step.
+
+If the store already holds a model, nothing is done. Otherwise a small dataset is collected with a
+bundled D4RL reference policy (``dmm collect``) and a small model is trained on it into the store
+(``dmm train``). The result is a demonstration policy, trained for minutes, not a benchmark
+result: train a real one with the compose ``trainer`` service (see deploy/README.md).
+
+Every option can also be set by an environment variable (``DMM_BOOTSTRAP_*``, ``DMM_STORE``), which
+is how docker-compose.yml configures it. Exit status: 0 when the store has a model at the end,
+otherwise the failing step's status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+DEFAULT_POLICY = Path(__file__).resolve().parent / "policies" / "hopper_online_5.npz"
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", default=_env("DMM_STORE", "/models"), help="model store folder")
+    parser.add_argument(
+        "--name", default=_env("DMM_BOOTSTRAP_NAME", "hopper-medium-sim-v4"), help="model name to publish"
+    )
+    parser.add_argument(
+        "--env", default=_env("DMM_BOOTSTRAP_ENV", "Hopper-v4"), help="gymnasium env to collect in"
+    )
+    parser.add_argument(
+        "--policy",
+        type=Path,
+        default=Path(_env("DMM_BOOTSTRAP_POLICY", str(DEFAULT_POLICY))),
+        help="D4RL reference policy (.npz) that collects the dataset",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=int(_env("DMM_BOOTSTRAP_STEPS", "20000")), help="transitions to collect"
+    )
+    parser.add_argument(
+        "--updates", type=int, default=int(_env("DMM_BOOTSTRAP_UPDATES", "2000")), help="training updates"
+    )
+    parser.add_argument("--seed", type=int, default=int(_env("DMM_BOOTSTRAP_SEED", "0")))
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="where the collected dataset is written (default: a temporary folder, removed at the end)",
+    )
+    return parser
+
+
+def store_models(store: str | os.PathLike) -> list[str]:
+    """Names of the models with at least one complete version in ``store``."""
+    from dmm.store import ModelStore
+
+    return ModelStore(store).models()
+
+
+def bootstrap(args: argparse.Namespace) -> int:
+    """Collect and train into an empty store; return 0 when the store then has a model."""
+    from dmm.cli import main as dmm_main
+
+    models = store_models(args.store)
+    if models:
+        print(f"bootstrap: store {args.store} already has {', '.join(models)}; nothing to do")
+        return 0
+    if not args.policy.is_file():
+        print(f"bootstrap: error: behaviour policy {args.policy} not found", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="dmm-bootstrap-") as tmp:
+        workdir = args.workdir or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        dataset = workdir / f"{args.name}.hdf5"
+        print(f"bootstrap: store {args.store} is empty; collecting {args.steps} steps of {args.env}")
+        collect = ["collect", "--env", args.env, "--policy", str(args.policy), "--steps", str(args.steps)]
+        status = dmm_main([*collect, "--out", str(dataset), "--seed", str(args.seed)])
+        if status != 0:
+            return status
+        print(f"bootstrap: training {args.name} for {args.updates} updates")
+        train = ["train", "--dataset", str(dataset), "--store", str(args.store), "--name", args.name]
+        status = dmm_main([*train, "--updates", str(args.updates)])
+        if status != 0:
+            return status
+    models = store_models(args.store)
+    if args.name not in models:
+        print(
+            f"bootstrap: error: training finished but {args.store} has no model {args.name}", file=sys.stderr
+        )
+        return 1
+    print(f"bootstrap: store {args.store} now serves {args.name}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return bootstrap(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,465 @@
+"""Static checks of deploy/ (no Docker engine needed) and behaviour of its two helper scripts.
+
+The compose file, Dockerfile, Prometheus and Grafana files must agree with each other and only
+reference files that exist; the dashboard must be valid and query only the contract's metrics.
+healthcheck.py and bootstrap.py run in the image; here they run against a real gRPC health
+service and a real model store.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from concurrent import futures
+from pathlib import Path
+from types import ModuleType
+
+import grpc
+import pytest
+import yaml
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+COMPOSE = DEPLOY / "docker-compose.yml"
+DOCKERFILE = DEPLOY / "Dockerfile"
+PROMETHEUS_YML = DEPLOY / "prometheus" / "prometheus.yml"
+DASHBOARDS = DEPLOY / "grafana" / "dashboards"
+PROVISIONING = DEPLOY / "grafana" / "provisioning"
+
+# The metric families of the contract (notes: "Metrics"), with the series names they expose.
+HISTOGRAMS = ("dmm_act_latency_seconds", "dmm_queue_wait_seconds", "dmm_batch_size")
+GAUGES = ("dmm_active_sessions", "dmm_model_versions_loaded")
+COUNTERS = (
+    "dmm_sessions_started_total",
+    "dmm_sessions_ended_total",
+    "dmm_errors_total",
+    "dmm_model_loads_total",
+)
+SERIES = {f"{h}{s}" for h in HISTOGRAMS for s in ("_bucket", "_count", "_sum")} | set(GAUGES) | set(COUNTERS)
+
+
+def load_module(name: str) -> ModuleType:
+    """Import deploy/<name>.py (deploy/ is not a package: the files are copied into the image)."""
+    spec = importlib.util.spec_from_file_location(f"deploy_{name}", DEPLOY / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_VAR = re.compile(r"\$\{(?P<name>\w+)(?::-(?P<default>[^}]*))?\}")
+
+
+def interpolate(value: str) -> str:
+    """Compose's ${VAR:-default} with an empty environment; a variable without default is an error."""
+
+    def repl(match: re.Match[str]) -> str:
+        assert match.group("default") is not None, f"{match.group(0)} has no default in {value!r}"
+        return match.group("default")
+
+    return _VAR.sub(repl, value)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+@pytest.fixture(scope="module")
+def dashboard() -> dict:
+    return json.loads((DASHBOARDS / "dmm-serving.json").read_text())
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of the Dockerfile, continuation lines joined, comments dropped."""
+    text = re.sub(
+        r"\\\n",
+        " ",
+        "\n".join(line for line in DOCKERFILE.read_text().splitlines() if not line.startswith("#")),
+    )
+    out = []
+    for line in text.splitlines():
+        if line.strip():
+            instr, _, rest = line.strip().partition(" ")
+            out.append((instr.upper(), rest.strip()))
+    return out
+
+
+def serve_ports(command: list[str]) -> tuple[int, int]:
+    """(gRPC port, metrics port) given by a `dmm serve` argument list."""
+    return int(command[command.index("--port") + 1]), int(command[command.index("--metrics-port") + 1])
+
+
+def bind_mounts(service: dict) -> list[tuple[str, str]]:
+    """(host path, container path) of a service's short-syntax volumes that are bind mounts."""
+    out = []
+    for spec in service.get("volumes", []):
+        source, target = spec.split(":")[:2]
+        if source.startswith((".", "/")):
+            out.append((source, target))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# docker-compose.yml
+
+
+def test_compose_has_the_services_and_profiles(compose):
+    services = compose["services"]
+    assert {"bootstrap", "server", "prometheus", "grafana", "trainer"} <= set(services)
+    assert services["trainer"]["profiles"] == ["train"], "trainer must not start with a plain `up`"
+    for name in ("bootstrap", "server", "prometheus", "grafana"):
+        assert "profiles" not in services[name], f"{name} must start with a plain `docker compose up`"
+    assert services["server"]["depends_on"]["bootstrap"]["condition"] == "service_completed_successfully"
+
+
+def test_compose_build_context_and_dockerfile_exist(compose):
+    built = [name for name, svc in compose["services"].items() if "build" in svc]
+    assert {"bootstrap", "server", "trainer"} <= set(built)
+    for name in built:
+        build = compose["services"][name]["build"]
+        context = (DEPLOY / build["context"]).resolve()
+        assert context == ROOT, f"{name}: build context must be the repository root"
+        assert (context / build["dockerfile"]).resolve() == DOCKERFILE
+        args = {k: interpolate(v) for k, v in build["args"].items()}
+        assert args["BASE_IMAGE"] == "python:3.11-slim"
+    images = {interpolate(compose["services"][name]["image"]) for name in built}
+    assert len(images) == 1, f"bootstrap, server and trainer must share one image, got {images}"
+
+
+def test_compose_volumes_and_bind_mounts_exist(compose):
+    declared = set(compose["volumes"])
+    used = set()
+    for name, service in compose["services"].items():
+        for spec in service.get("volumes", []):
+            parts = spec.split(":")
+            assert len(parts) in (2, 3), f"{name}: bad volume {spec!r}"
+            source, target = parts[:2]
+            assert target.startswith("/"), f"{name}: container path {target!r} must be absolute"
+            if len(parts) == 3:
+                assert parts[2] in ("ro", "rw"), f"{name}: bad mode in {spec!r}"
+            if source.startswith((".", "/")):
+                assert (DEPLOY / source).exists(), f"{name}: bind mount source {source} does not exist"
+            else:
+                assert source in declared, f"{name}: volume {source} is not declared"
+                used.add(source)
+    assert used == declared, f"declared but unused volumes: {declared - used}"
+    store_mounts = {
+        name: [v for v in svc.get("volumes", []) if v.split(":")[1] == "/models"]
+        for name, svc in compose["services"].items()
+    }
+    for name in ("bootstrap", "server", "trainer"):
+        assert store_mounts[name] == ["models:/models"], f"{name} must mount the shared store volume"
+
+
+def test_compose_ports_match_the_server_command_and_do_not_clash(compose):
+    services = compose["services"]
+    grpc_port, metrics_port = serve_ports(services["server"]["command"])
+    assert services["server"]["command"][services["server"]["command"].index("--store") + 1] == "/models"
+    published = {}
+    for name, service in services.items():
+        for spec in service.get("ports", []):
+            host, container = (int(p) for p in spec.split(":"))
+            assert host not in published, f"host port {host} published by {published.get(host)} and {name}"
+            published[host] = name
+            if name == "server":
+                assert container in (grpc_port, metrics_port)
+    assert published[50051] == "server" and published[9090] == "server"
+    assert published[3000] == "grafana"
+
+
+def test_grafana_is_provisioned_with_anonymous_read_only_viewer(compose):
+    grafana = compose["services"]["grafana"]
+    env = {k: interpolate(str(v)) for k, v in grafana["environment"].items()}
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
+    assert env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+    mounts = dict(bind_mounts(grafana))
+    assert mounts["./grafana/provisioning"] == "/etc/grafana/provisioning"
+    dashboards_target = mounts["./grafana/dashboards"]
+    home = Path(env["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"])
+    assert home.parent == Path(dashboards_target)
+    assert (DASHBOARDS / home.name).is_file()
+
+    provider = yaml.safe_load((PROVISIONING / "dashboards" / "dmm.yml").read_text())["providers"][0]
+    assert provider["type"] == "file"
+    assert provider["options"]["path"] == dashboards_target, "provider must read the mounted dashboards"
+
+
+def test_grafana_datasource_points_at_the_compose_prometheus(compose, dashboard):
+    datasource = yaml.safe_load((PROVISIONING / "datasources" / "prometheus.yml").read_text())["datasources"][
+        0
+    ]
+    assert datasource["type"] == "prometheus"
+    assert datasource["url"] == "http://prometheus:9090"
+    command = compose["services"]["prometheus"]["command"]
+    assert not any(a.startswith("--web.listen-address") for a in command), "Prometheus must listen on 9090"
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    assert variables["datasource"]["current"]["value"] == datasource["uid"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Dockerfile
+
+
+def test_dockerfile_is_multi_stage_with_a_base_image_argument():
+    instructions = dockerfile_instructions()
+    args = {rest.split("=")[0]: rest.partition("=")[2] for instr, rest in instructions if instr == "ARG"}
+    assert args["BASE_IMAGE"] == "python:3.11-slim"
+    stages = [rest for instr, rest in instructions if instr == "FROM"]
+    assert len(stages) >= 2
+    assert stages[-1].startswith("${BASE_IMAGE}"), "the runtime stage must use the BASE_IMAGE argument"
+    assert any("--from=build" in rest for instr, rest in instructions if instr == "COPY")
+
+
+def test_dockerfile_pins_torch_and_runs_dmm_serve_as_non_root():
+    instructions = dockerfile_instructions()
+    runs = " ".join(rest for instr, rest in instructions if instr == "RUN")
+    assert re.findall(r"torch\S*", runs) == ["torch==2.13.0"]
+    users = [rest for instr, rest in instructions if instr == "USER"]
+    assert users and users[-1] not in ("root", "0")
+    assert json.loads(dict(instructions)["ENTRYPOINT"]) == ["dmm", "serve"]
+    cmd = json.loads(dict(instructions)["CMD"])
+    assert cmd[cmd.index("--store") + 1] == "/models"
+    assert json.loads(dict(instructions)["VOLUME"]) == ["/models"]
+    exposed = {int(p) for p in dict(instructions)["EXPOSE"].split()}
+    assert exposed == set(serve_ports(cmd))
+
+
+def test_dockerfile_healthcheck_uses_the_grpc_health_service():
+    instructions = dockerfile_instructions()
+    healthcheck = dict(instructions)["HEALTHCHECK"]
+    command = json.loads(healthcheck.split("CMD", 1)[1])
+    assert command[0] == "python" and command[1] == "/opt/dmm/healthcheck.py"
+    env = dict(instructions)["ENV"]
+    grpc_port, _ = serve_ports(json.loads(dict(instructions)["CMD"]))
+    assert f"DMM_HEALTH_TARGET=127.0.0.1:{grpc_port}" in env
+
+
+def test_dockerfile_copies_only_files_that_exist_and_are_not_ignored():
+    ignored = [
+        line.strip()
+        for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    copies = [rest for instr, rest in dockerfile_instructions() if instr == "COPY" and "--from" not in rest]
+    assert copies
+    for rest in copies:
+        *sources, _dest = rest.split()
+        for source in sources:
+            assert (ROOT / source).exists(), f"COPY source {source} does not exist"
+            top = source.split("/")[0]
+            assert top not in ignored, f"COPY source {source} is excluded by the dockerignore file"
+
+
+# ---------------------------------------------------------------------------------------------
+# Prometheus
+
+
+def test_prometheus_scrapes_the_server_metrics_port(compose):
+    config = yaml.safe_load(PROMETHEUS_YML.read_text())
+    _, metrics_port = serve_ports(compose["services"]["server"]["command"])
+    targets = [t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
+    assert targets == [f"server:{metrics_port}"]
+    mounts = dict(bind_mounts(compose["services"]["prometheus"]))
+    config_arg = next(
+        a for a in compose["services"]["prometheus"]["command"] if a.startswith("--config.file=")
+    )
+    assert mounts["./prometheus/prometheus.yml"] == config_arg.split("=", 1)[1]
+
+
+@pytest.mark.skipif(
+    shutil.which("promtool") is None, reason="promtool (Debian package prometheus) not installed"
+)
+def test_prometheus_config_passes_promtool():
+    result = subprocess.run(
+        ["promtool", "check", "config", str(PROMETHEUS_YML)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Dashboard
+
+
+def dashboard_exprs(dashboard: dict) -> list[str]:
+    return [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+
+
+def test_dashboard_is_versioned_and_every_panel_has_a_query(dashboard):
+    assert dashboard["uid"] == "dmm-serving" and isinstance(dashboard["version"], int)
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in dashboard["panels"]:
+        assert panel["targets"], f"panel {panel['title']!r} has no target"
+        for target in panel["targets"]:
+            assert target["expr"].strip(), f"panel {panel['title']!r} has an empty query"
+            assert target["datasource"]["uid"] == "${datasource}"
+        grid = panel["gridPos"]
+        assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24 and grid["h"] > 0
+    refs = [(p["id"], t["refId"]) for p in dashboard["panels"] for t in p["targets"]]
+    assert len(refs) == len(set(refs))
+
+
+def test_dashboard_queries_only_contract_metrics_and_covers_them_all(dashboard):
+    used = set()
+    for expr in dashboard_exprs(dashboard):
+        names = set(re.findall(r"\bdmm_\w+", expr))
+        assert names <= SERIES, f"unknown metric in {expr!r}: {names - SERIES}"
+        used |= names
+    families = {re.sub(r"_(bucket|count|sum)$", "", n) if n.startswith(HISTOGRAMS) else n for n in used}
+    assert families == set(HISTOGRAMS) | set(GAUGES) | set(COUNTERS)
+
+
+def test_dashboard_has_the_required_panels(dashboard):
+    exprs = dashboard_exprs(dashboard)
+    for quantile in ("0.5", "0.95", "0.99"):
+        assert any(
+            e.startswith(f"histogram_quantile({quantile},") and "dmm_act_latency_seconds_bucket" in e
+            for e in exprs
+        ), f"no Act latency p{quantile}"
+    assert any(re.search(r"rate\(dmm_act_latency_seconds_count\{", e) for e in exprs), "no actions/s panel"
+    heatmaps = [p for p in dashboard["panels"] if p["type"] == "heatmap"]
+    assert [t["format"] for p in heatmaps for t in p["targets"]] == ["heatmap"]
+    assert "dmm_batch_size_bucket" in heatmaps[0]["targets"][0]["expr"]
+    assert any("by (code)" in e and "dmm_errors_total" in e for e in exprs), "no errors-by-code panel"
+
+
+def test_dashboard_model_variable_filters_every_model_labelled_query(dashboard):
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["model"]["allValue"] == ".*" and variables["model"]["includeAll"]
+    for expr in dashboard_exprs(dashboard):
+        for selector in re.findall(r"\b(dmm_\w+)(\{[^}]*\})?", expr):
+            if not selector[0].startswith("dmm_errors_total"):  # labelled by code only
+                assert 'model=~"$model"' in selector[1], f"{selector[0]} not filtered by $model in {expr!r}"
+
+
+# ---------------------------------------------------------------------------------------------
+# healthcheck.py against a real grpc.health.v1 service
+
+
+@pytest.fixture()
+def health_server():
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield servicer, f"127.0.0.1:{port}"
+    server.stop(None)
+
+
+def test_healthcheck_reports_serving_and_not_serving(health_server, capsys):
+    healthcheck = load_module("healthcheck")
+    servicer, target = health_server
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    assert healthcheck.main(["--target", target]) == 0
+    assert capsys.readouterr().out.strip() == f"{target}: SERVING"
+    servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    assert healthcheck.main(["--target", target]) == 1
+    assert "NOT_SERVING" in capsys.readouterr().out
+    assert healthcheck.main(["--target", target, "--service", "no.such.Service"]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().out
+
+
+def test_healthcheck_fails_for_an_unreachable_server(monkeypatch):
+    with socket.socket() as bound_not_listening:  # connections to it are refused
+        bound_not_listening.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("DMM_HEALTH_TARGET", f"127.0.0.1:{bound_not_listening.getsockname()[1]}")
+        result = subprocess.run(
+            [sys.executable, str(DEPLOY / "healthcheck.py"), "--timeout", "0.5"],
+            capture_output=True,
+            text=True,
+        )
+    assert result.returncode == 1
+    assert "UNAVAILABLE" in result.stdout or "DEADLINE_EXCEEDED" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# bootstrap.py against a real store (collect and train replaced by recording fakes)
+
+
+def publish_tiny(store: Path, name: str) -> None:
+    import torch
+
+    from dmm.store import ModelStore
+
+    ModelStore(store).publish(name, {"w": torch.zeros(2)}, {"note": "test"})
+
+
+@pytest.fixture()
+def recorded_cli(monkeypatch):
+    """Replace dmm.cli.main: record each command; `train` publishes a version like the real one."""
+    calls: list[list[str]] = []
+    behaviour = {"collect": 0, "train": 0, "train_publishes": True}
+
+    def fake_main(argv):
+        calls.append(list(argv))
+        command = argv[0]
+        if command == "collect":
+            Path(argv[argv.index("--out") + 1]).write_bytes(b"dataset")
+        elif command == "train" and behaviour["train"] == 0 and behaviour["train_publishes"]:
+            assert Path(argv[argv.index("--dataset") + 1]).read_bytes() == b"dataset"
+            publish_tiny(Path(argv[argv.index("--store") + 1]), argv[argv.index("--name") + 1])
+        return behaviour[command]
+
+    import dmm.cli
+
+    monkeypatch.setattr(dmm.cli, "main", fake_main)
+    return calls, behaviour
+
+
+def test_bootstrap_skips_a_store_that_has_a_model(tmp_path, recorded_cli, capsys):
+    calls, _ = recorded_cli
+    publish_tiny(tmp_path, "existing")
+    assert load_module("bootstrap").main(["--store", str(tmp_path)]) == 0
+    assert calls == []
+    assert "already has existing" in capsys.readouterr().out
+
+
+def test_bootstrap_collects_then_trains_into_an_empty_store(tmp_path, recorded_cli, monkeypatch):
+    calls, _ = recorded_cli
+    store = tmp_path / "store"
+    monkeypatch.setenv("DMM_BOOTSTRAP_STEPS", "1234")
+    bootstrap = load_module("bootstrap")
+    assert bootstrap.main(["--store", str(store), "--name", "demo", "--updates", "7", "--seed", "3"]) == 0
+    assert [c[0] for c in calls] == ["collect", "train"]
+    collect, train = calls
+    assert collect[collect.index("--env") + 1] == "Hopper-v4"
+    assert collect[collect.index("--steps") + 1] == "1234"
+    assert collect[collect.index("--seed") + 1] == "3"
+    assert Path(collect[collect.index("--policy") + 1]) == DEPLOY / "policies" / "hopper_online_5.npz"
+    assert train[train.index("--dataset") + 1] == collect[collect.index("--out") + 1]
+    assert train[train.index("--updates") + 1] == "7"
+    assert not Path(collect[collect.index("--out") + 1]).exists(), "the temporary dataset must be removed"
+    from dmm.store import ModelStore
+
+    assert ModelStore(store).models() == ["demo"]
+
+
+def test_bootstrap_propagates_failures(tmp_path, recorded_cli):
+    calls, behaviour = recorded_cli
+    bootstrap = load_module("bootstrap")
+    behaviour["collect"] = 2
+    assert bootstrap.main(["--store", str(tmp_path / "a")]) == 2
+    assert [c[0] for c in calls] == ["collect"]
+    behaviour["collect"] = 0
+    behaviour["train_publishes"] = False
+    assert bootstrap.main(["--store", str(tmp_path / "b")]) == 1, "train without a published model must fail"
+    assert bootstrap.main(["--store", str(tmp_path / "c"), "--policy", str(tmp_path / "missing.npz")]) == 2
+
+
+def test_bundled_policy_is_a_d4rl_hopper_reference_policy():
+    import numpy as np
+
+    with np.load(DEPLOY / "policies" / "hopper_online_5.npz") as policy:
+        assert policy["fc0.weight"].shape == (256, 11)
+        assert policy["last_fc.weight"].shape == (3, 256)
+        assert policy["last_fc_log_std.weight"].shape == (3, 256)
