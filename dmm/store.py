@@ -371,7 +371,10 @@ class ModelStore:
                 f"{path / WEIGHTS_FILE} is not a valid safetensors file: {err}"
             ) from None
         if target.type != "cpu":
-            tensors = {k: t.to(target) for k, t in tensors.items()}
+            try:
+                tensors = {k: t.to(target) for k, t in tensors.items()}
+            except (RuntimeError, AssertionError) as err:  # e.g. torch built without CUDA
+                raise StoreError(f"cannot load tensors onto device {target}: {err}") from None
         return Checkpoint(
             name=name,
             version=number,

@@ -440,6 +440,9 @@ def test_load_rejects_bad_device(tmp_path: Path) -> None:
     _publish(store)
     with pytest.raises(StoreError, match="invalid device"):
         store.load("hopper", device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(StoreError, match="cannot load tensors onto device cuda"):
+            store.load("hopper", device="cuda")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
