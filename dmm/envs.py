@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -190,7 +191,11 @@ def make_env(name: str, **kwargs: Any) -> gymnasium.Env:
     if spec.dataset in _KITCHEN_TASKS:
         kwargs.setdefault("tasks_to_complete", list(_KITCHEN_TASKS[spec.dataset]))
     try:
-        return gymnasium.make(spec.env_id, **kwargs)
+        with warnings.catch_warnings():
+            # The v4 MuJoCo envs are chosen on purpose (closest to D4RL's v2 data); gymnasium's
+            # "out of date, upgrade to v5" notice would only be noise.
+            warnings.filterwarnings("ignore", message=".*out of date.*", category=DeprecationWarning)
+            return gymnasium.make(spec.env_id, **kwargs)
     except gymnasium.error.Error as err:
         raise DMMError(f"cannot create {spec.env_id} for {name!r}: {err}") from err
 

@@ -1,9 +1,285 @@
-"""``dmm collect``: write a D4RL-layout hdf5 by rolling out a behaviour policy (in progress)."""
+"""``dmm collect``: write a D4RL-layout hdf5 by rolling out a behaviour policy in gymnasium envs.
+
+The behaviour policies are D4RL's reference SAC policies (``fc0``, ``fc1``, ``last_fc``,
+``last_fc_log_std`` in an npz): two ReLU layers of 256 and a tanh-Gaussian head, evaluated in
+numpy. Reproducibility: episode ``k`` is reset with seed ``seed + k`` and the action noise comes
+from one generator seeded with ``seed``, drawn as ``[num_envs, act_dim]`` per vector step; the
+same arguments give the same file. Episodes are written whole and in the order they started.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+POLICY_KEYS = (
+    "fc0.weight",
+    "fc0.bias",
+    "fc1.weight",
+    "fc1.bias",
+    "last_fc.weight",
+    "last_fc.bias",
+    "last_fc_log_std.weight",
+    "last_fc_log_std.bias",
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``dmm collect``."""
+    parser = subparsers.add_parser(
+        "collect",
+        help="roll out a behaviour policy and write a D4RL-layout hdf5 dataset",
+        description="Roll out a D4RL reference SAC policy (npz) in gymnasium and write exactly --steps "
+        "transitions in D4RL's hdf5 layout.",
+    )
+    parser.add_argument(
+        "--env", required=True, help="gymnasium id (Hopper-v4) or dataset name (hopper-medium-v2)"
+    )
+    parser.add_argument("--policy", required=True, type=Path, help="behaviour policy .npz")
+    parser.add_argument("--steps", required=True, type=int, help="number of transitions to write")
+    parser.add_argument("--out", required=True, type=Path, help="output .hdf5 file")
+    parser.add_argument("--seed", type=int, default=0, help="seed of resets and action noise (default 0)")
+    parser.add_argument("--num-envs", type=int, default=1, help="environments stepped together (default 1)")
+    parser.add_argument(
+        "--deterministic", action="store_true", help="take the policy's mean action instead of sampling"
+    )
+    parser.set_defaults(handler=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    path = collect(
+        env=args.env,
+        policy_path=args.policy,
+        steps=args.steps,
+        out=args.out,
+        seed=args.seed,
+        num_envs=args.num_envs,
+        deterministic=args.deterministic,
+    )
+    print(f"wrote {args.steps} transitions to {path}")
+    return 0
+
+
+class SACPolicy:
+    """D4RL's reference SAC actor: ``tanh(mean + exp(clip(log_std, -20, 2)) * noise)``."""
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        import numpy as np
+
+        # float64, like the environments' observations: float32 arithmetic would drift from the
+        # reference data within a few hundred steps.
+        self._w = {key: np.asarray(params[key], dtype=np.float64) for key in POLICY_KEYS}
+        self.obs_dim = int(self._w["fc0.weight"].shape[1])
+        self.act_dim = int(self._w["last_fc.weight"].shape[0])
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SACPolicy:
+        import zipfile
+
+        import numpy as np
+
+        from dmm.errors import DMMError
+
+        path = Path(path)
+        if not path.is_file():
+            raise DMMError(f"policy file not found: {path}")
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                params = {key: npz[key] for key in npz.files}
+        except (OSError, ValueError, zipfile.BadZipFile) as err:
+            raise DMMError(f"{path}: not a readable policy npz ({err})") from err
+        missing = [key for key in POLICY_KEYS if key not in params]
+        if missing:
+            raise DMMError(f"{path}: not a SAC policy, missing {', '.join(missing)}")
+        hidden = params["fc0.weight"].shape[0]
+        expected = {
+            "fc0.bias": (hidden,),
+            "fc1.weight": (hidden, hidden),
+            "fc1.bias": (hidden,),
+            "last_fc.weight": (params["last_fc.weight"].shape[0], hidden),
+            "last_fc_log_std.weight": params["last_fc.weight"].shape,
+            "last_fc.bias": params["last_fc.weight"].shape[:1],
+            "last_fc_log_std.bias": params["last_fc.weight"].shape[:1],
+        }
+        for key, shape in expected.items():
+            if params[key].shape != shape:
+                raise DMMError(f"{path}: {key} has shape {params[key].shape}, expected {shape}")
+        return cls(params)
+
+    def act(self, observations: Any, noise: Any | None) -> Any:
+        """Actions ``[B, act_dim]`` for ``observations [B, obs_dim]``.
+
+        ``noise`` is ``[B, act_dim]`` standard normal; None gives the deterministic (mean) action.
+        """
+        import numpy as np
+
+        w = self._w
+        x = np.asarray(observations, dtype=np.float64)
+        h = np.maximum(x @ w["fc0.weight"].T + w["fc0.bias"], 0.0)
+        h = np.maximum(h @ w["fc1.weight"].T + w["fc1.bias"], 0.0)
+        mean = h @ w["last_fc.weight"].T + w["last_fc.bias"]
+        if noise is None:
+            return np.tanh(mean)
+        log_std = np.clip(h @ w["last_fc_log_std.weight"].T + w["last_fc_log_std.bias"], -20.0, 2.0)
+        return np.tanh(mean + np.exp(log_std) * noise)
+
+
+@dataclass
+class _Episode:
+    observations: list = field(default_factory=list)
+    actions: list = field(default_factory=list)
+    rewards: list = field(default_factory=list)
+    next_observations: list = field(default_factory=list)
+    terminals: list = field(default_factory=list)
+    timeouts: list = field(default_factory=list)
+    done: bool = False
+
+    def __len__(self) -> int:
+        return len(self.rewards)
+
+
+def _make_vector_env(env: str, num_envs: int) -> tuple[Any, str]:
+    """``(vector env, gymnasium id)``: known datasets and ids through dmm.envs (their time limits),
+    any other gymnasium id as registered."""
+    import gymnasium
+
+    from dmm.envs import env_spec, make_env
+    from dmm.errors import ConfigError, DMMError
+
+    try:
+        env_id = env_spec(env).env_id
+    except ConfigError:
+        env_id = None
+
+    def make() -> Any:
+        return make_env(env) if env_id is not None else gymnasium.make(env)
+
+    try:
+        return gymnasium.vector.SyncVectorEnv([make for _ in range(num_envs)]), env_id or env
+    except gymnasium.error.Error as err:
+        raise DMMError(f"cannot create environment {env!r}: {err}") from err
+
+
+def _rollout(venv: Any, policy: SACPolicy, steps: int, seed: int, deterministic: bool) -> list[_Episode]:
+    """Episodes in start order, enough of them to hold ``steps`` transitions."""
+    import numpy as np
+    from tqdm import tqdm
+
+    num_envs = venv.num_envs
+    rng = np.random.default_rng(seed)
+    episodes: list[_Episode] = [_Episode() for _ in range(num_envs)]
+    slot_episode = list(range(num_envs))  # which episode each env is playing
+    observations, _ = venv.reset(seed=[seed + k for k in range(num_envs)])
+    first_open = 0  # episodes before it are finished
+    finished_steps = 0  # transitions in episodes before first_open
+    with tqdm(total=steps, unit="step", desc="collect") as bar:
+        while True:
+            noise = None if deterministic else rng.standard_normal((num_envs, policy.act_dim))
+            actions = policy.act(observations, noise)  # float64: the env steps with them unrounded
+            next_observations, rewards, terminated, truncated, _ = venv.step(actions)
+            for i in range(num_envs):
+                episode = episodes[slot_episode[i]]
+                episode.observations.append(observations[i])
+                episode.actions.append(actions[i])
+                episode.rewards.append(rewards[i])
+                episode.next_observations.append(next_observations[i])
+                episode.terminals.append(bool(terminated[i]))
+                episode.timeouts.append(bool(truncated[i]))
+            done = np.logical_or(terminated, truncated)
+            for i in np.flatnonzero(done):
+                episodes[slot_episode[i]].done = True
+                slot_episode[i] = len(episodes)
+                episodes.append(_Episode())
+            while first_open < len(episodes) and episodes[first_open].done:
+                finished_steps += len(episodes[first_open])
+                first_open += 1
+            covered = finished_steps + len(episodes[first_open])
+            bar.update(min(covered, steps) - bar.n)
+            if covered >= steps:
+                return episodes[: first_open + 1]
+            if done.any():
+                # Reset finished envs ourselves, each with its episode's seed. This also clears the
+                # vector env's NEXT_STEP autoreset, so no reset step is ever recorded.
+                reset_seeds = [seed + slot_episode[i] for i in range(num_envs)]
+                observations, _ = venv.reset(seed=reset_seeds, options={"reset_mask": done})
+            else:
+                observations = next_observations
+
+
+def _write(out: Path, columns: dict[str, Any], attrs: dict[str, Any]) -> None:
+    """Write into a temporary file beside ``out`` and rename it, so ``out`` is never half written."""
+    import tempfile
+
+    import h5py
+
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        with h5py.File(tmp, "w") as f:
+            for key, value in columns.items():
+                f.create_dataset(key, data=value, compression="gzip")
+            f.attrs.update(attrs)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def collect(
+    env: str,
+    policy_path: str | os.PathLike,
+    steps: int,
+    out: str | os.PathLike,
+    seed: int = 0,
+    num_envs: int = 1,
+    deterministic: bool = False,
+) -> Path:
+    """Roll out the policy and write exactly ``steps`` transitions to ``out`` (D4RL layout)."""
+    import numpy as np
+
+    from dmm.errors import DMMError
+
+    if steps <= 0:
+        raise DMMError(f"--steps must be positive, got {steps}")
+    if num_envs <= 0:
+        raise DMMError(f"--num-envs must be positive, got {num_envs}")
+    out = Path(out)
+    if out.suffix.lower() not in (".hdf5", ".h5"):
+        raise DMMError(f"--out must name an .hdf5 or .h5 file, got {out}")
+    if not out.parent.is_dir():
+        raise DMMError(f"output folder does not exist: {out.parent}")
+    policy = SACPolicy.load(policy_path)
+    venv, env_id = _make_vector_env(env, num_envs)
+    try:
+        obs_space, act_space = venv.single_observation_space, venv.single_action_space
+        obs_dim, act_dim = int(np.prod(obs_space.shape or (0,))), int(np.prod(act_space.shape or (0,)))
+        if (obs_dim, act_dim) != (policy.obs_dim, policy.act_dim) or len(obs_space.shape or ()) != 1:
+            raise DMMError(
+                f"policy {Path(policy_path).name} takes observations of dim {policy.obs_dim} and gives "
+                f"actions of dim {policy.act_dim}, but {env} has observation dim {obs_dim} and action dim "
+                f"{act_dim}"
+            )
+        episodes = _rollout(venv, policy, steps, seed, deterministic)
+    finally:
+        venv.close()
+    columns = {
+        key: np.concatenate([np.asarray(getattr(e, key)) for e in episodes])[:steps]
+        for key in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")
+    }
+    for key in ("observations", "actions", "rewards", "next_observations"):
+        columns[key] = columns[key].astype(np.float32)
+    for key in ("terminals", "timeouts"):
+        columns[key] = columns[key].astype(bool)
+    if not (columns["terminals"][-1] or columns["timeouts"][-1]):
+        columns["timeouts"][-1] = True  # the data ends mid-episode: a time limit, not a terminal state
+    attrs = {
+        "env_id": env_id,
+        "behavior_policy": Path(policy_path).name,
+        "seed": np.int64(seed),
+        "sampling": "tanh_gaussian_mean" if deterministic else "tanh_gaussian_sampled",
+    }
+    _write(out, columns, attrs)
+    return out
