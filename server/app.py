@@ -1,0 +1,157 @@
+"""Assemble and run the policy server: gRPC (aio), health, reflection, metrics, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from dmm.server.metrics import ServerMetrics
+from dmm.server.pool import ModelPool
+from dmm.server.service import PolicyService
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from dmm.errors import ConfigError
+from dmm.model import InferenceMode
+from dmm.store import ModelStore
+from dmm.v1 import policy_pb2, policy_pb2_grpc
+
+SERVICE_NAME = policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name
+READY_PREFIX = "dmm serve: ready"
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    store: Path
+    host: str = "0.0.0.0"
+    port: int = 50051
+    metrics_port: int = 9090
+    device: str = "cpu"
+    mode: InferenceMode = "window"
+    max_sessions: int = 1024
+    idle_timeout_s: float = 120.0
+    max_batch: int = 64
+    max_delay_ms: float = 2.0
+    max_message_bytes: int = 1 << 20
+    grace_s: float = 10.0
+
+    def validate(self) -> None:
+        """Refuse option values the server cannot run with, with a one-line reason."""
+        checks = (
+            (0 <= self.port <= 65535, f"--port {self.port} is not a TCP port"),
+            (0 <= self.metrics_port <= 65535, f"--metrics-port {self.metrics_port} is not a TCP port"),
+            (self.mode in ("window", "recurrent"), f"--mode {self.mode!r}: use window or recurrent"),
+            (self.max_sessions > 0, f"--max-sessions must be > 0, got {self.max_sessions}"),
+            (self.idle_timeout_s > 0, f"--idle-timeout must be > 0, got {self.idle_timeout_s}"),
+            (self.max_batch > 0, f"--max-batch must be > 0, got {self.max_batch}"),
+            (self.max_delay_ms >= 0, f"--max-delay-ms must be >= 0, got {self.max_delay_ms}"),
+            (
+                self.max_message_bytes >= 1024,
+                f"--max-message-bytes must be >= 1024, got {self.max_message_bytes}",
+            ),
+            (self.grace_s >= 0, f"--grace must be >= 0, got {self.grace_s}"),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"--device {self.device!r}: use cpu, cuda or cuda:N")
+        if self.device != "cpu":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError(f"--device {self.device}: CUDA is not available on this machine")
+
+
+class PolicyServer:
+    """A started server; :meth:`shutdown` drains it."""
+
+    def __init__(self, options: ServeOptions) -> None:
+        self.options = options
+        self.metrics = ServerMetrics()
+        self.store = ModelStore(options.store)
+        self.pool: ModelPool | None = None
+        self.service: PolicyService | None = None
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self.metrics_port = 0
+        self._metrics_http = None
+
+    async def start(self) -> None:
+        o = self.options
+        self.pool = ModelPool(
+            self.store, self.metrics, device=o.device, max_batch=o.max_batch, max_delay_s=o.max_delay_ms / 1e3
+        )
+        self.service = PolicyService(
+            self.pool,
+            self.metrics,
+            default_mode=o.mode,
+            max_sessions=o.max_sessions,
+            idle_timeout_s=o.idle_timeout_s,
+        )
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", o.max_message_bytes),
+                ("grpc.max_send_message_length", o.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        policy_pb2_grpc.add_PolicyServiceServicer_to_server(self.service, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        address = f"[{o.host}]:{o.port}" if ":" in o.host else f"{o.host}:{o.port}"
+        try:
+            self.port = self.server.add_insecure_port(address)
+        except RuntimeError as err:
+            raise ConfigError(f"cannot listen on {address}: {err}") from None
+        try:
+            self._metrics_http, self.metrics_port = self.metrics.serve_http(o.metrics_port, o.host)
+        except OSError as err:
+            raise ConfigError(f"cannot serve metrics on {o.host}:{o.metrics_port}: {err}") from None
+        await self.server.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def shutdown(self) -> None:
+        """Health NOT_SERVING, refuse new RPCs, let sessions finish for the grace period, end the rest."""
+        assert self.server is not None and self.service is not None and self.pool is not None
+        await self.health.enter_graceful_shutdown()
+        self.service.shutting_down = True
+        stop = asyncio.ensure_future(self.server.stop(self.options.grace_s))
+        deadline = asyncio.get_running_loop().time() + self.options.grace_s * 0.9
+        while len(self.service.sessions) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        if self.service.end_all_sessions():
+            await asyncio.sleep(0.05)  # let the handlers send their UNAVAILABLE status
+        await stop
+        self.pool.close()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+
+
+async def serve(options: ServeOptions) -> int:
+    """Run until SIGTERM or SIGINT, then shut down gracefully; returns the exit status."""
+    options.validate()
+    server = PolicyServer(options)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(
+        f"{READY_PREFIX} grpc={options.host}:{server.port} metrics={options.host}:{server.metrics_port} "
+        f"store={server.store.root} device={options.device} mode={options.mode}",
+        flush=True,
+    )
+    await stop.wait()
+    print("dmm serve: shutting down", file=sys.stderr, flush=True)
+    await server.shutdown()
+    return 0

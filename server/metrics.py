@@ -1,0 +1,54 @@
+"""Prometheus metrics of the policy server (names, labels and buckets are part of the deploy contract)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2, 0.5, 1.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+END_REASONS = ("completed", "cancelled", "error", "evicted", "shutdown")
+
+
+class ServerMetrics:
+    """All server metrics in one registry of their own, so several servers can live in one process."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.act_latency = Histogram(
+            "dmm_act_latency_seconds",
+            "Time from a step message's arrival to its reply being written.",
+            ("model", "mode"),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "dmm_queue_wait_seconds",
+            "Time a step waits in the batcher before its forward starts.",
+            ("model",),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "dmm_batch_size", "Steps per batched forward.", ("model",), buckets=BATCH_BUCKETS, registry=r
+        )
+        self.active_sessions = Gauge("dmm_active_sessions", "Open Act sessions.", ("model",), registry=r)
+        self.sessions_started = Counter(
+            "dmm_sessions_started", "Act sessions started.", ("model",), registry=r
+        )
+        self.sessions_ended = Counter(
+            "dmm_sessions_ended", "Act sessions ended, by reason.", ("model", "reason"), registry=r
+        )
+        self.errors = Counter("dmm_errors", "Requests answered with an error status.", ("code",), registry=r)
+        self.model_loads = Counter("dmm_model_loads", "Model versions loaded.", ("model",), registry=r)
+        self.versions_loaded = Gauge(
+            "dmm_model_versions_loaded",
+            "1 while a model version is loaded.",
+            ("model", "version"),
+            registry=r,
+        )
+
+    def serve_http(self, port: int, addr: str = "0.0.0.0") -> tuple[object, int]:
+        """Start the /metrics HTTP endpoint in a daemon thread; return (server, bound port)."""
+        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        return server, int(server.server_port)

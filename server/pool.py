@@ -1,0 +1,162 @@
+"""Loaded model versions, their runners and batchers, shared by all sessions.
+
+A session leases one slot of one version in one mode for its whole life, so it stays pinned to the
+version it started with. Versions are loaded on first use and cached; ``latest`` is resolved at
+every session start, so a version published while the server runs serves new sessions without a
+restart. A version no session uses any more is unloaded once a newer version of its model is known.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from dmm.server.batcher import Batcher
+from dmm.server.metrics import ServerMetrics
+from prometheus_client import Histogram
+
+from dmm.model import InferenceMode, LoadedPolicy, PolicyRunner, load_policy
+from dmm.store import ModelStore
+
+
+@dataclass
+class _Served:
+    policy: LoadedPolicy
+    batchers: dict[str, Batcher] = field(default_factory=dict)
+    sessions: int = 0
+
+
+@dataclass
+class Lease:
+    """One session's slot in one runner; hand it back with :meth:`ModelPool.release`."""
+
+    policy: LoadedPolicy
+    mode: InferenceMode
+    batcher: Batcher
+    slot: int
+    latency: Histogram  # dmm_act_latency_seconds bound to (model, mode)
+    released: bool = False
+
+
+class ModelPool:
+    def __init__(
+        self,
+        store: ModelStore,
+        metrics: ServerMetrics,
+        *,
+        device: str,
+        max_batch: int,
+        max_delay_s: float,
+    ) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.device = device
+        self.max_batch = max_batch
+        self.max_delay_s = max_delay_s
+        self._loaded: dict[tuple[str, int], _Served] = {}
+        self._locks: dict[tuple[str, int], asyncio.Lock] = {}
+        self._newest: dict[str, int] = {}  # newest complete version seen per model
+
+    def loaded_versions(self) -> list[tuple[str, int]]:
+        return sorted(self._loaded)
+
+    def loaded_policy(self, name: str, version: int) -> LoadedPolicy | None:
+        served = self._loaded.get((name, version))
+        return served.policy if served else None
+
+    async def resolve(self, name: str, version: int | None) -> int:
+        """The version a new session of ``name`` gets (StoreError subclasses if there is none)."""
+
+        def _resolve() -> tuple[int, int]:
+            return self.store.resolve(name, version), self.store.latest(name)
+
+        number, newest = await asyncio.get_running_loop().run_in_executor(None, _resolve)
+        if newest > self._newest.get(name, 0):
+            self._newest[name] = newest
+            self._unload_stale(name)
+        return number
+
+    async def _reserve(self, name: str, version: int) -> _Served:
+        """The loaded version, counted as used by one more session (so it cannot be unloaded)."""
+        key = (name, version)
+        served = self._loaded.get(key)
+        if served is not None:
+            served.sessions += 1
+            return served
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            served = self._loaded.get(key)
+            if served is None:
+                policy = await asyncio.get_running_loop().run_in_executor(
+                    None, load_policy, self.store, name, version, self.device
+                )
+                served = _Served(policy)
+                self._loaded[key] = served
+                self.metrics.model_loads.labels(name).inc()
+                self.metrics.versions_loaded.labels(name, str(version)).set(1)
+            served.sessions += 1
+        return served
+
+    async def acquire(self, name: str, version: int, mode: InferenceMode) -> Lease:
+        """Load ``name`` ``version`` if needed and open a fresh episode slot in its ``mode`` runner.
+
+        Raises the store's errors (unknown, corrupt) and ValueError if the model cannot run ``mode``.
+        """
+        served = await self._reserve(name, version)
+        batcher = served.batchers.get(mode)
+        if batcher is None:
+            try:
+                runner = PolicyRunner(served.policy, mode, capacity=min(self.max_batch, 64))
+            except ValueError:
+                served.sessions -= 1
+                self._unload_stale(name)
+                raise
+            batcher = Batcher(
+                runner,
+                max_batch=self.max_batch,
+                max_delay_s=self.max_delay_s,
+                queue_wait=self.metrics.queue_wait.labels(name),
+                batch_size=self.metrics.batch_size.labels(name),
+            )
+            served.batchers[mode] = batcher
+        slot = batcher.open_slot()
+        return Lease(served.policy, mode, batcher, slot, self.metrics.act_latency.labels(name, mode))
+
+    def release(self, lease: Lease) -> None:
+        """Free the lease's slot at once; unload its version if unused and no longer the newest."""
+        if lease.released:
+            return
+        lease.released = True
+        lease.batcher.close_slot(lease.slot)
+        key = (lease.policy.name, lease.policy.version)
+        served = self._loaded.get(key)
+        if served is not None:
+            served.sessions -= 1
+            self._unload_stale(lease.policy.name)
+
+    def _unload_stale(self, name: str) -> None:
+        newest = self._newest.get(name, 0)
+        for key in [k for k, s in self._loaded.items() if k[0] == name and k[1] < newest and s.sessions == 0]:
+            self._unload(key)
+
+    def _unload(self, key: tuple[str, int]) -> None:
+        served = self._loaded.pop(key)
+        self._locks.pop(key, None)
+        for batcher in served.batchers.values():
+            batcher.close()
+        self.metrics.versions_loaded.remove(key[0], str(key[1]))
+
+    def close(self) -> None:
+        """Unload everything (server shutdown)."""
+        for key in list(self._loaded):
+            self._unload(key)
+
+    async def describe(self, name: str, version: int | None) -> LoadedPolicy:
+        """The policy of ``name`` ``version`` (latest if None): the served one, or read from the store."""
+        number = await self.resolve(name, version)
+        served = self._loaded.get((name, number))
+        if served is not None:
+            return served.policy
+        return await asyncio.get_running_loop().run_in_executor(
+            None, load_policy, self.store, name, number, "cpu"
+        )

@@ -1,0 +1,308 @@
+"""The ``dmm.v1.PolicyService`` implementation (grpc.aio)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+
+import grpc
+import numpy as np
+from dmm.server.metrics import ServerMetrics
+from dmm.server.pool import Lease, ModelPool
+from dmm.server.sessions import Session, SessionTable
+
+from dmm.errors import DMMError
+from dmm.model import InferenceMode
+from dmm.store import CorruptVersionError, ModelNotFoundError, StoreError, VersionNotFoundError
+from dmm.v1 import policy_pb2, policy_pb2_grpc
+
+_MODES: dict[int, InferenceMode] = {
+    policy_pb2.INFERENCE_MODE_WINDOW: "window",
+    policy_pb2.INFERENCE_MODE_RECURRENT: "recurrent",
+}
+_MODE_ENUM = {name: value for value, name in _MODES.items()}
+
+
+class _Abort(Exception):
+    """Raised inside a handler to end its RPC with ``code`` and ``details``."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, reason: str = "error") -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+        self.reason = reason
+
+
+def _store_status(err: Exception) -> tuple[grpc.StatusCode, str]:
+    """gRPC status of an error raised while resolving or loading a model version."""
+    if isinstance(err, (ModelNotFoundError, VersionNotFoundError)):
+        return grpc.StatusCode.NOT_FOUND, str(err)
+    if isinstance(err, CorruptVersionError):
+        return grpc.StatusCode.DATA_LOSS, str(err)
+    if isinstance(err, StoreError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(err)
+    if isinstance(err, DMMError):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(err)
+    return grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}"
+
+
+class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
+    def __init__(
+        self,
+        pool: ModelPool,
+        metrics: ServerMetrics,
+        *,
+        default_mode: InferenceMode,
+        max_sessions: int,
+        idle_timeout_s: float,
+    ) -> None:
+        self.pool = pool
+        self.metrics = metrics
+        self.default_mode = default_mode
+        self.idle_timeout_s = idle_timeout_s
+        self.sessions = SessionTable(max_sessions)
+        self.shutting_down = False
+
+    # ------------------------------------------------------------------ Act
+
+    async def Act(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
+        session: Session | None = None
+        reason = "completed"
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(self.idle_timeout_s):
+                        request = await context.read()
+                except TimeoutError:
+                    raise _Abort(
+                        grpc.StatusCode.ABORTED,
+                        f"session evicted: no message for {self.idle_timeout_s:g} s (idle timeout)",
+                        "evicted",
+                    ) from None
+                if request is grpc.aio.EOF:
+                    break
+                arrived = time.perf_counter()
+                kind = request.WhichOneof("kind")
+                if kind == "step":
+                    if session is None:
+                        raise _Abort(
+                            grpc.StatusCode.FAILED_PRECONDITION,
+                            "step before start: the first message of an Act stream must be a start",
+                        )
+                    action = await self._step(session, request.step)
+                    await context.write(action)
+                    session.lease.latency.observe(time.perf_counter() - arrived)
+                elif kind == "start":
+                    if session is not None:
+                        raise _Abort(
+                            grpc.StatusCode.FAILED_PRECONDITION,
+                            f"second start in one stream (session on {session.model} version "
+                            f"{session.version} already running): one stream is one episode",
+                        )
+                    session = await self._start(request.start)
+                    await context.write(self._started(session))
+                else:
+                    raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "empty ActRequest: set start or step")
+        except _Abort as abort:
+            reason = abort.reason
+            self.metrics.errors.labels(abort.code.name).inc()
+            await context.abort(abort.code, abort.details)
+        except asyncio.CancelledError:
+            # The client went away (or its deadline passed), or shutdown ended the session.
+            reason = session.end_reason if session and session.end_reason else "cancelled"
+            if reason == "shutdown":
+                self.metrics.errors.labels(grpc.StatusCode.UNAVAILABLE.name).inc()
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "server shutting down; the session ended")
+            raise
+        finally:
+            if session is not None:
+                self._end(session, reason)
+
+    async def _start(self, start: policy_pb2.Start) -> Session:
+        if self.shutting_down:
+            raise _Abort(grpc.StatusCode.UNAVAILABLE, "server shutting down; no new sessions")
+        if not start.model:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "start.model is empty: name the model to run")
+        if start.mode != policy_pb2.INFERENCE_MODE_UNSPECIFIED and start.mode not in _MODES:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown inference mode {start.mode}")
+        mode = _MODES.get(start.mode, self.default_mode)
+        if start.HasField("target_return") and not math.isfinite(start.target_return):
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"target_return is {start.target_return}")
+        if not self.sessions.reserve():
+            raise _Abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server is at its limit of {self.sessions.max_sessions} sessions; retry later",
+            )
+        try:
+            try:
+                version = await self.pool.resolve(
+                    start.model, start.version if start.HasField("version") else None
+                )
+                lease = await self.pool.acquire(start.model, version, mode)
+            except ValueError as err:  # the model cannot run this mode
+                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, str(err)) from None
+            except Exception as err:
+                code, details = _store_status(err)
+                raise _Abort(code, details) from None
+            self._check_dims(start, lease)
+        except BaseException:
+            self.sessions.unreserve()
+            raise
+        meta = lease.policy.meta
+        session = Session(
+            lease,
+            start.target_return if start.HasField("target_return") else meta.target_return,
+            asyncio.current_task(),
+        )
+        self.sessions.add(session)
+        self.metrics.sessions_started.labels(session.model).inc()
+        self.metrics.active_sessions.labels(session.model).inc()
+        return session
+
+    def _check_dims(self, start: policy_pb2.Start, lease: Lease) -> None:
+        """The client's env dimensions, when given, must be the model's; else the lease goes back."""
+        cfg = lease.policy.config
+        for field, expected in (("state_dim", cfg.state_dim), ("act_dim", cfg.act_dim)):
+            if start.HasField(field) and getattr(start, field) != expected:
+                self.pool.release(lease)
+                raise _Abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"start.{field}={getattr(start, field)} but model {lease.policy.name} version "
+                    f"{lease.policy.version} has {field}={expected}",
+                )
+
+    def _started(self, session: Session) -> policy_pb2.ActResponse:
+        cfg = session.lease.policy.config
+        return policy_pb2.ActResponse(
+            started=policy_pb2.SessionStarted(
+                model=session.model,
+                version=session.version,
+                mode=_MODE_ENUM[session.lease.mode],
+                target_return=session.rtg,
+                state_dim=cfg.state_dim,
+                act_dim=cfg.act_dim,
+            )
+        )
+
+    async def _step(self, session: Session, step: policy_pb2.Step) -> policy_pb2.ActResponse:
+        expected = session.lease.policy.config.state_dim
+        if len(step.state) != expected:
+            raise _Abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"state has {len(step.state)} values; model {session.model} version {session.version} "
+                f"expects state_dim={expected}",
+            )
+        state = np.array(step.state, dtype=np.float64)
+        finite = np.isfinite(state)
+        if not finite.all():
+            bad = np.flatnonzero(~finite).tolist()
+            raise _Abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"state has non-finite values at indices {bad} (step {session.steps})",
+            )
+        which = step.WhichOneof("return_to_go")
+        if which == "rtg":
+            if not math.isfinite(step.rtg):
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"rtg is {step.rtg} (step {session.steps})")
+            session.rtg = step.rtg
+        elif which == "reward":
+            if session.steps == 0:
+                raise _Abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "step 0 carries a reward, but there is no previous action: send only the state "
+                    "(or an explicit rtg)",
+                )
+            if not math.isfinite(step.reward):
+                raise _Abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"reward is {step.reward} (step {session.steps})"
+                )
+            session.rtg -= step.reward
+        elif session.steps > 0:
+            raise _Abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"step {session.steps} has neither the reward of the last action nor an explicit rtg",
+            )
+        try:
+            action = await session.lease.batcher.step(session.lease.slot, state, session.rtg)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:
+            raise _Abort(grpc.StatusCode.INTERNAL, f"inference failed: {type(err).__name__}: {err}") from None
+        index = session.steps
+        session.steps += 1
+        return policy_pb2.ActResponse(
+            action=policy_pb2.Action(
+                action=action.tolist(),
+                step=index,
+                model=session.model,
+                version=session.version,
+                rtg=session.rtg,
+            )
+        )
+
+    def _end(self, session: Session, reason: str) -> None:
+        self.pool.release(session.lease)
+        self.sessions.discard(session)
+        self.sessions.unreserve()
+        self.metrics.active_sessions.labels(session.model).dec()
+        self.metrics.sessions_ended.labels(session.model, reason).inc()
+
+    def end_all_sessions(self) -> int:
+        """Shutdown: end every open session with UNAVAILABLE; returns how many were open."""
+        open_sessions = self.sessions.sessions()
+        for session in open_sessions:
+            session.end_reason = "shutdown"
+            if session.task is not None:
+                session.task.cancel()
+        return len(open_sessions)
+
+    # ------------------------------------------------------------------ unary
+
+    async def ListModels(self, request, context: grpc.aio.ServicerContext) -> policy_pb2.ListModelsResponse:
+        store = self.pool.store
+
+        def _list() -> list[policy_pb2.ModelVersions]:
+            out = []
+            for name in store.models():
+                versions = store.versions(name)
+                if versions:
+                    out.append(policy_pb2.ModelVersions(name=name, versions=versions, latest=versions[-1]))
+            return out
+
+        try:
+            models = await asyncio.get_running_loop().run_in_executor(None, _list)
+        except Exception as err:
+            code, details = _store_status(err)
+            self.metrics.errors.labels(code.name).inc()
+            await context.abort(code, details)
+        return policy_pb2.ListModelsResponse(models=models)
+
+    async def Describe(self, request, context: grpc.aio.ServicerContext) -> policy_pb2.DescribeResponse:
+        if not request.model:
+            self.metrics.errors.labels(grpc.StatusCode.INVALID_ARGUMENT.name).inc()
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "model is empty: name the model to describe"
+            )
+        try:
+            policy = await self.pool.describe(
+                request.model, request.version if request.HasField("version") else None
+            )
+            versions = await asyncio.get_running_loop().run_in_executor(
+                None, self.pool.store.versions, request.model
+            )
+        except Exception as err:
+            code, details = _store_status(err)
+            self.metrics.errors.labels(code.name).inc()
+            await context.abort(code, details)
+        return policy_pb2.DescribeResponse(
+            model=policy.name,
+            version=policy.version,
+            state_dim=policy.config.state_dim,
+            act_dim=policy.config.act_dim,
+            config_json=json.dumps(policy.config.model_dump(), sort_keys=True),
+            meta_json=json.dumps(policy.meta.model_dump(), sort_keys=True),
+            metrics_json=json.dumps(policy.metrics, sort_keys=True),
+            versions=versions,
+        )
