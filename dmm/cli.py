@@ -17,12 +17,10 @@ from dmm.errors import DMMError
 APP_CLIS = ("dmm.trainer.cli", "dmm.server.cli", "dmm.client.cli")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse exits with status 2 on bad arguments already; keep its one-line message."""
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="dmm", description="Decision MetaMamba: train, store and serve offline-RL policies.")
+    parser = argparse.ArgumentParser(
+        prog="dmm", description="Decision MetaMamba: train, store and serve offline-RL policies."
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in APP_CLIS:
         importlib.import_module(module).register(subparsers)

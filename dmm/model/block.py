@@ -1,0 +1,66 @@
+"""The DMM block (paper eq. 3), each layer with its own mixers and LayerNorms.
+
+    X~ = LN1(X);  Z = X~ + DSM(X~)
+    Z~ = LN2(Z);  Y = Z~ + ModifiedMamba(Z~)
+
+Padding (mask False) is made exact: padded tokens enter the local mixer as zeros, like positions
+before a sequence start, and the scan skips them (delta = 0), so a left-padded window gives the
+same outputs at its real positions as the unpadded sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dmm.model.attention import CausalSelfAttention
+from dmm.model.config import DMMConfig
+from dmm.model.local_mixer import CausalLocalMixer, DenseSequenceMixer, DepthwiseConvMixer
+from dmm.model.mamba import ModifiedMamba
+
+
+@dataclass
+class BlockState:
+    """What one block carries between chunks in recurrent inference."""
+
+    local: torch.Tensor  # [b, k-1, d]: the last k-1 inputs of the local mixer
+    ssm: torch.Tensor  # [b, d_inner, d_state]: the selective-scan state
+
+
+class DMMBlock(nn.Module):
+    def __init__(self, config: DMMConfig) -> None:
+        super().__init__()
+        d = config.d_model
+        self.ln1 = nn.LayerNorm(d)
+        self.ln2 = nn.LayerNorm(d)
+        self.local: CausalLocalMixer = (
+            DenseSequenceMixer(d, config.dsm_window)
+            if config.local_mixer == "dsm"
+            else DepthwiseConvMixer(d, config.dsm_window)
+        )
+        self.global_mixer: nn.Module = (
+            ModifiedMamba(d, config.d_state, config.expand, config.resolved_dt_rank)
+            if config.global_mixer == "mamba"
+            else CausalSelfAttention(d, config.n_head, config.dropout)
+        )
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, state: BlockState | None = None
+    ) -> tuple[torch.Tensor, BlockState | None]:
+        x_t = self.ln1(x)
+        if mask is not None:
+            x_t = x_t * mask.unsqueeze(-1).to(x_t.dtype)
+        local, local_cache = self.local(x_t, None if state is None else state.local)
+        z = x_t + self.drop(local)
+        z_t = self.ln2(z)
+        if isinstance(self.global_mixer, ModifiedMamba):
+            mixed, ssm = self.global_mixer(z_t, mask, None if state is None else state.ssm)
+            new_state: BlockState | None = BlockState(local_cache, ssm)
+        else:
+            if state is not None:
+                raise ValueError("an attention global mixer has no recurrent state")
+            mixed, new_state = self.global_mixer(z_t, mask), None
+        return z_t + self.drop(mixed), new_state

@@ -1,0 +1,77 @@
+"""Policies in the model store: what goes into a version and how it comes back."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+
+from dmm.model.config import DMMConfig, PolicyMeta
+from dmm.model.policy import DMMPolicy
+from dmm.store import CorruptVersionError, ModelStore
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LoadedPolicy:
+    """A policy ready for inference: eval mode, on ``device``."""
+
+    name: str
+    version: int
+    model: DMMPolicy
+    config: DMMConfig
+    meta: PolicyMeta
+    device: torch.device
+    metrics: dict[str, Any]
+
+
+def policy_config(model: DMMPolicy, meta: PolicyMeta) -> dict[str, Any]:
+    """The ``config.json`` of a policy version."""
+    return {"format": FORMAT_VERSION, "model": model.config.model_dump(), "meta": meta.model_dump()}
+
+
+def publish_policy(
+    store: ModelStore,
+    name: str,
+    model: DMMPolicy,
+    meta: PolicyMeta,
+    metrics: dict[str, Any] | None = None,
+    files: dict[str, bytes | os.PathLike] | None = None,
+) -> int:
+    """Write ``model`` as a new version of ``name``; returns the version number."""
+    if len(meta.state_mean) != model.config.state_dim:
+        raise ValueError(
+            f"meta has {len(meta.state_mean)} state statistics, model state_dim {model.config.state_dim}"
+        )
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    return store.publish(name, tensors, policy_config(model, meta), metrics or {}, files)
+
+
+def policy_from_config(config: dict[str, Any]) -> tuple[DMMConfig, PolicyMeta]:
+    """Parse a version's ``config.json``; raises ValueError on anything unexpected."""
+    if config.get("format") != FORMAT_VERSION:
+        raise ValueError(f"unsupported policy format {config.get('format')!r}")
+    try:
+        return DMMConfig(**config["model"]), PolicyMeta(**config["meta"])
+    except (KeyError, TypeError, ValidationError) as err:
+        raise ValueError(f"invalid policy config: {err}") from err
+
+
+def load_policy(
+    store: ModelStore, name: str, version: int | str | None = None, device: str | torch.device = "cpu"
+) -> LoadedPolicy:
+    """Load and verify a version; a version that does not describe a valid policy is refused."""
+    device = torch.device(device)
+    ckpt = store.load(name, version, device=str(device))
+    try:
+        config, meta = policy_from_config(ckpt.config)
+        model = DMMPolicy(config)
+        model.load_state_dict(ckpt.tensors, strict=True)
+    except (ValueError, RuntimeError) as err:
+        raise CorruptVersionError(f"{name} version {ckpt.version} is not a valid policy: {err}") from err
+    model.to(device).eval()
+    return LoadedPolicy(name, ckpt.version, model, config, meta, device, ckpt.metrics)

@@ -1,0 +1,74 @@
+"""Architecture and serving metadata of a policy, as stored in ``config.json``."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+InferenceMode = Literal["window", "recurrent"]
+
+
+class DMMConfig(BaseModel):
+    """Architecture of a Decision MetaMamba policy (and of the ablations and the DT baseline).
+
+    Defaults are the paper's locomotion settings (Table 5): d=64, 3 layers, DSM window k=6,
+    context K=8 steps (24 tokens), dropout 0.1, Mamba d_state 16 and expand 2.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    state_dim: int = Field(gt=0)
+    act_dim: int = Field(gt=0)
+    d_model: int = Field(64, gt=0)
+    n_layer: int = Field(3, gt=0)
+    context: int = Field(8, gt=0, description="K: timesteps per window; 3K tokens")
+    dsm_window: int = Field(6, gt=0, description="k: tokens mixed by the local mixer")
+    d_state: int = Field(16, gt=0)
+    expand: int = Field(2, gt=0)
+    dt_rank: int | None = Field(None, description="defaults to ceil(d_model / 16)")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    local_mixer: Literal["dsm", "conv"] = "dsm"
+    global_mixer: Literal["mamba", "attention"] = "mamba"
+    n_head: int = Field(1, gt=0, description="heads of the attention global mixer")
+
+    @model_validator(mode="after")
+    def _check(self) -> DMMConfig:
+        if self.global_mixer == "attention" and self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
+        return self
+
+    @property
+    def resolved_dt_rank(self) -> int:
+        return self.dt_rank if self.dt_rank is not None else math.ceil(self.d_model / 16)
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    @property
+    def supports_recurrent(self) -> bool:
+        """Recurrent inference needs a global mixer with a fixed-size state (Mamba, not attention)."""
+        return self.global_mixer == "mamba"
+
+
+class PolicyMeta(BaseModel):
+    """What a server or evaluator needs besides the weights: env, normalization, RTG handling."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    env: str = Field(description="dataset / env-spec name, e.g. hopper-medium-v2")
+    env_id: str = Field(description="gymnasium id, e.g. Hopper-v4")
+    state_mean: list[float]
+    state_std: list[float]
+    rtg_scale: float = Field(gt=0)
+    target_return: float
+
+    @model_validator(mode="after")
+    def _check(self) -> PolicyMeta:
+        if len(self.state_mean) != len(self.state_std):
+            raise ValueError("state_mean and state_std differ in length")
+        if any(s <= 0 for s in self.state_std):
+            raise ValueError("state_std must be positive")
+        return self

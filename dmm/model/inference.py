@@ -1,0 +1,152 @@
+"""Batched inference over many independent episodes ("slots"), context kept on the policy's device.
+
+Two modes:
+
+* ``window``: every step re-runs the last K steps, left-padded and masked exactly as in training,
+  so the policy sees what it was trained on. Cost O(K) per step.
+* ``recurrent``: every step feeds only (a_{t-1}, rtg_t, s_t) through the blocks, carrying each
+  layer's scan state and the last k-1 local-mixer inputs. Cost O(1) per step; it equals ``window``
+  while t < K and sees the whole episode after that.
+
+A slot is a row in preallocated device buffers; callers own slot numbering (e.g. a server's session
+table) and call :meth:`PolicyRunner.reset` when an episode starts in a slot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from dmm.model.block import BlockState
+from dmm.model.config import InferenceMode
+
+if TYPE_CHECKING:
+    from dmm.model.checkpoint import LoadedPolicy
+
+
+class PolicyRunner:
+    def __init__(self, policy: LoadedPolicy, mode: InferenceMode = "window", capacity: int = 64) -> None:
+        if mode not in ("window", "recurrent"):
+            raise ValueError(f"unknown inference mode {mode!r}; expected 'window' or 'recurrent'")
+        if mode == "recurrent" and not policy.config.supports_recurrent:
+            raise ValueError(
+                f"model {policy.name} ({policy.config.global_mixer} mixer) supports window mode only"
+            )
+        self.policy = policy
+        self.mode = mode
+        self.model = policy.model
+        self.device = policy.device
+        cfg = policy.config
+        self.state_dim, self.act_dim, self.context = cfg.state_dim, cfg.act_dim, cfg.context
+        self._mean = torch.tensor(policy.meta.state_mean, dtype=torch.float32, device=self.device)
+        self._std = torch.tensor(policy.meta.state_std, dtype=torch.float32, device=self.device)
+        self._rtg_scale = float(policy.meta.rtg_scale)
+        self.capacity = 0
+        self._steps = np.zeros(0, dtype=np.int64)
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._grow(max(1, capacity))
+
+    def _buffer_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-slot buffer shapes; the slot axis is 0 for window buffers, 1 for per-layer ones."""
+        cfg = self.policy.config
+        if self.mode == "window":
+            K = self.context
+            return {"rtg": (K, 1), "obs": (K, self.state_dim), "act": (K, self.act_dim)}
+        return {
+            "local": (cfg.n_layer, cfg.dsm_window - 1, cfg.d_model),
+            "ssm": (cfg.n_layer, cfg.d_inner, cfg.d_state),
+            "prev_action": (self.act_dim,),
+        }
+
+    def _grow(self, capacity: int) -> None:
+        if capacity <= self.capacity:
+            return
+        for name, shape in self._buffer_shapes().items():
+            fresh = torch.zeros((capacity, *shape), dtype=torch.float32, device=self.device)
+            if name in self._buffers:
+                fresh[: self.capacity] = self._buffers[name]
+            self._buffers[name] = fresh
+        self._steps = np.concatenate([self._steps, np.zeros(capacity - self.capacity, dtype=np.int64)])
+        self.capacity = capacity
+
+    def reset(self, slots: Sequence[int]) -> None:
+        """Start a new episode in each of ``slots`` (capacity grows as needed)."""
+        if not len(slots):
+            return
+        if max(slots) >= self.capacity:
+            self._grow(max(max(slots) + 1, 2 * self.capacity))
+        idx = torch.as_tensor(slots, dtype=torch.long, device=self.device)
+        for buf in self._buffers.values():
+            buf.index_fill_(0, idx, 0.0)
+        self._steps[list(slots)] = 0
+
+    release = reset  # forgetting an episode is the same as zeroing its slot
+
+    def steps_taken(self, slot: int) -> int:
+        return int(self._steps[slot])
+
+    @torch.inference_mode()
+    def step(self, slots: Sequence[int], states: np.ndarray, rtgs: np.ndarray) -> np.ndarray:
+        """Append (rtg, state) to each slot's episode and return the next actions [B, act_dim].
+
+        ``states`` are raw observations [B, state_dim]; ``rtgs`` raw returns-to-go [B].
+        """
+        slots = list(slots)
+        states = np.asarray(states, dtype=np.float32)
+        rtgs = np.asarray(rtgs, dtype=np.float32).reshape(-1)
+        if states.shape != (len(slots), self.state_dim) or rtgs.shape != (len(slots),):
+            raise ValueError(
+                f"expected states ({len(slots)}, {self.state_dim}) and rtgs ({len(slots)},), "
+                f"got {states.shape} and {rtgs.shape}"
+            )
+        if len(set(slots)) != len(slots):
+            raise ValueError("slots in one step must be distinct")
+        if max(slots) >= self.capacity:
+            raise IndexError(f"slot {max(slots)} was never reset")
+        idx = torch.as_tensor(slots, dtype=torch.long, device=self.device)
+        obs = (torch.from_numpy(states).to(self.device) - self._mean) / self._std
+        rtg = torch.from_numpy(rtgs).to(self.device).unsqueeze(-1) / self._rtg_scale
+        steps = self._steps[slots]
+        if self.mode == "window":
+            action = self._window_step(idx, obs, rtg, steps)
+        else:
+            action = self._recurrent_step(idx, obs, rtg, steps)
+        self._steps[slots] = steps + 1
+        return action.float().cpu().numpy()
+
+    def _window_step(
+        self, idx: torch.Tensor, obs: torch.Tensor, rtg: torch.Tensor, steps: np.ndarray
+    ) -> torch.Tensor:
+        K = self.context
+        b = self._buffers
+        hist_rtg = torch.cat([b["rtg"][idx, 1:], rtg.unsqueeze(1)], dim=1)
+        hist_obs = torch.cat([b["obs"][idx, 1:], obs.unsqueeze(1)], dim=1)
+        hist_act = torch.cat([b["act"][idx, 1:], torch.zeros_like(b["act"][idx, :1])], dim=1)
+        lengths = np.minimum(steps + 1, K)
+        span = int(lengths.max())  # columns left of every slot's start are all padding: skip them
+        mask = None
+        if int(lengths.min()) < span:
+            first_real = torch.as_tensor(span - lengths, device=self.device)
+            mask = torch.arange(span, device=self.device).unsqueeze(0) >= first_real.unsqueeze(1)
+        action = self.model(hist_rtg[:, K - span :], hist_obs[:, K - span :], hist_act[:, K - span :], mask)[
+            :, -1
+        ]
+        hist_act[:, -1] = action
+        b["rtg"][idx], b["obs"][idx], b["act"][idx] = hist_rtg, hist_obs, hist_act
+        return action
+
+    def _recurrent_step(
+        self, idx: torch.Tensor, obs: torch.Tensor, rtg: torch.Tensor, steps: np.ndarray
+    ) -> torch.Tensor:
+        b = self._buffers
+        local, ssm = b["local"][idx], b["ssm"][idx]  # [B, n_layer, ...]
+        state = [BlockState(local[:, i], ssm[:, i]) for i in range(local.shape[1])]
+        has_prev = torch.as_tensor(steps > 0, device=self.device)
+        action, new_state = self.model.step(state, rtg, obs, b["prev_action"][idx], has_prev)
+        b["local"][idx] = torch.stack([s.local for s in new_state], dim=1)
+        b["ssm"][idx] = torch.stack([s.ssm for s in new_state], dim=1)
+        b["prev_action"][idx] = action
+        return action

@@ -1,0 +1,129 @@
+"""The DMM policy: per-modality embeddings, a stack of DMM blocks and a tanh action head.
+
+Tokens per timestep t are (rtg_t, s_t, a_t), so a context of K steps is 3K tokens. There is no
+positional or timestep embedding: the scan orders the tokens. The action for step t is read at
+the s_t token, which (causally) has seen rtg_t and s_t but not a_t.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dmm.model.block import BlockState, DMMBlock
+from dmm.model.config import DMMConfig
+from dmm.model.mamba import ModifiedMamba
+from dmm.model.scan import Backend
+
+TOKENS_PER_STEP = 3
+
+
+class DMMPolicy(nn.Module):
+    def __init__(self, config: DMMConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        self.embed_rtg = nn.Linear(1, d)
+        self.embed_state = nn.Linear(config.state_dim, d)
+        self.embed_action = nn.Linear(config.act_dim, d)
+        self.embed_ln = nn.LayerNorm(d)
+        self.embed_drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(DMMBlock(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, config.act_dim)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for module in self.modules():
+            if isinstance(module, ModifiedMamba):
+                module.reset_ssm_parameters()
+
+    def set_scan_backend(self, backend: Backend) -> None:
+        for module in self.modules():
+            if isinstance(module, ModifiedMamba):
+                module.scan_backend = backend
+
+    def _tokens(self, rtg: torch.Tensor, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Interleave (rtg_t, s_t, a_t) embeddings: [b, T, *] -> [b, 3T, d]."""
+        b, T = states.shape[:2]
+        stacked = torch.stack(
+            [self.embed_rtg(rtg), self.embed_state(states), self.embed_action(actions)], dim=2
+        )
+        return self.embed_drop(self.embed_ln(stacked.reshape(b, TOKENS_PER_STEP * T, -1)))
+
+    def _blocks(
+        self, x: torch.Tensor, mask: torch.Tensor | None, state: list[BlockState] | None
+    ) -> tuple[torch.Tensor, list[BlockState | None]]:
+        new_state = []
+        for i, block in enumerate(self.blocks):
+            x, s = block(x, mask, None if state is None else state[i])
+            new_state.append(s)
+        return x, new_state
+
+    def _action(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.head(self.ln_f(h)))
+
+    def forward(
+        self,
+        rtg: torch.Tensor,
+        states: torch.Tensor,
+        actions: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict a_t for every step of a (left-padded) window.
+
+        rtg [b, T, 1] (scaled), states [b, T, S] (normalized), actions [b, T, A], mask [b, T] with
+        False at padding. Returns actions [b, T, A]; rows at padding are meaningless.
+        """
+        token_mask = None if mask is None else mask.repeat_interleave(TOKENS_PER_STEP, dim=1)
+        h, _ = self._blocks(self._tokens(rtg, states, actions), token_mask, None)
+        return self._action(h[:, 1::TOKENS_PER_STEP])
+
+    def initial_state(self, batch: int, device: torch.device | str | None = None) -> list[BlockState]:
+        """The recurrent state of ``batch`` sequences that have not started."""
+        if not self.config.supports_recurrent:
+            raise ValueError(
+                f"recurrent inference needs a Mamba global mixer, not {self.config.global_mixer}"
+            )
+        cfg = self.config
+        device = device if device is not None else self.head.weight.device
+        dtype = self.head.weight.dtype
+        return [
+            BlockState(
+                local=torch.zeros(batch, cfg.dsm_window - 1, cfg.d_model, device=device, dtype=dtype),
+                ssm=torch.zeros(batch, cfg.d_inner, cfg.d_state, device=device, dtype=dtype),
+            )
+            for _ in self.blocks
+        ]
+
+    def step(
+        self,
+        state: list[BlockState],
+        rtg: torch.Tensor,
+        obs: torch.Tensor,
+        prev_action: torch.Tensor,
+        has_prev: torch.Tensor,
+    ) -> tuple[torch.Tensor, list[BlockState]]:
+        """One recurrent step for a batch of sequences: O(1) in the episode length.
+
+        Feeds the tokens (a_{t-1}, rtg_t, s_t); ``has_prev`` [b] is False for sequences at t = 0,
+        whose a_{t-1} slot is padding (their state must be the initial one). rtg [b, 1] scaled,
+        obs [b, S] normalized, prev_action [b, A]. Returns a_t [b, A] and the new state.
+        """
+        b = obs.shape[0]
+        tokens = torch.stack(
+            [self.embed_action(prev_action), self.embed_rtg(rtg), self.embed_state(obs)], dim=1
+        )
+        tokens = self.embed_drop(self.embed_ln(tokens))
+        mask = torch.ones(b, TOKENS_PER_STEP, dtype=torch.bool, device=obs.device)
+        mask[:, 0] = has_prev
+        h, new_state = self._blocks(tokens, mask, state)
+        return self._action(h[:, -1]), new_state  # type: ignore[return-value]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

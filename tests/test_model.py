@@ -1,0 +1,261 @@
+"""The model against slow, obvious references: the scan, causality, masking, and the two inference modes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dmm.model import DMMConfig, DMMPolicy, LoadedPolicy, PolicyMeta, PolicyRunner
+from dmm.model.local_mixer import DenseSequenceMixer
+from dmm.model.mamba import ModifiedMamba
+from dmm.model.scan import resolve_backend, selective_scan_torch
+
+
+def naive_scan(u, delta, A, B, C, D, h0=None):
+    """Per-timestep, per-channel loop straight from the recurrence."""
+    b, L, d = u.shape
+    n = A.shape[1]
+    y = torch.zeros_like(u)
+    h = torch.zeros(b, d, n, dtype=u.dtype) if h0 is None else h0.clone()
+    for i in range(b):
+        for t in range(L):
+            for c in range(d):
+                h[i, c] = torch.exp(delta[i, t, c] * A[c]) * h[i, c] + delta[i, t, c] * B[i, t] * u[i, t, c]
+                y[i, t, c] = (C[i, t] * h[i, c]).sum() + D[c] * u[i, t, c]
+    return y, h
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 5, 3, 4), (3, 24, 4, 16), (2, 9, 8, 2)])
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_scan_matches_naive_loop(shape, with_h0):
+    b, L, d, n = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    f64 = {"dtype": torch.float64, "generator": g}
+    u, delta = torch.randn(b, L, d, **f64), torch.rand(b, L, d, **f64)
+    A, B, C = -torch.rand(d, n, **f64) * 3, torch.randn(b, L, n, **f64), torch.randn(b, L, n, **f64)
+    D = torch.randn(d, **f64)
+    h0 = torch.randn(b, d, n, **f64) if with_h0 else None
+    y, h = selective_scan_torch(u, delta, A, B, C, D, h0)
+    y_ref, h_ref = naive_scan(u, delta, A, B, C, D, h0)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(h, h_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_scan_is_chunkable():
+    """Scanning a sequence in two chunks with the carried state equals one pass."""
+    g = torch.Generator().manual_seed(1)
+    f64 = {"dtype": torch.float64, "generator": g}
+    u, delta = torch.randn(2, 10, 3, **f64), torch.rand(2, 10, 3, **f64)
+    A, B, C, D = (
+        -torch.rand(3, 4, **f64),
+        torch.randn(2, 10, 4, **f64),
+        torch.randn(2, 10, 4, **f64),
+        torch.ones(3),
+    )
+    y, h = selective_scan_torch(u, delta, A, B, C, D.double())
+    y1, h1 = selective_scan_torch(u[:, :6], delta[:, :6], A, B[:, :6], C[:, :6], D.double())
+    y2, h2 = selective_scan_torch(u[:, 6:], delta[:, 6:], A, B[:, 6:], C[:, 6:], D.double(), h1)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), y)
+    torch.testing.assert_close(h2, h)
+
+
+def test_zero_delta_leaves_state_untouched():
+    h0 = torch.randn(1, 2, 3, dtype=torch.float64)
+    u = torch.randn(1, 4, 2, dtype=torch.float64)
+    _, h = selective_scan_torch(
+        u,
+        torch.zeros_like(u),
+        -torch.rand(2, 3).double(),
+        torch.randn(1, 4, 3).double(),
+        torch.randn(1, 4, 3).double(),
+        torch.ones(2).double(),
+        h0,
+    )
+    torch.testing.assert_close(h, h0)
+
+
+def test_cpu_never_selects_cuda_backend():
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    with pytest.raises(RuntimeError, match="CUDA"):
+        resolve_backend("cuda", torch.device("cpu"))
+
+
+def _policy(seed=0, **overrides) -> DMMPolicy:
+    torch.manual_seed(seed)
+    cfg = {
+        "state_dim": 5,
+        "act_dim": 2,
+        "d_model": 16,
+        "n_layer": 3,
+        "context": 4,
+        "dsm_window": 6,
+        **overrides,
+    }
+    model = DMMPolicy(DMMConfig(**cfg)).double().eval()
+    # Perturb A_log and D away from their structured init so the tests exercise every parameter.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def _episode(T, S=5, A=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(1, T, 1, dtype=torch.float64, generator=g),
+        torch.randn(1, T, S, dtype=torch.float64, generator=g),
+        torch.tanh(torch.randn(1, T, A, dtype=torch.float64, generator=g)),
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides", [{}, {"local_mixer": "conv"}, {"global_mixer": "attention", "n_head": 2}]
+)
+def test_causal_future_tokens_never_change_earlier_outputs(overrides):
+    model = _policy(**overrides)
+    rtg, states, actions = _episode(7)
+    base = model(rtg, states, actions)
+    for t in range(7):
+        # a_t comes after s_t, so changing a_t must not change the prediction at step t either.
+        for name, tensor in (("rtg", rtg), ("states", states), ("actions", actions)):
+            changed = {"rtg": rtg, "states": states, "actions": actions}
+            changed[name] = tensor.clone()
+            changed[name][:, t] += 3.0
+            out = model(**changed)
+            first_affected = t if name != "actions" else t + 1
+            torch.testing.assert_close(out[:, :first_affected], base[:, :first_affected], rtol=0, atol=0)
+            if first_affected < 7:
+                assert not torch.allclose(out[:, first_affected:], base[:, first_affected:])
+
+
+@pytest.mark.parametrize(
+    "overrides", [{}, {"local_mixer": "conv"}, {"global_mixer": "attention", "n_head": 2}]
+)
+def test_left_padding_with_mask_equals_unpadded_prefix(overrides):
+    model = _policy(**overrides)
+    rtg, states, actions = _episode(3)
+    pad = 4
+    padded = [
+        torch.cat([torch.randn(1, pad, x.shape[-1], dtype=x.dtype), x], 1) for x in (rtg, states, actions)
+    ]
+    mask = torch.tensor([[False] * pad + [True] * 3])
+    torch.testing.assert_close(
+        model(*padded, mask=mask)[:, pad:], model(rtg, states, actions), rtol=1e-12, atol=1e-12
+    )
+
+
+def _loaded(model: DMMPolicy) -> LoadedPolicy:
+    S = model.config.state_dim
+    meta = PolicyMeta(
+        env="test",
+        env_id="Test-v0",
+        state_mean=[0.1] * S,
+        state_std=[2.0] * S,
+        rtg_scale=10.0,
+        target_return=1.0,
+    )
+    return LoadedPolicy("test", 1, model.float(), model.config, meta, torch.device("cpu"), {})
+
+
+def _run(runner: PolicyRunner, slot: int, states: np.ndarray, rtgs: np.ndarray) -> np.ndarray:
+    runner.reset([slot])
+    return np.stack([runner.step([slot], states[t : t + 1], rtgs[t : t + 1])[0] for t in range(len(states))])
+
+
+def _reference(model, states, rtgs, actions, t, context=None):
+    """The full forward's prediction at step t, over the whole prefix or its last ``context`` steps."""
+    lo = 0 if context is None else max(0, t + 1 - context)
+    s = (torch.tensor(states[lo : t + 1]) - 0.1) / 2.0
+    r = torch.tensor(rtgs[lo : t + 1]).reshape(1, -1, 1) / 10.0
+    a = torch.tensor(np.concatenate([actions[lo:t], np.zeros((1, actions.shape[1]))]))
+    with torch.no_grad():
+        return model(r.float(), s[None].float(), a[None].float())[0, -1].numpy()
+
+
+def test_recurrent_equals_window_before_context_and_each_equals_full_forward():
+    model = _policy().float()
+    K = model.config.context
+    rng = np.random.default_rng(0)
+    T = 3 * K
+    states = rng.normal(size=(T, 5)).astype(np.float32)
+    rtgs = rng.normal(size=T).astype(np.float32) * 10
+    window = _run(PolicyRunner(_loaded(model), "window", capacity=2), 1, states, rtgs)
+    recurrent = _run(PolicyRunner(_loaded(model), "recurrent", capacity=2), 0, states, rtgs)
+    np.testing.assert_allclose(recurrent[:K], window[:K], atol=1e-5, rtol=0)
+    assert not np.allclose(recurrent[K:], window[K:], atol=1e-5), "modes should differ once t >= K"
+    for t in range(T):
+        np.testing.assert_allclose(
+            window[t], _reference(model, states, rtgs, window, t, K), atol=1e-5, rtol=0
+        )
+        np.testing.assert_allclose(
+            recurrent[t], _reference(model, states, rtgs, recurrent, t), atol=1e-5, rtol=0
+        )
+
+
+@pytest.mark.parametrize("mode", ["window", "recurrent"])
+def test_runner_batches_independent_episodes_at_different_steps(mode):
+    """Slots that start at different times and share forwards get their own single-slot actions."""
+    model = _policy(seed=3).float()
+    rng = np.random.default_rng(1)
+    T, n = 12, 3
+    states = rng.normal(size=(n, T, 5)).astype(np.float32)
+    rtgs = rng.normal(size=(n, T)).astype(np.float32)
+    expected = [_run(PolicyRunner(_loaded(model), mode, capacity=1), 0, states[i], rtgs[i]) for i in range(n)]
+    runner = PolicyRunner(_loaded(model), mode, capacity=1)  # grows on demand
+    starts = [0, 2, 5]
+    slots = [7, 2, 4]
+    got = [[] for _ in range(n)]
+    for clock in range(T + max(starts)):
+        active = [i for i in range(n) if starts[i] <= clock < starts[i] + T]
+        for i in active:
+            if clock == starts[i]:
+                runner.reset([slots[i]])
+        if active:
+            t = [clock - starts[i] for i in active]
+            out = runner.step([slots[i] for i in active], states[active, t], rtgs[active, t])
+            for row, i in enumerate(active):
+                got[i].append(out[row])
+    for i in range(n):
+        np.testing.assert_allclose(np.stack(got[i]), expected[i], atol=1e-5, rtol=0)
+        assert runner.steps_taken(slots[i]) == T
+
+
+def test_runner_rejects_bad_shapes_and_attention_recurrent():
+    runner = PolicyRunner(_loaded(_policy().float()), "window")
+    runner.reset([0])
+    with pytest.raises(ValueError, match="expected states"):
+        runner.step([0], np.zeros((1, 4)), np.zeros(1))
+    with pytest.raises(ValueError, match="window mode only"):
+        PolicyRunner(_loaded(_policy(global_mixer="attention").float()), "recurrent")
+
+
+def test_every_layer_owns_its_parameters():
+    model = DMMPolicy(DMMConfig(state_dim=11, act_dim=3))
+    blocks = list(model.blocks)
+    assert len(blocks) == 3
+    seen: dict[int, str] = {}
+    for name, p in model.named_parameters():
+        assert id(p) not in seen, f"{name} shares storage with {seen[id(p)]}"
+        seen[id(p)] = name
+    for i, block in enumerate(blocks):
+        assert isinstance(block.local, DenseSequenceMixer) and isinstance(block.global_mixer, ModifiedMamba)
+        for other in blocks[i + 1 :]:
+            for mod in ("ln1", "ln2", "local", "global_mixer"):
+                assert getattr(block, mod) is not getattr(other, mod)
+    names = set(dict(model.named_parameters()))
+    for i in range(3):
+        for part in ("ln1.weight", "ln2.weight", "local.proj.weight", "global_mixer.A_log", "global_mixer.D"):
+            assert f"blocks.{i}.{part}" in names
+    # Everything the model uses is in the state dict (nothing hidden in plain lists).
+    assert set(model.state_dict()) == names
+
+
+def test_paper_shapes():
+    model = DMMPolicy(DMMConfig(state_dim=11, act_dim=3))
+    block = model.blocks[0]
+    assert block.local.proj.in_features == 6 * 64 and block.local.proj.out_features == 64
+    mamba = block.global_mixer
+    assert (mamba.d_inner, mamba.d_state, mamba.dt_rank) == (128, 16, 4)
+    torch.testing.assert_close(-torch.exp(mamba.A_log[0]), -torch.arange(1.0, 17.0))
+    assert not hasattr(mamba, "conv1d")
