@@ -138,8 +138,10 @@ def load_pickle(path: str | os.PathLike) -> list[Trajectory]:
         where = f"trajectory {i}: "
         if not isinstance(item, Mapping):
             raise DatasetError(f"{path}: {where}expected a dict, got {type(item).__name__}")
-        flags_key = "terminals" if "terminals" in item else "dones"
-        missing = [key for key in ("observations", "actions", "rewards", flags_key) if key not in item]
+        flags_key = "dones" if "dones" in item and "terminals" not in item else "terminals"
+        missing = [key for key in ("observations", "actions", "rewards") if key not in item]
+        if flags_key not in item:
+            missing.append("terminals (or dones)")
         if missing:
             raise DatasetError(
                 f"{path}: {where}missing key(s) {', '.join(missing)} (found: {', '.join(map(str, item))}); "
