@@ -1,0 +1,87 @@
+"""Shared helpers of the server and client tests: a tiny policy store and a step-by-step Act stream."""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from dmm.v1 import policy_pb2, policy_pb2_grpc
+
+STATE_DIM, ACT_DIM = 11, 3  # Hopper's
+TARGET_RETURN = 3600.0
+
+
+def publish_tiny(store_root: Path, name: str = "tiny", seed: int = 0, **config: object) -> int:
+    """Publish a small random DMM policy with Hopper's dimensions; returns its version."""
+    import torch
+
+    from dmm.model import DMMConfig, DMMPolicy, PolicyMeta, publish_policy
+    from dmm.store import ModelStore
+
+    torch.manual_seed(seed)
+    model = DMMPolicy(DMMConfig(state_dim=STATE_DIM, act_dim=ACT_DIM, d_model=16, n_layer=2, **config))
+    rng = np.random.default_rng(seed)
+    meta = PolicyMeta(
+        env="hopper-medium-v2",
+        env_id="Hopper-v4",
+        state_mean=rng.normal(size=STATE_DIM).tolist(),
+        state_std=rng.uniform(0.5, 2.0, size=STATE_DIM).tolist(),
+        rtg_scale=1000.0,
+        target_return=TARGET_RETURN,
+    )
+    return publish_policy(ModelStore(store_root), name, model, meta, metrics={"seed": seed})
+
+
+class Stream:
+    """One Act stream, driven one request/response at a time."""
+
+    _END = object()
+
+    def __init__(self, channel: grpc.Channel, timeout: float | None = 30.0) -> None:
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        self.call = policy_pb2_grpc.PolicyServiceStub(channel).Act(self._iter(), timeout=timeout)
+
+    def _iter(self) -> Iterator[policy_pb2.ActRequest]:
+        while (item := self._requests.get()) is not self._END:
+            yield item
+
+    def send(self, request: policy_pb2.ActRequest) -> policy_pb2.ActResponse:
+        self._requests.put(request)
+        return next(self.call)
+
+    def start(self, model: str = "tiny", **fields: object) -> policy_pb2.SessionStarted:
+        return self.send(policy_pb2.ActRequest(start=policy_pb2.Start(model=model, **fields))).started
+
+    def step(self, state: np.ndarray | list[float], **fields: float) -> policy_pb2.Action:
+        state = np.asarray(state, dtype=np.float64).tolist()
+        return self.send(policy_pb2.ActRequest(step=policy_pb2.Step(state=state, **fields))).action
+
+    def finish(self) -> grpc.StatusCode:
+        """Half-close and wait for the final status."""
+        self._requests.put(self._END)
+        for _ in self.call:
+            pass
+        return self.call.code()
+
+    def cancel(self) -> None:
+        self._requests.put(self._END)
+        self.call.cancel()
+
+
+def expect_status(stream: Stream, request: policy_pb2.ActRequest) -> grpc.RpcError:
+    """Send ``request`` and return the error that ends the stream (AssertionError if none does)."""
+    try:
+        reply = stream.send(request)
+    except grpc.RpcError as err:
+        return err
+    raise AssertionError(f"expected an error status, got a reply: {reply}")
+
+
+def episode_inputs(steps: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random states [steps, STATE_DIM] and rewards [steps] of a synthetic episode."""
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(steps, STATE_DIM)), rng.uniform(0.0, 3.0, size=steps)

@@ -1,0 +1,278 @@
+"""The policy server as a real process: exact actions, batching, bad input, hot reload, metrics, health."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from dmm.server.testing import ServerProcess, metric_value
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from dmm.store import ModelStore
+from dmm.v1 import policy_pb2
+from tests.serving_fixtures import (
+    STATE_DIM,
+    TARGET_RETURN,
+    Stream,
+    episode_inputs,
+    expect_status,
+    publish_tiny,
+)
+
+MODES = {"window": policy_pb2.INFERENCE_MODE_WINDOW, "recurrent": policy_pb2.INFERENCE_MODE_RECURRENT}
+STEPS = 20  # > context K=8, so window and recurrent differ
+
+
+@pytest.fixture(scope="module")
+def store_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("store")
+    publish_tiny(root, "tiny", seed=0)
+    publish_tiny(root, "broken", seed=1)
+    weights = root / "broken" / "1" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(store_root: Path) -> Iterator[ServerProcess]:
+    with ServerProcess(store_root, ["--max-delay-ms", "50", "--max-message-bytes", "4096"]) as srv:
+        yield srv
+
+
+@pytest.fixture
+def channel(server: ServerProcess) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(server.target) as ch:
+        yield ch
+
+
+def expected_actions(store_root: Path, mode: str, states: np.ndarray, rtgs: np.ndarray, name: str = "tiny"):
+    from dmm.model import PolicyRunner, load_policy
+
+    runner = PolicyRunner(load_policy(ModelStore(store_root), name), mode)
+    runner.reset([0])
+    return np.stack([runner.step([0], s[None], np.array([g]))[0] for s, g in zip(states, rtgs, strict=True)])
+
+
+def run_episode(channel: grpc.Channel, mode: str, states: np.ndarray, rewards: np.ndarray, **start):
+    """Stream an episode (reward of step t-1 sent with step t); returns (actions, rtgs, replies)."""
+    stream = Stream(channel)
+    started = stream.start(mode=MODES[mode], target_return=TARGET_RETURN, **start)
+    replies = [stream.step(states[0])]
+    replies += [stream.step(s, reward=r) for s, r in zip(states[1:], rewards[:-1], strict=True)]
+    assert stream.finish() == grpc.StatusCode.OK
+    return started, replies
+
+
+@pytest.mark.parametrize("mode", ["window", "recurrent"])
+def test_streamed_actions_equal_in_process_runner(store_root: Path, channel: grpc.Channel, mode: str) -> None:
+    states, rewards = episode_inputs(STEPS, seed=3)
+    started, replies = run_episode(channel, mode, states, rewards)
+    assert (started.model, started.version, started.mode) == ("tiny", 1, MODES[mode])
+    assert (started.state_dim, started.act_dim) == (STATE_DIM, 3)
+    rtgs = TARGET_RETURN - np.concatenate([[0.0], np.cumsum(rewards[:-1])])
+    np.testing.assert_allclose([r.rtg for r in replies], rtgs)
+    assert [r.step for r in replies] == list(range(STEPS))
+    assert {(r.model, r.version) for r in replies} == {("tiny", 1)}
+    got = np.array([r.action for r in replies])
+    np.testing.assert_allclose(got, expected_actions(store_root, mode, states, rtgs), atol=1e-5)
+
+
+def test_explicit_rtg_and_default_target_return(store_root: Path, channel: grpc.Channel) -> None:
+    states, _ = episode_inputs(3, seed=4)
+    stream = Stream(channel)
+    assert stream.start().target_return == TARGET_RETURN  # from the model's meta
+    replies = [
+        stream.step(states[0]),
+        stream.step(states[1], rtg=1234.5),
+        stream.step(states[2], reward=34.5),
+    ]
+    assert stream.finish() == grpc.StatusCode.OK
+    rtgs = np.array([TARGET_RETURN, 1234.5, 1200.0])
+    np.testing.assert_allclose([r.rtg for r in replies], rtgs)
+    got = np.array([r.action for r in replies])
+    np.testing.assert_allclose(got, expected_actions(store_root, "window", states, rtgs), atol=1e-5)
+
+
+def test_concurrent_sessions_are_batched_and_exact(
+    store_root: Path, server: ServerProcess, channel: grpc.Channel
+) -> None:
+    n = 6
+    before = metric_value(server.scrape(), "dmm_batch_size_bucket", {"model": "tiny", "le": "1.0"}) or 0.0
+    barrier = threading.Barrier(n)
+    inputs = [episode_inputs(STEPS, seed=100 + i) for i in range(n)]
+    results: list[object] = [None] * n
+
+    def session(i: int) -> None:
+        try:
+            states, rewards = inputs[i]
+            stream = Stream(channel)
+            stream.start(mode=MODES["recurrent"], target_return=TARGET_RETURN)
+            replies = []
+            for t in range(STEPS):
+                barrier.wait(timeout=10)  # all sessions send step t together
+                replies.append(stream.step(states[t], **({"reward": rewards[t - 1]} if t else {})))
+            assert stream.finish() == grpc.StatusCode.OK
+            results[i] = np.array([r.action for r in replies])
+        except Exception as err:
+            results[i] = err
+            barrier.abort()
+
+    threads = [threading.Thread(target=session, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for i, (states, rewards) in enumerate(inputs):
+        assert isinstance(results[i], np.ndarray), results[i]
+        rtgs = TARGET_RETURN - np.concatenate([[0.0], np.cumsum(rewards[:-1])])
+        np.testing.assert_allclose(
+            results[i], expected_actions(store_root, "recurrent", states, rtgs), atol=1e-5
+        )
+    text = server.scrape()
+    batches = metric_value(text, "dmm_batch_size_count", {"model": "tiny"})
+    singles = metric_value(text, "dmm_batch_size_bucket", {"model": "tiny", "le": "1.0"}) - before
+    steps_sum = metric_value(text, "dmm_batch_size_sum", {"model": "tiny"})
+    assert steps_sum / batches > 1.0
+    assert singles < n * STEPS / 2, "most of the lock-step sessions' steps should have been batched"
+
+
+@pytest.mark.parametrize(
+    ("case", "code", "words"),
+    [
+        ("step before start", grpc.StatusCode.FAILED_PRECONDITION, ["step before start"]),
+        ("unknown model", grpc.StatusCode.NOT_FOUND, ["'nope'", "tiny"]),
+        ("unknown version", grpc.StatusCode.NOT_FOUND, ["no version 7", "available versions: 1"]),
+        ("corrupt version", grpc.StatusCode.DATA_LOSS, ["model.safetensors", "checksum"]),
+        ("empty request", grpc.StatusCode.INVALID_ARGUMENT, ["empty ActRequest"]),
+        ("wrong state length", grpc.StatusCode.INVALID_ARGUMENT, ["state_dim=11", "has 5 values"]),
+        ("NaN state", grpc.StatusCode.INVALID_ARGUMENT, ["non-finite", "[2]"]),
+        ("inf reward", grpc.StatusCode.INVALID_ARGUMENT, ["reward is inf"]),
+        ("missing reward", grpc.StatusCode.INVALID_ARGUMENT, ["neither the reward"]),
+        ("reward on step 0", grpc.StatusCode.INVALID_ARGUMENT, ["no previous action"]),
+        ("second start", grpc.StatusCode.FAILED_PRECONDITION, ["second start"]),
+        ("wrong env dims", grpc.StatusCode.INVALID_ARGUMENT, ["start.state_dim=17", "state_dim=11"]),
+        ("oversized message", grpc.StatusCode.RESOURCE_EXHAUSTED, []),
+    ],
+)
+def test_bad_input_gets_precise_status_and_others_continue(
+    store_root: Path, server: ServerProcess, channel: grpc.Channel, case: str, code: grpc.StatusCode, words
+) -> None:
+    states, rewards = episode_inputs(STEPS, seed=7)
+    healthy = Stream(channel)
+    healthy.start(mode=MODES["window"], target_return=TARGET_RETURN)
+    replies = [healthy.step(states[0]), healthy.step(states[1], reward=rewards[0])]
+
+    ok = np.zeros(STATE_DIM)
+    start, step = policy_pb2.Start, policy_pb2.Step
+    bad = Stream(channel)
+    if case == "step before start":
+        err = expect_status(bad, policy_pb2.ActRequest(step=step(state=ok)))
+    elif case == "unknown model":
+        err = expect_status(bad, policy_pb2.ActRequest(start=start(model="nope")))
+    elif case == "unknown version":
+        err = expect_status(bad, policy_pb2.ActRequest(start=start(model="tiny", version=7)))
+    elif case == "corrupt version":
+        err = expect_status(bad, policy_pb2.ActRequest(start=start(model="broken")))
+    elif case == "empty request":
+        err = expect_status(bad, policy_pb2.ActRequest())
+    elif case == "wrong env dims":
+        err = expect_status(bad, policy_pb2.ActRequest(start=start(model="tiny", state_dim=17, act_dim=3)))
+    else:
+        bad.start()
+        if case == "second start":
+            err = expect_status(bad, policy_pb2.ActRequest(start=start(model="tiny")))
+        elif case == "reward on step 0":
+            err = expect_status(bad, policy_pb2.ActRequest(step=step(state=ok, reward=1.0)))
+        else:
+            bad.step(ok)
+            requests = {
+                "wrong state length": step(state=[0.0] * 5, reward=0.0),
+                "NaN state": step(state=[0.0, 0.0, float("nan"), *[0.0] * 8], reward=0.0),
+                "inf reward": step(state=ok, reward=float("inf")),
+                "missing reward": step(state=ok),
+                "oversized message": step(state=np.zeros(STATE_DIM * 100), reward=0.0),
+            }
+            err = expect_status(bad, policy_pb2.ActRequest(step=requests[case]))
+    assert err.code() == code, err.details()
+    for word in words:
+        assert word in err.details(), err.details()
+
+    replies += [healthy.step(s, reward=r) for s, r in zip(states[2:], rewards[1:-1], strict=True)]
+    assert healthy.finish() == grpc.StatusCode.OK
+    rtgs = TARGET_RETURN - np.concatenate([[0.0], np.cumsum(rewards[:-1])])
+    got = np.array([r.action for r in replies])
+    np.testing.assert_allclose(got, expected_actions(store_root, "window", states, rtgs), atol=1e-5)
+    if code != grpc.StatusCode.RESOURCE_EXHAUSTED:  # grpc itself rejects oversized messages
+        assert metric_value(server.scrape(), "dmm_errors_total", {"code": code.name}) >= 1
+
+
+def test_new_version_serves_new_sessions_only(
+    store_root: Path, server: ServerProcess, channel: grpc.Channel
+) -> None:
+    publish_tiny(store_root, "reload", seed=10)
+    states, rewards = episode_inputs(STEPS, seed=11)
+    old = Stream(channel)
+    assert old.start(model="reload").version == 1
+    assert old.step(states[0]).version == 1
+    assert publish_tiny(store_root, "reload", seed=12) == 2
+
+    new = Stream(channel)
+    assert new.start(model="reload").version == 2
+    assert new.step(states[0]).version == 2
+    assert new.finish() == grpc.StatusCode.OK
+    text = server.scrape()
+    assert metric_value(text, "dmm_model_versions_loaded", {"model": "reload", "version": "1"}) == 1
+    assert metric_value(text, "dmm_model_versions_loaded", {"model": "reload", "version": "2"}) == 1
+
+    replies = [old.step(s, reward=r) for s, r in zip(states[1:], rewards[:-1], strict=True)]
+    assert {r.version for r in replies} == {1}
+    assert old.finish() == grpc.StatusCode.OK
+    # v1 is unused and no longer the latest: unloaded. v2 stays for the next sessions.
+    text = server.scrape()
+    assert metric_value(text, "dmm_model_versions_loaded", {"model": "reload", "version": "1"}) is None
+    assert metric_value(text, "dmm_model_versions_loaded", {"model": "reload", "version": "2"}) == 1
+    assert metric_value(text, "dmm_model_loads_total", {"model": "reload"}) == 2
+
+
+def test_list_describe_health_reflection(server: ServerProcess, channel: grpc.Channel) -> None:
+    from dmm.v1 import policy_pb2_grpc
+
+    stub = policy_pb2_grpc.PolicyServiceStub(channel)
+    models = {m.name: list(m.versions) for m in stub.ListModels(policy_pb2.ListModelsRequest()).models}
+    assert models["tiny"] == [1]
+    described = stub.Describe(policy_pb2.DescribeRequest(model="tiny"))
+    assert (described.version, described.state_dim, described.act_dim) == (1, STATE_DIM, 3)
+    assert '"d_model": 16' in described.config_json and '"seed": 0' in described.metrics_json
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Describe(policy_pb2.DescribeRequest(model="tiny", version=9))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "dmm.v1.PolicyService"):
+        status = health.Check(health_pb2.HealthCheckRequest(service=service)).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+
+    refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+    reply = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    names = {s.name for s in reply.list_services_response.service}
+    assert {"dmm.v1.PolicyService", "grpc.health.v1.Health"} <= names
+
+
+def test_metrics_after_traffic(server: ServerProcess, channel: grpc.Channel) -> None:
+    states, rewards = episode_inputs(4, seed=5)
+    run_episode(channel, "window", states, rewards)
+    text = server.scrape()
+    assert metric_value(text, "dmm_act_latency_seconds_count", {"model": "tiny", "mode": "window"}) >= 4
+    assert metric_value(text, "dmm_act_latency_seconds_bucket", {"model": "tiny", "le": "5e-05"}) is not None
+    assert metric_value(text, "dmm_queue_wait_seconds_count", {"model": "tiny"}) >= 4
+    assert metric_value(text, "dmm_batch_size_bucket", {"model": "tiny", "le": "1024.0"}) >= 1
+    assert metric_value(text, "dmm_sessions_started_total", {"model": "tiny"}) >= 1
+    assert metric_value(text, "dmm_sessions_ended_total", {"model": "tiny", "reason": "completed"}) >= 1
+    assert metric_value(text, "dmm_active_sessions", {"model": "tiny"}) == 0
