@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -127,18 +126,46 @@ class SACPolicy:
         return np.tanh(mean + np.exp(log_std) * noise)
 
 
-@dataclass
-class _Episode:
-    observations: list = field(default_factory=list)
-    actions: list = field(default_factory=list)
-    rewards: list = field(default_factory=list)
-    next_observations: list = field(default_factory=list)
-    terminals: list = field(default_factory=list)
-    timeouts: list = field(default_factory=list)
-    done: bool = False
+class _Recorder:
+    """Transitions of all envs as they come, in arrays that double when full, each row tagged
+    with its episode. Rows of one episode are in time order, so a stable sort by episode gives
+    the D4RL layout (whole episodes, in start order)."""
 
-    def __len__(self) -> int:
-        return len(self.rewards)
+    def __init__(self, obs_dim: int, act_dim: int, capacity: int) -> None:
+        import numpy as np
+
+        self.size = 0
+        self.columns = {
+            "observations": np.empty((capacity, obs_dim), np.float32),
+            "actions": np.empty((capacity, act_dim), np.float32),
+            "rewards": np.empty(capacity, np.float32),
+            "next_observations": np.empty((capacity, obs_dim), np.float32),
+            "terminals": np.empty(capacity, bool),
+            "timeouts": np.empty(capacity, bool),
+            "episode": np.empty(capacity, np.int64),
+        }
+
+    def append(self, **batch: Any) -> None:
+        import numpy as np
+
+        n = len(batch["episode"])
+        capacity = len(self.columns["episode"])
+        if self.size + n > capacity:
+            grown = max(2 * capacity, self.size + n)
+            for key, column in self.columns.items():
+                bigger = np.empty((grown, *column.shape[1:]), column.dtype)
+                bigger[: self.size] = column[: self.size]
+                self.columns[key] = bigger
+        for key, value in batch.items():
+            self.columns[key][self.size : self.size + n] = value
+        self.size += n
+
+    def first(self, steps: int) -> dict[str, Any]:
+        """The first ``steps`` transitions in episode order, without the episode tags."""
+        import numpy as np
+
+        order = np.argsort(self.columns["episode"][: self.size], kind="stable")[:steps]
+        return {key: column[order] for key, column in self.columns.items() if key != "episode"}
 
 
 def _make_vector_env(env: str, num_envs: int) -> tuple[Any, str]:
@@ -163,15 +190,17 @@ def _make_vector_env(env: str, num_envs: int) -> tuple[Any, str]:
         raise DMMError(f"cannot create environment {env!r}: {err}") from err
 
 
-def _rollout(venv: Any, policy: SACPolicy, steps: int, seed: int, deterministic: bool) -> list[_Episode]:
-    """Episodes in start order, enough of them to hold ``steps`` transitions."""
+def _rollout(venv: Any, policy: SACPolicy, steps: int, seed: int, deterministic: bool) -> dict[str, Any]:
+    """The first ``steps`` transitions, whole episodes in the order they started."""
     import numpy as np
     from tqdm import tqdm
 
     num_envs = venv.num_envs
     rng = np.random.default_rng(seed)
-    episodes: list[_Episode] = [_Episode() for _ in range(num_envs)]
-    slot_episode = list(range(num_envs))  # which episode each env is playing
+    recorder = _Recorder(policy.obs_dim, policy.act_dim, capacity=steps + num_envs)
+    slot_episode = np.arange(num_envs)  # which episode each env is playing
+    lengths = [0] * num_envs  # per episode, in start order
+    finished = [False] * num_envs
     observations, _ = venv.reset(seed=[seed + k for k in range(num_envs)])
     first_open = 0  # episodes before it are finished
     finished_steps = 0  # transitions in episodes before first_open
@@ -180,30 +209,34 @@ def _rollout(venv: Any, policy: SACPolicy, steps: int, seed: int, deterministic:
             noise = None if deterministic else rng.standard_normal((num_envs, policy.act_dim))
             actions = policy.act(observations, noise)  # float64: the env steps with them unrounded
             next_observations, rewards, terminated, truncated, _ = venv.step(actions)
-            for i in range(num_envs):
-                episode = episodes[slot_episode[i]]
-                episode.observations.append(observations[i])
-                episode.actions.append(actions[i])
-                episode.rewards.append(rewards[i])
-                episode.next_observations.append(next_observations[i])
-                episode.terminals.append(bool(terminated[i]))
-                episode.timeouts.append(bool(truncated[i]))
+            recorder.append(
+                observations=observations,
+                actions=actions,
+                rewards=rewards,
+                next_observations=next_observations,
+                terminals=terminated,
+                timeouts=truncated,
+                episode=slot_episode,
+            )
+            for k in slot_episode:
+                lengths[k] += 1
             done = np.logical_or(terminated, truncated)
             for i in np.flatnonzero(done):
-                episodes[slot_episode[i]].done = True
-                slot_episode[i] = len(episodes)
-                episodes.append(_Episode())
-            while first_open < len(episodes) and episodes[first_open].done:
-                finished_steps += len(episodes[first_open])
+                finished[slot_episode[i]] = True
+                slot_episode[i] = len(lengths)
+                lengths.append(0)
+                finished.append(False)
+            while finished[first_open]:
+                finished_steps += lengths[first_open]
                 first_open += 1
-            covered = finished_steps + len(episodes[first_open])
+            covered = finished_steps + lengths[first_open]
             bar.update(min(covered, steps) - bar.n)
             if covered >= steps:
-                return episodes[: first_open + 1]
+                return recorder.first(steps)
             if done.any():
                 # Reset finished envs ourselves, each with its episode's seed. This also clears the
                 # vector env's NEXT_STEP autoreset, so no reset step is ever recorded.
-                reset_seeds = [seed + slot_episode[i] for i in range(num_envs)]
+                reset_seeds = [int(seed + k) for k in slot_episode]
                 observations, _ = venv.reset(seed=reset_seeds, options={"reset_mask": done})
             else:
                 observations = next_observations
@@ -262,17 +295,9 @@ def collect(
                 f"actions of dim {policy.act_dim}, but {env} has observation dim {obs_dim} and action dim "
                 f"{act_dim}"
             )
-        episodes = _rollout(venv, policy, steps, seed, deterministic)
+        columns = _rollout(venv, policy, steps, seed, deterministic)
     finally:
         venv.close()
-    columns = {
-        key: np.concatenate([np.asarray(getattr(e, key)) for e in episodes])[:steps]
-        for key in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")
-    }
-    for key in ("observations", "actions", "rewards", "next_observations"):
-        columns[key] = columns[key].astype(np.float32)
-    for key in ("terminals", "timeouts"):
-        columns[key] = columns[key].astype(bool)
     if not (columns["terminals"][-1] or columns["timeouts"][-1]):
         columns["timeouts"][-1] = True  # the data ends mid-episode: a time limit, not a terminal state
     attrs = {
