@@ -141,8 +141,8 @@ class _Stream:
             raise PolicyServiceError.from_rpc(err) from None
 
     def cancel(self) -> None:
+        self._call.cancel()  # before the half-close, which the server would take as a normal end
         self._requests.put(self._END)
-        self._call.cancel()
 
 
 class PolicyClient:
@@ -285,9 +285,10 @@ class PolicyClient:
                 length += 1
                 if terminated or truncated:
                     break
-                step = policy_pb2.Step(
-                    state=np.asarray(obs, dtype=np.float64).ravel().tolist(), reward=reward
-                )
-        finally:
-            stream.close()
+                state = np.asarray(obs, dtype=np.float64).ravel().tolist()
+                step = policy_pb2.Step(state=state, reward=float(reward))
+        except BaseException:
+            stream.cancel()
+            raise
+        stream.finish()
         return _Episode(total, length, started.version, _MODE_NAMES[started.mode], started.target_return)

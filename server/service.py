@@ -23,6 +23,8 @@ _MODES: dict[int, InferenceMode] = {
     policy_pb2.INFERENCE_MODE_RECURRENT: "recurrent",
 }
 _MODE_ENUM = {name: value for value, name in _MODES.items()}
+# How long a handler waits after EOF for grpc to report a client cancellation (end-of-session only).
+_CANCEL_WINDOW_S = 0.005
 
 
 class _Abort(Exception):
@@ -82,6 +84,12 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
                         "evicted",
                     ) from None
                 if request is grpc.aio.EOF:
+                    # A half-close ends the episode normally. A client that cancels also ends the
+                    # read with EOF, and grpc cancels this task shortly after: free the slot now,
+                    # then wait a moment so that a cancellation is counted as one (CancelledError).
+                    if session is not None:
+                        self.pool.release(session.lease)
+                    await asyncio.sleep(_CANCEL_WINDOW_S)
                     break
                 arrived = time.perf_counter()
                 kind = request.WhichOneof("kind")

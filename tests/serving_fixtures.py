@@ -68,8 +68,8 @@ class Stream:
         return self.call.code()
 
     def cancel(self) -> None:
+        self.call.cancel()  # before the half-close, which the server would take as a normal end
         self._requests.put(self._END)
-        self.call.cancel()
 
 
 def expect_status(stream: Stream, request: policy_pb2.ActRequest) -> grpc.RpcError:

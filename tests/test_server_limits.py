@@ -1,0 +1,103 @@
+"""Session limits of the policy server: max sessions, idle eviction, disconnects, SIGTERM draining."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from dmm.server.testing import ServerProcess, metric_value
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from dmm.v1 import policy_pb2
+from tests.serving_fixtures import STATE_DIM, Stream, expect_status, publish_tiny
+
+
+@pytest.fixture(scope="module")
+def store_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("store")
+    publish_tiny(root, "tiny")
+    return root
+
+
+def wait_for_metric(server: ServerProcess, name: str, labels: dict[str, str], value: float, timeout_s=10.0):
+    end = time.monotonic() + timeout_s
+    while True:
+        got = metric_value(server.scrape(), name, labels)
+        if got == value:
+            return
+        if time.monotonic() > end:
+            raise AssertionError(f"{name}{labels} is {got}, expected {value}")
+        time.sleep(0.05)
+
+
+def test_max_sessions_disconnect_and_idle_eviction(store_root: Path) -> None:
+    ok = np.zeros(STATE_DIM)
+    with (
+        ServerProcess(store_root, ["--max-sessions", "2", "--idle-timeout", "1.5"]) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        first, second, third = Stream(channel), Stream(channel), Stream(channel)
+        first.start()
+        first.step(ok)
+        second.start()
+        err = expect_status(third, policy_pb2.ActRequest(start=policy_pb2.Start(model="tiny")))
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "limit of 2 sessions" in err.details()
+        wait_for_metric(server, "dmm_active_sessions", {"model": "tiny"}, 2)
+
+        first.cancel()  # a client that goes away mid-episode frees its slot at once
+        wait_for_metric(server, "dmm_active_sessions", {"model": "tiny"}, 1, timeout_s=1.0)
+        fourth = Stream(channel)
+        assert fourth.start().version == 1
+        fourth.step(ok)
+
+        time.sleep(1.0)
+        fourth.step(ok, reward=1.0)  # activity keeps a session alive; `second` stays idle
+        wait_for_metric(server, "dmm_sessions_ended_total", {"model": "tiny", "reason": "evicted"}, 1)
+        err = expect_status(second, policy_pb2.ActRequest(step=policy_pb2.Step(state=ok)))
+        assert err.code() == grpc.StatusCode.ABORTED
+        assert "idle" in err.details()
+        assert fourth.finish() == grpc.StatusCode.OK
+
+        wait_for_metric(server, "dmm_active_sessions", {"model": "tiny"}, 0)
+        text = server.scrape()
+        ended = {
+            reason: metric_value(text, "dmm_sessions_ended_total", {"model": "tiny", "reason": reason})
+            for reason in ("completed", "cancelled", "evicted")
+        }
+        assert ended == {"completed": 1, "cancelled": 1, "evicted": 1}
+        assert metric_value(text, "dmm_errors_total", {"code": "RESOURCE_EXHAUSTED"}) == 1
+
+
+def test_sigterm_drains_sessions_and_exits_zero(store_root: Path) -> None:
+    ok = np.zeros(STATE_DIM)
+    server = ServerProcess(store_root, ["--grace", "2"]).start()
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            quick, slow = Stream(channel), Stream(channel)
+            quick.start()
+            quick.step(ok)
+            slow.start()
+            slow.step(ok)
+            server.proc.terminate()  # SIGTERM
+
+            health = health_pb2_grpc.HealthStub(channel)
+            status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+            # A session that finishes within the grace period completes normally.
+            quick.step(ok, reward=1.0)
+            assert quick.finish() == grpc.StatusCode.OK
+
+            # One that keeps going is ended with UNAVAILABLE when the grace period is over.
+            with pytest.raises(grpc.RpcError) as info:
+                for _ in range(10_000):
+                    slow.step(ok, reward=1.0)
+                    time.sleep(0.01)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
+        assert server.proc.wait(30) == 0
+    finally:
+        server.kill()
