@@ -451,6 +451,11 @@ class ModelStore:
             safetensors.torch.save_file(tensors, weights, metadata={"format": "pt"})
         except (ValueError, TypeError, RuntimeError) as err:
             raise StoreError(f"cannot serialize tensors with safetensors: {err}") from None
+        # safetensors creates the file owner-only; give it the same umask-based mode as the other
+        # files, so a server running as another user (e.g. in a container) can read the store.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(weights, 0o666 & ~umask)
         _fsync_path(weights)
         digests[WEIGHTS_FILE] = _sha256_file(weights)
         digests[CONFIG_FILE] = _write_bytes(tmp / CONFIG_FILE, config_bytes)

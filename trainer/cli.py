@@ -3,10 +3,139 @@
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 from dmm.trainer import collect
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the trainer's subcommands to ``dmm``."""
     collect.register(subparsers)
+
+    train = subparsers.add_parser(
+        "train",
+        help="train a policy on a D4RL-style dataset and publish it to the store",
+        description="Train Decision MetaMamba with the paper's settings (overridable), evaluate it, "
+        "and publish a new version to the model store.",
+    )
+    train.add_argument("--dataset", required=True, help="D4RL name (hopper-medium-v2) or a .hdf5/.pkl path")
+    train.add_argument("--store", required=True, type=Path, help="model store folder")
+    train.add_argument("--name", help="model name in the store (default: the dataset name)")
+    train.add_argument("--updates", type=_positive_int, help="gradient updates (paper: 100000)")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--config", type=Path, help="YAML with TrainConfig fields, over the paper's defaults")
+    train.add_argument("--eval-every", type=int, help="updates between evaluations (0: only at the end)")
+    train.add_argument("--eval-episodes", type=int, help="episodes per target return at each evaluation")
+    train.add_argument("--eval-num-envs", type=_positive_int, help="vector envs evaluated in parallel")
+    train.add_argument("--eval-mode", choices=["window", "recurrent"])
+    train.add_argument(
+        "--target-return",
+        type=float,
+        action="append",
+        dest="target_returns",
+        help="evaluation target return (repeatable; default: the environment's)",
+    )
+    train.add_argument(
+        "--publish-every-eval",
+        action="store_true",
+        default=None,
+        help="also publish a version at each evaluation",
+    )
+    train.add_argument("--device", help="cpu or cuda")
+    train.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the model for training (default on: ~30 s to compile, then 3-5x faster)",
+    )
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.set_defaults(handler=run_train)
+
+    ev = subparsers.add_parser("eval", help="evaluate a stored policy in its environment")
+    ev.add_argument("--store", required=True, type=Path)
+    ev.add_argument("--name", required=True)
+    ev.add_argument("--version", default=None, help="version number or 'latest' (default)")
+    ev.add_argument("--episodes", type=_positive_int, default=10)
+    ev.add_argument("--target-return", type=float, help="default: the one stored with the policy")
+    ev.add_argument("--mode", choices=["window", "recurrent"], default="window")
+    ev.add_argument("--num-envs", type=_positive_int, default=10)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--env", help="environment / dataset name (default: the policy's)")
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--json", action="store_true", help="print the result as JSON")
+    ev.add_argument("--no-progress", action="store_true")
+    ev.set_defaults(handler=run_eval)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from dmm.trainer.config import load_train_config
+    from dmm.trainer.train import train
+
+    from dmm.data import load_dataset
+    from dmm.store import ModelStore
+
+    overrides = {
+        key: getattr(args, key)
+        for key in (
+            "updates",
+            "seed",
+            "eval_every",
+            "eval_episodes",
+            "eval_num_envs",
+            "eval_mode",
+            "target_returns",
+            "publish_every_eval",
+            "device",
+            "compile",
+        )
+    }
+    cfg = load_train_config(args.dataset, args.config, overrides)
+    dataset = load_dataset(args.dataset)
+    print(
+        f"dataset {dataset.name}: {len(dataset.trajectories)} trajectories, {dataset.num_transitions} steps, "
+        f"env {dataset.env}"
+    )
+    result = train(
+        cfg, dataset, ModelStore(args.store), args.name or dataset.name, progress=not args.no_progress
+    )
+    for row in result.metrics["final_eval"]:
+        print(
+            f"final: target {row['target_return']:g}: normalized {row['normalized_mean']:.1f} "
+            f"± {row['normalized_std']:.1f} over {row['episodes']} episodes"
+        )
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from dmm.trainer.evaluate import evaluate
+
+    from dmm.model import load_policy
+    from dmm.store import ModelStore
+
+    policy = load_policy(ModelStore(args.store), args.name, args.version, device=args.device)
+    target = args.target_return if args.target_return is not None else policy.meta.target_return
+    result = evaluate(
+        policy,
+        args.episodes,
+        target,
+        env=args.env,
+        mode=args.mode,
+        num_envs=args.num_envs,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    summary = {"name": policy.name, "version": policy.version, "env": result.env, **result.summary()}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        where = f"{policy.name} v{policy.version} on {result.env}, target {target:g}, {args.mode}"
+        print(f"{where}: {result.describe()}")
+    return 0

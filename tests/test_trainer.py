@@ -1,0 +1,178 @@
+"""Trainer pieces: weight-decay groups, configs, loss masking, batched evaluation, a short training run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_sac_policy
+from dmm.trainer.collect import collect
+from dmm.trainer.config import load_train_config
+from dmm.trainer.evaluate import evaluate
+from dmm.trainer.optim import parameter_groups
+from dmm.trainer.train import build_policy, masked_action_mse, train
+
+from dmm.data import load_dataset
+from dmm.errors import ConfigError
+from dmm.model import DMMConfig, DMMPolicy, LoadedPolicy, PolicyMeta, load_policy
+from dmm.store import ModelStore
+
+TINY = {"d_model": 16, "n_layer": 2, "dropout": 0.0}
+
+
+def test_weight_decay_excludes_norms_biases_A_log_and_D():
+    model = DMMPolicy(DMMConfig(state_dim=11, act_dim=3))
+    decay, no_decay = parameter_groups(model, 1e-4)
+    assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert decayed.isdisjoint(skipped) and decayed | skipped == set(names.values())
+    for name in skipped:
+        assert name.endswith(("bias", "A_log", ".D")) or ".ln" in name or "_ln" in name or "ln_f" in name, (
+            name
+        )
+    for i in range(3):
+        assert {
+            f"blocks.{i}.global_mixer.A_log",
+            f"blocks.{i}.global_mixer.D",
+            f"blocks.{i}.ln1.weight",
+            f"blocks.{i}.ln2.weight",
+            f"blocks.{i}.local.proj.bias",
+        } <= skipped
+        assert {
+            f"blocks.{i}.local.proj.weight",
+            f"blocks.{i}.global_mixer.in_proj.weight",
+            f"blocks.{i}.global_mixer.dt_proj.weight",
+        } <= decayed
+    assert {"embed_ln.weight", "ln_f.weight", "head.bias"} <= skipped
+    assert {"embed_state.weight", "head.weight"} <= decayed
+
+
+def test_paper_configs_per_family(tmp_path):
+    hopper = load_train_config("hopper-medium-v2")
+    assert (hopper.model.d_model, hopper.model.n_layer, hopper.model.context, hopper.model.dsm_window) == (
+        64,
+        3,
+        8,
+        6,
+    )
+    assert (hopper.batch_size, hopper.updates, hopper.learning_rate, hopper.warmup_updates) == (
+        64,
+        100_000,
+        1e-4,
+        10_000,
+    )
+    assert (hopper.weight_decay, hopper.grad_clip, hopper.model.dropout) == (1e-4, 0.25, 0.1)
+    assert load_train_config("walker2d-medium-v2").model.d_model == 32
+    assert load_train_config("antmaze-umaze-v2").model.d_model == 128
+    assert load_train_config("kitchen-mixed-v0").model.d_model == 128
+    user = tmp_path / "user.yaml"
+    user.write_text("model: {d_model: 24}\nupdates: 50\n")
+    cfg = load_train_config("hopper-medium-v2", user, {"updates": 7, "seed": None})
+    assert (cfg.model.d_model, cfg.model.n_layer, cfg.updates, cfg.seed) == (24, 3, 7, 0)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("model: {d_model: -1}", "model.d_model"),
+        ("learning_rat: 1", "learning_rat"),
+        ("[1, 2]", "mapping"),
+        ("a: [", "not valid YAML"),
+    ],
+)
+def test_bad_config_is_a_clear_error(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_train_config("hopper-medium-v2", path)
+
+
+def test_loss_ignores_padded_positions():
+    pred = torch.zeros(1, 3, 2)
+    target = torch.tensor([[[9.0, 9.0], [1.0, 1.0], [2.0, 0.0]]])
+    mask = torch.tensor([[False, True, True]])
+    assert masked_action_mse(pred, target, mask).item() == pytest.approx((1 + 1 + 4 + 0) / 4)
+
+
+@pytest.fixture(scope="module")
+def small_hopper(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("data")
+    policy = random_sac_policy(folder / "policy.npz", 11, 3, seed=3)
+    return collect("Hopper-v4", policy, 600, folder / "hopper-small.hdf5", seed=0)
+
+
+def _tiny_policy(dataset) -> LoadedPolicy:
+    cfg = load_train_config(dataset.name, overrides={"model": TINY})
+    model, meta = build_policy(cfg, dataset)
+    return LoadedPolicy("tiny", 0, model.eval(), model.config, meta, torch.device("cpu"), {})
+
+
+@pytest.mark.parametrize("mode", ["window", "recurrent"])
+def test_batched_evaluation_equals_one_env_at_a_time(small_hopper, mode):
+    """The batched evaluator gives every episode what a batch-1 loop with the same seed gives (up to
+    float rounding of batched matmuls)."""
+    policy = _tiny_policy(load_dataset(small_hopper))
+    batched = evaluate(policy, episodes=3, target_return=3600, mode=mode, num_envs=3, seed=5, progress=False)
+    for i in range(3):
+        single = evaluate(
+            policy, episodes=1, target_return=3600, mode=mode, num_envs=1, seed=5 + i, progress=False
+        )
+        np.testing.assert_allclose(batched.returns[i], single.returns[0], rtol=1e-5)
+        assert batched.lengths[i] == single.lengths[0]
+
+
+def test_evaluation_runs_more_episodes_than_envs(small_hopper):
+    policy = _tiny_policy(load_dataset(small_hopper))
+    result = evaluate(policy, episodes=5, target_return=1800, num_envs=2, seed=0, progress=False)
+    assert len(result.returns) == len(result.lengths) == 5
+    assert (result.lengths >= 1).all() and (result.lengths <= 1000).all()
+    again = evaluate(policy, episodes=5, target_return=1800, num_envs=2, seed=0, progress=False)
+    np.testing.assert_array_equal(result.returns, again.returns)
+    np.testing.assert_allclose(result.normalized, 100 * (result.returns + 20.272305) / (3234.3 + 20.272305))
+
+
+def test_evaluation_refuses_a_policy_of_other_dims(small_hopper):
+    policy = _tiny_policy(load_dataset(small_hopper))
+    with pytest.raises(ConfigError, match=r"\(Walker2d-v4\) has 17 and 6"):
+        evaluate(policy, episodes=1, target_return=1.0, env="walker2d-medium-v2", progress=False)
+
+
+def test_training_learns_and_publishes(small_hopper, tmp_path):
+    dataset = load_dataset(small_hopper)
+    cfg = load_train_config(
+        dataset.name,
+        overrides={
+            "model": TINY,
+            "updates": 200,
+            "warmup_updates": 20,
+            "learning_rate": 1e-3,
+            "eval_every": 100,
+            "eval_episodes": 2,
+            "eval_num_envs": 2,
+            "target_returns": [500.0],
+            "compile": False,
+            "publish_every_eval": True,
+        },
+    )
+    store = ModelStore(tmp_path / "store")
+    result = train(cfg, dataset, store, "hopper-small", progress=False, log=lambda _: None)
+    assert store.versions("hopper-small") == [1, 2] and result.version == 2
+    curve = result.metrics["loss_curve"]
+    assert [u for u, _ in curve] == [100, 200] and curve[-1][1] < curve[0][1]
+    assert [row["update"] for row in result.metrics["evals"]] == [100, 200]
+    version = store.version_path("hopper-small", 2)
+    saved = json.loads((version / "metrics.json").read_text())
+    assert (
+        saved["final_eval"][0]["episodes"] == 2
+        and saved["num_parameters"] == result.metrics["num_parameters"]
+    )
+    assert (version / "learning_curve.png").read_bytes().startswith(b"\x89PNG")
+    loaded = load_policy(store, "hopper-small")
+    assert loaded.meta.env_id == "Hopper-v4" and loaded.meta.rtg_scale == 1000.0
+    np.testing.assert_allclose(loaded.meta.state_mean, dataset.state_mean, rtol=1e-6)
+    assert isinstance(loaded.meta, PolicyMeta) and loaded.config.d_model == 16

@@ -1,0 +1,109 @@
+"""Training configuration: the paper's hyper-parameters by default, per-family YAML, CLI overrides."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dmm.errors import ConfigError
+from dmm.model.config import InferenceMode
+
+
+class ModelSettings(BaseModel):
+    """Architecture settings that do not depend on the data (dims come from the dataset)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    d_model: int = Field(64, gt=0)
+    n_layer: int = Field(3, gt=0)
+    context: int = Field(8, gt=0)
+    dsm_window: int = Field(6, gt=0)
+    d_state: int = Field(16, gt=0)
+    expand: int = Field(2, gt=0)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    local_mixer: Literal["dsm", "conv"] = "dsm"
+    global_mixer: Literal["mamba", "attention"] = "mamba"
+    n_head: int = Field(1, gt=0)
+
+
+class TrainConfig(BaseModel):
+    """Paper, Appendix A and Table 5: AdamW, lr 1e-4 with 10k linear warm-up then constant,
+    weight decay 1e-4, grad-norm clip 0.25, batch 64, 100k updates."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelSettings = ModelSettings()
+    updates: int = Field(100_000, gt=0)
+    batch_size: int = Field(64, gt=0)
+    learning_rate: float = Field(1e-4, gt=0)
+    warmup_updates: int = Field(10_000, ge=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    grad_clip: float = Field(0.25, gt=0)
+    rtg_scale: float | None = Field(None, gt=0, description="None: the environment's (1000 for locomotion)")
+    target_returns: list[float] | None = Field(None, description="None: the environment's defaults")
+    eval_every: int = Field(10_000, ge=0, description="0: evaluate only at the end")
+    eval_episodes: int = Field(10, ge=0)
+    eval_num_envs: int = Field(10, gt=0)
+    eval_mode: InferenceMode = "window"
+    publish_every_eval: bool = False
+    seed: int = 0
+    device: str = "cpu"
+    compile: bool = Field(
+        False, description="torch.compile the training step (faster after ~20 s of compiling)"
+    )
+
+
+CONFIG_PACKAGE = "dmm.trainer.configs"
+
+
+def family_of(dataset: str) -> str:
+    """``hopper-medium-v2`` -> ``hopper``; file stems work the same way."""
+    return Path(dataset).stem.split("-")[0].split("_")[0].lower()
+
+
+def paper_config_path(dataset: str) -> Path | None:
+    """The bundled YAML with the paper's settings for the dataset's family, if any."""
+    candidate = resources.files(CONFIG_PACKAGE) / f"{family_of(dataset)}.yaml"
+    return Path(str(candidate)) if candidate.is_file() else None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as err:
+        raise ConfigError(f"cannot read config {path}: {err.strerror}") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of settings")
+    return data
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = (
+            _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
+    return out
+
+
+def load_train_config(
+    dataset: str, config_file: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> TrainConfig:
+    """Defaults <- the family's bundled YAML <- ``config_file`` <- ``overrides`` (None values skipped)."""
+    settings: dict[str, Any] = {}
+    layers = [paper_config_path(dataset), Path(config_file).expanduser() if config_file else None]
+    for path in layers:
+        if path is not None:
+            settings = _merge(settings, _read_yaml(path))
+    settings = _merge(settings, {k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return TrainConfig(**settings)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise ConfigError(f"invalid training config: {problems}") from err
