@@ -45,7 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps", type=int, default=int(_env("DMM_BOOTSTRAP_STEPS", "20000")), help="transitions to collect"
     )
     parser.add_argument(
-        "--updates", type=int, default=int(_env("DMM_BOOTSTRAP_UPDATES", "2000")), help="training updates"
+        "--updates", type=int, default=int(_env("DMM_BOOTSTRAP_UPDATES", "1000")), help="training updates"
+    )
+    parser.add_argument(
+        "--eval-episodes",
+        type=int,
+        default=int(_env("DMM_BOOTSTRAP_EVAL_EPISODES", "2")),
+        help="evaluation episodes per target return after training (0: none)",
+    )
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=_env("DMM_BOOTSTRAP_COMPILE", "1") not in ("0", "false", "no"),
+        help="torch.compile the model for training (pays off from a few hundred updates)",
     )
     parser.add_argument("--seed", type=int, default=int(_env("DMM_BOOTSTRAP_SEED", "0")))
     parser.add_argument(
@@ -67,6 +79,8 @@ def store_models(store: str | os.PathLike) -> list[str]:
 def bootstrap(args: argparse.Namespace) -> int:
     """Collect and train into an empty store; return 0 when the store then has a model."""
     from dmm.cli import main as dmm_main
+    from dmm.envs import env_spec
+    from dmm.errors import ConfigError
 
     models = store_models(args.store)
     if models:
@@ -74,6 +88,20 @@ def bootstrap(args: argparse.Namespace) -> int:
         return 0
     if not args.policy.is_file():
         print(f"bootstrap: error: behaviour policy {args.policy} not found", file=sys.stderr)
+        return 2
+    # The trainer tells the environment from the dataset's name, so the model name (which names
+    # the dataset file) must be a dataset name of the environment collected in.
+    try:
+        name_env, collect_env = env_spec(args.name).env_id, env_spec(args.env).env_id
+    except ConfigError as err:
+        print(f"bootstrap: error: {err}", file=sys.stderr)
+        return 2
+    if name_env != collect_env:
+        print(
+            f"bootstrap: error: model name {args.name!r} is a {name_env} dataset name, but the data is "
+            f"collected in {collect_env}; use a name like 'hopper-medium-sim-v4' for Hopper-v4",
+            file=sys.stderr,
+        )
         return 2
     with tempfile.TemporaryDirectory(prefix="dmm-bootstrap-") as tmp:
         workdir = args.workdir or Path(tmp)
@@ -86,7 +114,8 @@ def bootstrap(args: argparse.Namespace) -> int:
             return status
         print(f"bootstrap: training {args.name} for {args.updates} updates")
         train = ["train", "--dataset", str(dataset), "--store", str(args.store), "--name", args.name]
-        status = dmm_main([*train, "--updates", str(args.updates)])
+        train += ["--updates", str(args.updates), "--eval-episodes", str(args.eval_episodes)]
+        status = dmm_main([*train, "--compile" if args.compile else "--no-compile"])
         if status != 0:
             return status
     models = store_models(args.store)

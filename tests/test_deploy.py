@@ -428,20 +428,47 @@ def test_bootstrap_collects_then_trains_into_an_empty_store(tmp_path, recorded_c
     calls, _ = recorded_cli
     store = tmp_path / "store"
     monkeypatch.setenv("DMM_BOOTSTRAP_STEPS", "1234")
+    monkeypatch.setenv("DMM_BOOTSTRAP_COMPILE", "0")
     bootstrap = load_module("bootstrap")
-    assert bootstrap.main(["--store", str(store), "--name", "demo", "--updates", "7", "--seed", "3"]) == 0
+    argv = [
+        "--store",
+        str(store),
+        "--name",
+        "hopper-demo",
+        "--updates",
+        "7",
+        "--seed",
+        "3",
+        "--eval-episodes",
+        "0",
+    ]
+    assert bootstrap.main(argv) == 0
     assert [c[0] for c in calls] == ["collect", "train"]
     collect, train = calls
     assert collect[collect.index("--env") + 1] == "Hopper-v4"
     assert collect[collect.index("--steps") + 1] == "1234"
     assert collect[collect.index("--seed") + 1] == "3"
     assert Path(collect[collect.index("--policy") + 1]) == DEPLOY / "policies" / "hopper_online_5.npz"
+    assert Path(collect[collect.index("--out") + 1]).name == "hopper-demo.hdf5"
     assert train[train.index("--dataset") + 1] == collect[collect.index("--out") + 1]
+    assert train[train.index("--name") + 1] == "hopper-demo"
     assert train[train.index("--updates") + 1] == "7"
+    assert train[train.index("--eval-episodes") + 1] == "0"
+    assert "--no-compile" in train
     assert not Path(collect[collect.index("--out") + 1]).exists(), "the temporary dataset must be removed"
     from dmm.store import ModelStore
 
-    assert ModelStore(store).models() == ["demo"]
+    assert ModelStore(store).models() == ["hopper-demo"]
+
+
+def test_bootstrap_rejects_a_name_the_trainer_cannot_tell_the_env_from(tmp_path, recorded_cli, capsys):
+    calls, _ = recorded_cli
+    bootstrap = load_module("bootstrap")
+    assert bootstrap.main(["--store", str(tmp_path), "--name", "demo"]) == 2
+    assert "unknown environment or dataset 'demo'" in capsys.readouterr().err
+    assert bootstrap.main(["--store", str(tmp_path), "--name", "walker2d-medium-v2"]) == 2
+    assert "Walker2d-v4 dataset name, but the data is collected in Hopper-v4" in capsys.readouterr().err
+    assert calls == []
 
 
 def test_bootstrap_propagates_failures(tmp_path, recorded_cli):
@@ -463,3 +490,22 @@ def test_bundled_policy_is_a_d4rl_hopper_reference_policy():
         assert policy["fc0.weight"].shape == (256, 11)
         assert policy["last_fc.weight"].shape == (3, 256)
         assert policy["last_fc_log_std.weight"].shape == (3, 256)
+
+
+def test_bootstrap_for_real_serves_a_trained_model(tmp_path):
+    """The real collect and train, tiny: the store then has a model that loads as a policy."""
+    from dmm.model import load_policy
+    from dmm.store import ModelStore
+
+    store = tmp_path / "store"
+    argv = ["--store", str(store), "--steps", "300", "--updates", "2", "--eval-episodes", "0", "--no-compile"]
+    command = [sys.executable, str(DEPLOY / "bootstrap.py"), *argv]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "now serves hopper-medium-sim-v4" in result.stdout
+    policy = load_policy(ModelStore(store), "hopper-medium-sim-v4")
+    assert (policy.config.state_dim, policy.config.act_dim) == (11, 3)
+    assert policy.meta.env_id == "Hopper-v4"
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "nothing to do" in again.stdout
+    assert ModelStore(store).versions("hopper-medium-sim-v4") == [1]
