@@ -4,7 +4,8 @@ Everything here runs on the server's asyncio event loop: stream handlers call :m
 and await a future; one batcher task per runner collects the pending steps and runs them as one
 ``PolicyRunner.step`` call. A batch closes when it holds ``max_batch`` steps, when every session
 on this runner has a step pending (waiting longer cannot make it bigger), or ``max_delay`` after
-its first step arrived, whichever comes first. A lone session therefore never waits.
+its first step arrived, whichever comes first. A lone session therefore never waits, and the
+handler whose step completes a batch runs the forward itself, skipping a hand-off to the task.
 
 The forward runs inline on the loop, so no thread hand-off sits on the latency path; while it runs,
 gRPC keeps receiving the next messages, which then form the next batch (the SEED RL pattern).
@@ -86,7 +87,12 @@ class Batcher:
         """Queue one step of the session in ``slot``; returns its action once its batch has run."""
         future = asyncio.get_running_loop().create_future()
         self._pending.append(_Pending(slot, state, rtg, future))
-        self._wakeup.set()
+        if self._batch_ready():
+            # Nothing to wait for (a lone session, or the last of a batch): run it in this task
+            # and skip a hand-off to the batcher task.
+            self._forward(self._take())
+        else:
+            self._wakeup.set()
         return await future
 
     def close(self) -> None:
@@ -119,11 +125,14 @@ class Batcher:
                     break
             if not self._pending:
                 continue
-            batch = self._pending[: self.max_batch]
-            del self._pending[: self.max_batch]
-            if self._pending:
-                self._wakeup.set()
-            self._forward(batch)
+            self._forward(self._take())
+
+    def _take(self) -> list[_Pending]:
+        batch = self._pending[: self.max_batch]
+        del self._pending[: self.max_batch]
+        if self._pending:
+            self._wakeup.set()
+        return batch
 
     def _forward(self, batch: list[_Pending]) -> None:
         start = time.perf_counter()

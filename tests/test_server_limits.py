@@ -82,11 +82,11 @@ def test_sigterm_drains_sessions_and_exits_zero(store_root: Path) -> None:
             quick.step(ok)
             slow.start()
             slow.step(ok)
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
             server.proc.terminate()  # SIGTERM
-
-            health = health_pb2_grpc.HealthStub(channel)
-            status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
-            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            watch.cancel()
 
             # A session that finishes within the grace period completes normally.
             quick.step(ok, reward=1.0)
