@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from dmm.client import PolicyClient, PolicyServiceError
 from dmm.server.testing import ServerProcess, metric_value
+from serving_fixtures import TARGET_RETURN, publish_tiny
 
 from dmm.envs import normalized_score
-from tests.serving_fixtures import TARGET_RETURN, publish_tiny
 
 ENV = "hopper-medium-v2"
 

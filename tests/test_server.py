@@ -12,10 +12,7 @@ import pytest
 from dmm.server.testing import ServerProcess, metric_value
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
-from dmm.store import ModelStore
-from dmm.v1 import policy_pb2
-from tests.serving_fixtures import (
+from serving_fixtures import (
     STATE_DIM,
     TARGET_RETURN,
     Stream,
@@ -23,6 +20,9 @@ from tests.serving_fixtures import (
     expect_status,
     publish_tiny,
 )
+
+from dmm.store import ModelStore
+from dmm.v1 import policy_pb2
 
 MODES = {"window": policy_pb2.INFERENCE_MODE_WINDOW, "recurrent": policy_pb2.INFERENCE_MODE_RECURRENT}
 STEPS = 20  # > context K=8, so window and recurrent differ
