@@ -1,0 +1,254 @@
+"""Shared pieces of the benchmarks: model variants, machine description, tables, JSON/PNG reports,
+and per-row worker subprocesses (so rows never share a process's caches, threads or peak memory).
+
+Run benchmarks from the repository root as modules, e.g. ``python -m bench.train_speed --quick``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from dmm.data import Dataset
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_ROOT = REPO_ROOT / "bench" / "results"
+SHARED_HOPPER = REPO_ROOT.parent / "shared" / "data" / "hopper-medium-sim-v4.hdf5"
+WORKER_PREFIX = "BENCH-RESULT "
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A model to train: an architecture (its bundled YAML applies) and ModelSettings overrides."""
+
+    key: str
+    label: str
+    architecture: str = "dmm"
+    model: dict[str, Any] = field(default_factory=dict)
+
+
+VARIANTS: dict[str, Variant] = {
+    v.key: v
+    for v in (
+        Variant("dmm", "DMM (K=8)"),
+        Variant("dt", "DT (K=20)", "dt"),
+        Variant("dt-k8", "DT (K=8)", "dt", {"context": 8}),
+        Variant("conv-local", "DMM, conv local mixer (ablation)", model={"local_mixer": "conv"}),
+        Variant(
+            "attention-global", "DMM, attention global mixer (ablation)", model={"global_mixer": "attention"}
+        ),
+    )
+}
+ABLATIONS = ("conv-local", "attention-global")
+
+
+def train_config(variant: Variant, dataset: str, overrides: dict[str, Any] | None = None) -> Any:
+    """The TrainConfig of ``variant`` on ``dataset`` (paper YAML <- DT YAML <- variant <- overrides)."""
+    from dmm.trainer.config import load_train_config
+
+    settings = dict(overrides or {})
+    settings["model"] = {**variant.model, **settings.get("model", {})}
+    return load_train_config(dataset, None, settings, architecture=variant.architecture)
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform.processor() where that is absent)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity), not the machine's total."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def machine(device: str = "cpu") -> dict[str, Any]:
+    """CPU model, core counts, torch version and the device the numbers were measured on."""
+    import torch
+
+    info: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "usable_cores": usable_cores(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "device": device,
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def command_line(module: str, argv: Sequence[str]) -> str:
+    return shlex.join(["python", "-m", module, *argv])
+
+
+def now_utc() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def default_out(script: str) -> Path:
+    return RESULTS_ROOT / script
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table; numeric-looking columns are right-aligned."""
+
+    def numeric(col: int) -> bool:
+        cells = [str(r[col]) for r in rows if str(r[col]) not in ("", "-")]
+        return bool(cells) and all(c.lstrip("-+").replace(".", "", 1)[:1].isdigit() for c in cells)
+
+    align = ["---:" if numeric(i) else "---" for i in range(len(headers))]
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def header_lines(title: str, info: dict[str, Any], command: str, date: str) -> list[str]:
+    where = f"{info['cpu']}, {info['usable_cores']} of {info['logical_cores']} cores usable"
+    if "gpu" in info:
+        where += f", GPU {info['gpu']}"
+    return [
+        f"## {title}",
+        "",
+        f"- machine: {where}; torch {info['torch']} ({info['torch_threads']} threads), "
+        f"python {info['python']}; device {info['device']}",
+        f"- date: {date}",
+        f"- command: `{command}`",
+    ]
+
+
+def write_report(
+    out_dir: Path,
+    script: str,
+    title: str,
+    table: str,
+    payload: dict[str, Any],
+    figure: Figure,
+    notes: Sequence[str] = (),
+) -> dict[str, Path]:
+    """Print the table and write ``results.md``, ``results.json`` and ``<script>.png`` into ``out_dir``.
+
+    ``payload`` must hold ``machine``, ``command`` and ``date``. Files are written to temporary names
+    and renamed, so an interrupted run leaves the previous results intact.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = "\n".join(
+        [
+            *header_lines(title, payload["machine"], payload["command"], payload["date"]),
+            *(f"- {n}" for n in notes),
+            "",
+            table,
+            "",
+        ]
+    )
+    paths = {"md": out_dir / "results.md", "json": out_dir / "results.json", "png": out_dir / f"{script}.png"}
+    tmp = {k: p.with_name(p.name + ".tmp") for k, p in paths.items()}
+    tmp["md"].write_text(md)
+    tmp["json"].write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
+    figure.savefig(tmp["png"], format="png", dpi=100, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    for key, path in paths.items():
+        os.replace(tmp[key], path)
+    print(md)
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return paths
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+def new_figure(ncols: int = 1, width: float = 6.0, height: float = 4.0) -> tuple[Figure, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
+
+
+def run_worker(module: str, spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    """Run ``python -m module --worker JSON`` in a fresh process and return the JSON it reported.
+
+    A worker that fails, times out or reports nothing yields ``{"error": "..."}`` instead of raising,
+    so one broken row does not lose the others.
+    """
+    cmd = [sys.executable, "-m", module, "--worker", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s:g} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(WORKER_PREFIX):
+            return json.loads(line[len(WORKER_PREFIX) :])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+    return {"error": f"worker exited with status {proc.returncode}: " + " / ".join(tail)}
+
+
+def report_from_worker(result: dict[str, Any]) -> None:
+    """The worker side of :func:`run_worker`: one marked JSON line on stdout."""
+    print(WORKER_PREFIX + json.dumps(result, default=_jsonable), flush=True)
+
+
+def synthetic_dataset(env: str = "hopper-medium-sim-v4", transitions: int = 20_000, seed: int = 0) -> Dataset:
+    """Random trajectories with ``env``'s dimensions, for timing only (speed does not depend on values)."""
+    from dmm.data import Dataset, Trajectory
+    from dmm.envs import env_spec
+
+    spec = env_spec(env)
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(50, spec.max_episode_steps + 1, size=transitions // 50 + 1)
+    lengths = lengths[: np.searchsorted(np.cumsum(lengths), transitions) + 1]
+    trajectories = [
+        Trajectory(
+            rng.standard_normal((n, spec.obs_dim)).astype(np.float32),
+            rng.uniform(-1, 1, (n, spec.act_dim)).astype(np.float32),
+            rng.uniform(0, 4, n).astype(np.float32),
+            terminal=bool(rng.random() < 0.5),
+        )
+        for n in lengths
+    ]
+    return Dataset.from_trajectories(f"{spec.dataset.split('-')[0]}-synthetic", trajectories, env)
+
+
+def data_label(name: str, env_id: str) -> str:
+    """How scores on a dataset may be described: locally collected data are not D4RL results."""
+    if "-sim-" in name:
+        return f"D4RL-layout data collected in gymnasium {env_id} with D4RL's reference policy ({name})"
+    return name
+
+
+def median(values: Sequence[float]) -> float:
+    return float(np.median(np.asarray(values, dtype=np.float64)))

@@ -1,0 +1,286 @@
+"""Training speed: updates/s of DMM and the Decision Transformer baseline, eager and torch.compile.
+
+Each row (variant x compile mode) runs in a fresh subprocess: it builds the policy as the trainer
+does (paper settings from the family's YAML; DT's from dt.yaml), runs the trainer's update
+(sample a batch, forward, masked action MSE, backward, clip, AdamW step) for ``--warmup`` untimed
+updates (compilation happens there), then ``--chunks`` timed chunks of ``--chunk`` updates, and
+reports the median chunk rate. Peak memory: CUDA ``max_memory_allocated``; CPU the process's peak
+RSS (``ru_maxrss``), total and the growth during training (the dataset is already loaded before).
+
+    python -m bench.train_speed                     # CPU, eager and compile, shared hopper data
+    python -m bench.train_speed --device cuda
+    python -m bench.train_speed --quick             # tiny smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    SHARED_HOPPER,
+    VARIANTS,
+    command_line,
+    default_out,
+    machine,
+    markdown_table,
+    median,
+    new_figure,
+    now_utc,
+    report_from_worker,
+    run_worker,
+    synthetic_dataset,
+    train_config,
+    write_report,
+)
+
+SCRIPT = "train_speed"
+MODULE = f"bench.{SCRIPT}"
+DEFAULT_VARIANTS = ("dmm", "dt", "dt-k8")
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    """One row, in this process: build, warm up, time ``chunks`` chunks of ``chunk`` updates."""
+    import torch
+
+    from dmm.data import WindowSampler, load_dataset
+    from dmm.trainer.optim import make_optimizer
+    from dmm.trainer.train import build_policy, masked_action_mse
+
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    variant = VARIANTS[spec["variant"]]
+    dataset = load_dataset(spec["dataset"]) if spec["dataset"] else synthetic_dataset()
+    device = torch.device(spec["device"])
+    cfg = train_config(
+        variant,
+        dataset.env or dataset.name,
+        {"batch_size": spec["batch_size"], "device": spec["device"], "compile": spec["compile"]},
+    )
+    model, meta = build_policy(cfg, dataset)
+    model.to(device).train()
+    sampler = WindowSampler(dataset, cfg.model.context, cfg.batch_size, meta.rtg_scale, seed=cfg.seed)
+    optimizer, scheduler = make_optimizer(model, cfg.learning_rate, cfg.weight_decay, cfg.warmup_updates)
+    forward = torch.compile(model) if cfg.compile else model
+    uses_timesteps = model.config.uses_timesteps
+
+    def update() -> float:
+        batch = sampler.sample()
+        rtg, states, actions, mask, timesteps = (
+            torch.from_numpy(x).to(device)
+            for x in (batch.rtg, batch.states, batch.actions, batch.mask, batch.timesteps)
+        )
+        pred = forward(rtg, states, actions, mask, timesteps if uses_timesteps else None)
+        loss = masked_action_mse(pred, actions, mask)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        return loss.item()  # the trainer reads the loss every update, which also synchronizes CUDA
+
+    rss_before = _rss_mib()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(spec["warmup"]):
+        update()
+    warmup_s = time.perf_counter() - start
+    rates = []
+    for _ in range(spec["chunks"]):
+        t0 = time.perf_counter()
+        for _ in range(spec["chunk"]):
+            loss = update()
+        rates.append(spec["chunk"] / (time.perf_counter() - t0))
+    result = {
+        "num_parameters": model.num_parameters(),
+        "context": cfg.model.context,
+        "d_model": cfg.model.d_model,
+        "batch_size": cfg.batch_size,
+        "warmup_seconds": warmup_s,
+        "chunk_rates": rates,
+        "updates_per_second": median(rates),
+        "final_loss": loss,
+        "torch_threads": torch.get_num_threads(),
+        "peak_rss_mib": _rss_mib(),
+        "rss_growth_mib": max(0.0, _rss_mib() - rss_before),
+    }
+    if device.type == "cuda":
+        result["peak_cuda_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return result
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=MODULE, description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument(
+        "--variants", nargs="+", choices=tuple(VARIANTS), help=f"default: {' '.join(DEFAULT_VARIANTS)}"
+    )
+    p.add_argument("--modes", nargs="+", choices=("eager", "compile"), help="default: eager compile")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--warmup", type=int, help="untimed updates first (default 50; 5 with --quick)")
+    p.add_argument("--chunk", type=int, help="updates per timed chunk (default 100; 5 with --quick)")
+    p.add_argument("--chunks", type=int, help="timed chunks; the median is reported (default 10; 3 --quick)")
+    p.add_argument(
+        "--dataset",
+        help="hdf5/pkl file or D4RL name; 'synthetic' for random data "
+        "(default: the shared hopper-medium-sim-v4 file if present, else synthetic; synthetic with --quick)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads per row (default: torch's own choice; 1 with --quick, where the cores are "
+        "shared and oversubscribed threads only spin)",
+    )
+    p.add_argument("--row-timeout", type=float, default=3600.0, help="seconds per row at most")
+    p.add_argument("--out", type=Path, default=default_out(SCRIPT))
+    p.add_argument("--quick", action="store_true", help="tiny smoke configuration, eager rows only")
+    args = p.parse_args(argv)
+    q = args.quick
+    args.variants = args.variants or list(DEFAULT_VARIANTS)
+    args.modes = args.modes or (["eager"] if q else ["eager", "compile"])
+    args.threads = args.threads if args.threads is not None else (1 if q else None)
+    args.warmup = args.warmup if args.warmup is not None else (5 if q else 50)
+    args.chunk = args.chunk or (5 if q else 100)
+    args.chunks = args.chunks or (3 if q else 10)
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be positive")
+    for name in ("batch_size", "chunk", "chunks"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    if args.warmup < 0:
+        p.error("--warmup must be >= 0")
+    if args.dataset is None:
+        args.dataset = str(SHARED_HOPPER) if SHARED_HOPPER.is_file() and not q else "synthetic"
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error("--device cuda: torch sees no CUDA GPU")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--worker"]:
+        spec = json.loads(argv[1])
+        try:
+            report_from_worker(measure(spec))
+        except Exception as err:  # reported as the row's error, the other rows still run
+            report_from_worker({"error": f"{type(err).__name__}: {err}"})
+        return 0
+    args = parse_args(argv)
+    rows = []
+    for key in args.variants:
+        for mode in args.modes:
+            spec = {
+                "variant": key,
+                "compile": mode == "compile",
+                "dataset": None if args.dataset == "synthetic" else args.dataset,
+                "device": args.device,
+                "batch_size": args.batch_size,
+                "warmup": args.warmup,
+                "chunk": args.chunk,
+                "chunks": args.chunks,
+                "threads": args.threads,
+            }
+            print(f"{VARIANTS[key].label}, {mode}: running...", file=sys.stderr, flush=True)
+            rows.append(
+                {
+                    "variant": key,
+                    "label": VARIANTS[key].label,
+                    "mode": mode,
+                    **run_worker(MODULE, spec, args.row_timeout),
+                }
+            )
+
+    mem_key = "peak_cuda_mib" if args.device == "cuda" else "peak_rss_mib"
+    base = {r["variant"]: r["updates_per_second"] for r in rows if r["mode"] == "eager" and "error" not in r}
+    dmm_eager = base.get("dmm")
+    table_rows = []
+    for r in rows:
+        if "error" in r:
+            table_rows.append(
+                [r["label"], r["mode"], "-", "-", "-", "-", "-", "-", "-", f"error: {r['error']}"]
+            )
+            continue
+        ratio = f"{r['updates_per_second'] / dmm_eager:.2f}" if dmm_eager else "-"
+        mem = f"{r[mem_key]:.0f}" + ("" if args.device == "cuda" else f" (+{r['rss_growth_mib']:.0f})")
+        table_rows.append(
+            [
+                r["label"],
+                r["mode"],
+                f"{r['torch_threads']}",
+                f"{r['context']}",
+                f"{r['num_parameters']:,}",
+                f"{r['updates_per_second']:.1f}",
+                f"{min(r['chunk_rates']):.1f}-{max(r['chunk_rates']):.1f}",
+                ratio,
+                mem,
+                f"{r['warmup_seconds']:.1f}",
+            ]
+        )
+    mem_header = "peak CUDA MiB" if args.device == "cuda" else "peak RSS MiB (+training)"
+    table = markdown_table(
+        [
+            "model",
+            "mode",
+            "threads",
+            "K",
+            "params",
+            "updates/s (median)",
+            "chunk range",
+            "x DMM eager",
+            mem_header,
+            "warm-up s",
+        ],
+        table_rows,
+    )
+    info = machine(args.device)
+    fig, axes = new_figure(width=max(6.0, 1.3 * len(rows)))
+    ax = axes[0][0]
+    ok = [r for r in rows if "error" not in r]
+    ax.bar(
+        [f"{r['label']}\n{r['mode']}" for r in ok],
+        [r["updates_per_second"] for r in ok],
+        color=["tab:blue" if r["mode"] == "eager" else "tab:orange" for r in ok],
+    )
+    for i, r in enumerate(ok):
+        ax.plot([i] * len(r["chunk_rates"]), r["chunk_rates"], "k.", ms=3)
+    ax.set(
+        ylabel="updates/s (median; dots: chunks)",
+        title=f"training speed, batch {args.batch_size}, {args.device} ({info['usable_cores']} cores)",
+    )
+    ax.tick_params(axis="x", labelsize=7)
+    payload = {
+        "script": SCRIPT,
+        "machine": info,
+        "date": now_utc(),
+        "command": command_line(MODULE, argv),
+        "settings": {
+            k: getattr(args, k)
+            for k in ("device", "batch_size", "warmup", "chunk", "chunks", "dataset", "threads")
+        },
+        "rows": rows,
+    }
+    notes = [
+        f"data: {args.dataset}; batch {args.batch_size}; {args.warmup} warm-up updates, then the median "
+        f"of {args.chunks} chunks of {args.chunk} updates; every row in its own process",
+        "an update = sample a batch, forward, masked action MSE, backward, clip 0.25, AdamW step, read loss",
+    ]
+    write_report(args.out, SCRIPT, "Training speed (updates/s)", table, payload, fig, notes)
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
