@@ -216,6 +216,7 @@ def run_phase(target: str, episodes: int, seed: int) -> tuple[int, int]:
     Returns (Act steps, NOT_FOUND errors); every env step is one Act step.
     """
     import grpc
+
     from dmm.client import PolicyClient, PolicyServiceError
 
     with PolicyClient(target) as client:
