@@ -109,29 +109,34 @@ def _episode(T, S=5, A=2, seed=0):
     )
 
 
-@pytest.mark.parametrize(
-    "overrides", [{}, {"local_mixer": "conv"}, {"global_mixer": "attention", "n_head": 2}]
-)
+VARIANTS = [
+    {},
+    {"local_mixer": "conv"},
+    {"global_mixer": "attention", "n_head": 2},
+    {"architecture": "dt", "n_head": 2},
+]
+
+
+@pytest.mark.parametrize("overrides", VARIANTS)
 def test_causal_future_tokens_never_change_earlier_outputs(overrides):
     model = _policy(**overrides)
     rtg, states, actions = _episode(7)
-    base = model(rtg, states, actions)
+    timesteps = torch.arange(7).unsqueeze(0)
+    base = model(rtg, states, actions, timesteps=timesteps)
     for t in range(7):
         # a_t comes after s_t, so changing a_t must not change the prediction at step t either.
         for name, tensor in (("rtg", rtg), ("states", states), ("actions", actions)):
             changed = {"rtg": rtg, "states": states, "actions": actions}
             changed[name] = tensor.clone()
             changed[name][:, t] += 3.0
-            out = model(**changed)
+            out = model(**changed, timesteps=timesteps)
             first_affected = t if name != "actions" else t + 1
             torch.testing.assert_close(out[:, :first_affected], base[:, :first_affected], rtol=0, atol=0)
             if first_affected < 7:
                 assert not torch.allclose(out[:, first_affected:], base[:, first_affected:])
 
 
-@pytest.mark.parametrize(
-    "overrides", [{}, {"local_mixer": "conv"}, {"global_mixer": "attention", "n_head": 2}]
-)
+@pytest.mark.parametrize("overrides", VARIANTS)
 def test_left_padding_with_mask_equals_unpadded_prefix(overrides):
     model = _policy(**overrides)
     rtg, states, actions = _episode(3)
@@ -140,8 +145,13 @@ def test_left_padding_with_mask_equals_unpadded_prefix(overrides):
         torch.cat([torch.randn(1, pad, x.shape[-1], dtype=x.dtype), x], 1) for x in (rtg, states, actions)
     ]
     mask = torch.tensor([[False] * pad + [True] * 3])
+    timesteps = torch.arange(3).unsqueeze(0)
+    padded_timesteps = torch.cat([torch.zeros(1, pad, dtype=torch.long), timesteps], 1)
     torch.testing.assert_close(
-        model(*padded, mask=mask)[:, pad:], model(rtg, states, actions), rtol=1e-12, atol=1e-12
+        model(*padded, mask=mask, timesteps=padded_timesteps)[:, pad:],
+        model(rtg, states, actions, timesteps=timesteps),
+        rtol=1e-12,
+        atol=1e-12,
     )
 
 
@@ -169,8 +179,9 @@ def _reference(model, states, rtgs, actions, t, context=None):
     s = (torch.tensor(states[lo : t + 1]) - 0.1) / 2.0
     r = torch.tensor(rtgs[lo : t + 1]).reshape(1, -1, 1) / 10.0
     a = torch.tensor(np.concatenate([actions[lo:t], np.zeros((1, actions.shape[1]))]))
+    timesteps = torch.arange(lo, t + 1).unsqueeze(0)
     with torch.no_grad():
-        return model(r.float(), s[None].float(), a[None].float())[0, -1].numpy()
+        return model(r.float(), s[None].float(), a[None].float(), timesteps=timesteps)[0, -1].numpy()
 
 
 def test_recurrent_equals_window_before_context_and_each_equals_full_forward():
@@ -193,10 +204,25 @@ def test_recurrent_equals_window_before_context_and_each_equals_full_forward():
         )
 
 
-@pytest.mark.parametrize("mode", ["window", "recurrent"])
-def test_runner_batches_independent_episodes_at_different_steps(mode):
+def test_dt_window_runner_equals_full_forward_with_timesteps():
+    model = _policy(architecture="dt", n_head=2).float()
+    K = model.config.context
+    rng = np.random.default_rng(2)
+    states = rng.normal(size=(2 * K + 1, 5)).astype(np.float32)
+    rtgs = rng.normal(size=2 * K + 1).astype(np.float32)
+    actions = _run(PolicyRunner(_loaded(model), "window"), 0, states, rtgs)
+    for t in range(len(states)):
+        np.testing.assert_allclose(
+            actions[t], _reference(model, states, rtgs, actions, t, K), atol=1e-5, rtol=0
+        )
+
+
+@pytest.mark.parametrize(
+    ("mode", "overrides"), [("window", {}), ("recurrent", {}), ("window", {"architecture": "dt"})]
+)
+def test_runner_batches_independent_episodes_at_different_steps(mode, overrides):
     """Slots that start at different times and share forwards get their own single-slot actions."""
-    model = _policy(seed=3).float()
+    model = _policy(seed=3, **overrides).float()
     rng = np.random.default_rng(1)
     T, n = 12, 3
     states = rng.normal(size=(n, T, 5)).astype(np.float32)

@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 import torch
 from conftest import random_sac_policy
-from dmm.trainer.collect import collect
-from dmm.trainer.config import load_train_config
-from dmm.trainer.evaluate import evaluate
-from dmm.trainer.optim import parameter_groups
-from dmm.trainer.train import build_policy, masked_action_mse, train
 
 from dmm.data import load_dataset
 from dmm.errors import ConfigError
 from dmm.model import DMMConfig, DMMPolicy, LoadedPolicy, PolicyMeta, load_policy
 from dmm.store import ModelStore
+from dmm.trainer.collect import collect
+from dmm.trainer.config import load_train_config
+from dmm.trainer.evaluate import evaluate
+from dmm.trainer.optim import parameter_groups
+from dmm.trainer.train import build_policy, masked_action_mse, train
 
 TINY = {"d_model": 16, "n_layer": 2, "dropout": 0.0}
 

@@ -32,6 +32,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--updates", type=_positive_int, help="gradient updates (paper: 100000)")
     train.add_argument("--seed", type=int)
     train.add_argument("--config", type=Path, help="YAML with TrainConfig fields, over the paper's defaults")
+    train.add_argument(
+        "--model",
+        choices=["dmm", "dt"],
+        default="dmm",
+        help="dmm (default) or the Decision Transformer baseline with its usual settings",
+    )
+    train.add_argument(
+        "--local-mixer",
+        choices=["dsm", "conv"],
+        help="ablation: conv replaces the DSM with a causal depthwise convolution",
+    )
+    train.add_argument(
+        "--global-mixer",
+        choices=["mamba", "attention"],
+        help="ablation: attention replaces the modified Mamba with causal self-attention",
+    )
     train.add_argument("--eval-every", type=int, help="updates between evaluations (0: only at the end)")
     train.add_argument("--eval-episodes", type=int, help="episodes per target return at each evaluation")
     train.add_argument("--eval-num-envs", type=_positive_int, help="vector envs evaluated in parallel")
@@ -76,11 +92,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from dmm.trainer.config import load_train_config
-    from dmm.trainer.train import train
-
     from dmm.data import load_dataset
     from dmm.store import ModelStore
+    from dmm.trainer.config import load_train_config
+    from dmm.trainer.train import train
 
     overrides = {
         key: getattr(args, key)
@@ -97,7 +112,8 @@ def run_train(args: argparse.Namespace) -> int:
             "compile",
         )
     }
-    cfg = load_train_config(args.dataset, args.config, overrides)
+    overrides["model"] = {"local_mixer": args.local_mixer, "global_mixer": args.global_mixer}
+    cfg = load_train_config(args.dataset, args.config, overrides, architecture=args.model)
     dataset = load_dataset(args.dataset)
     print(
         f"dataset {dataset.name}: {len(dataset.trajectories)} trajectories, {dataset.num_transitions} steps, "
@@ -115,10 +131,9 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from dmm.trainer.evaluate import evaluate
-
     from dmm.model import load_policy
     from dmm.store import ModelStore
+    from dmm.trainer.evaluate import evaluate
 
     policy = load_policy(ModelStore(args.store), args.name, args.version, device=args.device)
     target = args.target_return if args.target_return is not None else policy.meta.target_return

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dmm.errors import ConfigError
-from dmm.model.config import InferenceMode
+from dmm.model.config import DMMConfig, InferenceMode
 
 
 class ModelSettings(BaseModel):
@@ -18,6 +18,7 @@ class ModelSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    architecture: Literal["dmm", "dt"] = "dmm"
     d_model: int = Field(64, gt=0)
     n_layer: int = Field(3, gt=0)
     context: int = Field(8, gt=0)
@@ -28,6 +29,12 @@ class ModelSettings(BaseModel):
     local_mixer: Literal["dsm", "conv"] = "dsm"
     global_mixer: Literal["mamba", "attention"] = "mamba"
     n_head: int = Field(1, gt=0)
+    max_ep_len: int = Field(1000, gt=0)
+
+    @model_validator(mode="after")
+    def _valid_architecture(self) -> ModelSettings:
+        DMMConfig(state_dim=1, act_dim=1, **self.model_dump())  # the architecture's own checks
+        return self
 
 
 class TrainConfig(BaseModel):
@@ -67,8 +74,7 @@ def family_of(dataset: str) -> str:
 
 def paper_config_path(dataset: str) -> Path | None:
     """The bundled YAML with the paper's settings for the dataset's family, if any."""
-    candidate = resources.files(CONFIG_PACKAGE) / f"{family_of(dataset)}.yaml"
-    return Path(str(candidate)) if candidate.is_file() else None
+    return _bundled(family_of(dataset))
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -83,6 +89,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def _without_none(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: _without_none(v) if isinstance(v, dict) else v for k, v in values.items() if v is not None}
+
+
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in override.items():
@@ -92,16 +102,29 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _bundled(name: str) -> Path | None:
+    candidate = resources.files(CONFIG_PACKAGE) / f"{name}.yaml"
+    return Path(str(candidate)) if candidate.is_file() else None
+
+
 def load_train_config(
-    dataset: str, config_file: str | Path | None = None, overrides: dict[str, Any] | None = None
+    dataset: str,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    architecture: str = "dmm",
 ) -> TrainConfig:
-    """Defaults <- the family's bundled YAML <- ``config_file`` <- ``overrides`` (None values skipped)."""
+    """Defaults <- the family's bundled YAML <- ``dt.yaml`` for the DT baseline <- ``config_file``
+    <- ``overrides`` (None values skipped)."""
     settings: dict[str, Any] = {}
-    layers = [paper_config_path(dataset), Path(config_file).expanduser() if config_file else None]
+    layers = [
+        paper_config_path(dataset),
+        _bundled("dt") if architecture == "dt" else None,
+        Path(config_file).expanduser() if config_file else None,
+    ]
     for path in layers:
         if path is not None:
             settings = _merge(settings, _read_yaml(path))
-    settings = _merge(settings, {k: v for k, v in (overrides or {}).items() if v is not None})
+    settings = _merge(settings, _without_none(overrides or {}))
     try:
         return TrainConfig(**settings)
     except ValidationError as err:

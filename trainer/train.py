@@ -9,16 +9,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from dmm.trainer.config import TrainConfig
-from dmm.trainer.evaluate import evaluate
-from dmm.trainer.optim import make_optimizer
-from dmm.trainer.plots import learning_curve_png
 from tqdm import tqdm
 
 from dmm.data import Dataset, WindowSampler
 from dmm.errors import ConfigError
 from dmm.model import DMMConfig, DMMPolicy, LoadedPolicy, PolicyMeta, publish_policy
 from dmm.store import ModelStore
+from dmm.trainer.config import TrainConfig
+from dmm.trainer.evaluate import evaluate
+from dmm.trainer.optim import make_optimizer
+from dmm.trainer.plots import learning_curve_png
 
 LOSS_LOG_EVERY = 100
 
@@ -125,17 +125,19 @@ def train(
     bar = tqdm(total=cfg.updates, desc=f"train {name}", disable=not progress, unit="upd")
     for update in range(1, cfg.updates + 1):
         batch = sampler.sample()
-        rtg, states, actions, mask = (
-            torch.from_numpy(x).to(device) for x in (batch.rtg, batch.states, batch.actions, batch.mask)
+        rtg, states, actions, mask, timesteps = (
+            torch.from_numpy(x).to(device)
+            for x in (batch.rtg, batch.states, batch.actions, batch.mask, batch.timesteps)
         )
+        timesteps = timesteps if model.config.uses_timesteps else None
         try:
-            pred = forward(rtg, states, actions, mask)
+            pred = forward(rtg, states, actions, mask, timesteps)
         except Exception as err:  # a compiler failure on this platform: train eagerly instead
             if forward is model:
                 raise
             log(f"torch.compile failed ({type(err).__name__}: {err}); training without compiling")
             forward = model
-            pred = forward(rtg, states, actions, mask)
+            pred = forward(rtg, states, actions, mask, timesteps)
         loss = masked_action_mse(pred, actions, mask)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

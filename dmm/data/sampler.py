@@ -19,12 +19,14 @@ from dmm.errors import ConfigError
 
 @dataclass(frozen=True, eq=False)
 class WindowBatch:
-    """``states [B, K, S]`` normalized, ``actions [B, K, A]``, ``rtg [B, K, 1]`` scaled, ``mask [B, K]``."""
+    """``states [B, K, S]`` normalized, ``actions [B, K, A]``, ``rtg [B, K, 1]`` scaled, ``mask [B, K]``,
+    ``timesteps [B, K]`` (step within the trajectory; 0 at padding)."""
 
     states: np.ndarray
     actions: np.ndarray
     rtg: np.ndarray
     mask: np.ndarray
+    timesteps: np.ndarray
 
 
 class WindowSampler:
@@ -89,4 +91,5 @@ class WindowSampler:
         states[pad] = 0.0
         actions[pad] = 0.0
         rtg[pad] = 0.0
-        return WindowBatch(states=states, actions=actions, rtg=rtg[..., None], mask=mask)
+        timesteps = np.where(mask, index - self._trajectory_start[ends][:, None], 0)
+        return WindowBatch(states=states, actions=actions, rtg=rtg[..., None], mask=mask, timesteps=timesteps)

@@ -19,6 +19,9 @@ class DMMConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    architecture: Literal["dmm", "dt"] = Field(
+        "dmm", description="dmm: DSM + modified Mamba blocks; dt: the Decision Transformer baseline"
+    )
     state_dim: int = Field(gt=0)
     act_dim: int = Field(gt=0)
     d_model: int = Field(64, gt=0)
@@ -31,11 +34,14 @@ class DMMConfig(BaseModel):
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     local_mixer: Literal["dsm", "conv"] = "dsm"
     global_mixer: Literal["mamba", "attention"] = "mamba"
-    n_head: int = Field(1, gt=0, description="heads of the attention global mixer")
+    n_head: int = Field(1, gt=0, description="attention heads (attention global mixer, DT)")
+    max_ep_len: int = Field(1000, gt=0, description="DT only: size of the timestep embedding table")
 
     @model_validator(mode="after")
     def _check(self) -> DMMConfig:
-        if self.global_mixer == "attention" and self.d_model % self.n_head:
+        if self.architecture == "dt" and (self.local_mixer, self.global_mixer) != ("dsm", "mamba"):
+            raise ValueError("local_mixer and global_mixer select DMM ablations; the DT baseline has neither")
+        if (self.global_mixer == "attention" or self.architecture == "dt") and self.d_model % self.n_head:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
         return self
 
@@ -50,7 +56,12 @@ class DMMConfig(BaseModel):
     @property
     def supports_recurrent(self) -> bool:
         """Recurrent inference needs a global mixer with a fixed-size state (Mamba, not attention)."""
-        return self.global_mixer == "mamba"
+        return self.architecture == "dmm" and self.global_mixer == "mamba"
+
+    @property
+    def uses_timesteps(self) -> bool:
+        """DT adds a learned embedding of the episode timestep; DMM has no positional input."""
+        return self.architecture == "dt"
 
 
 class PolicyMeta(BaseModel):

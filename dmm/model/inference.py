@@ -32,8 +32,9 @@ class PolicyRunner:
         if mode not in ("window", "recurrent"):
             raise ValueError(f"unknown inference mode {mode!r}; expected 'window' or 'recurrent'")
         if mode == "recurrent" and not policy.config.supports_recurrent:
+            cfg = policy.config
             raise ValueError(
-                f"model {policy.name} ({policy.config.global_mixer} mixer) supports window mode only"
+                f"model {policy.name} ({cfg.architecture}, {cfg.global_mixer}) supports window mode only"
             )
         self.policy = policy
         self.mode = mode
@@ -131,9 +132,12 @@ class PolicyRunner:
         if int(lengths.min()) < span:
             first_real = torch.as_tensor(span - lengths, device=self.device)
             mask = torch.arange(span, device=self.device).unsqueeze(0) >= first_real.unsqueeze(1)
-        action = self.model(hist_rtg[:, K - span :], hist_obs[:, K - span :], hist_act[:, K - span :], mask)[
-            :, -1
-        ]
+        timesteps = None
+        if self.policy.config.uses_timesteps:
+            first = torch.as_tensor(steps + 1 - span, device=self.device)
+            timesteps = (first.unsqueeze(1) + torch.arange(span, device=self.device)).clamp(min=0)
+        window = (hist_rtg[:, K - span :], hist_obs[:, K - span :], hist_act[:, K - span :])
+        action = self.model(*window, mask, timesteps)[:, -1]
         hist_act[:, -1] = action
         b["rtg"][idx], b["obs"][idx], b["act"][idx] = hist_rtg, hist_obs, hist_act
         return action

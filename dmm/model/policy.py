@@ -3,6 +3,9 @@
 Tokens per timestep t are (rtg_t, s_t, a_t), so a context of K steps is 3K tokens. There is no
 positional or timestep embedding: the scan orders the tokens. The action for step t is read at
 the s_t token, which (causally) has seen rtg_t and s_t but not a_t.
+
+``architecture="dt"`` swaps the blocks for GPT blocks and adds DT's timestep embedding, so the
+Decision Transformer baseline shares tokens, head, padding, training and serving with DMM.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from torch import nn
 
 from dmm.model.block import BlockState, DMMBlock
 from dmm.model.config import DMMConfig
+from dmm.model.gpt_block import GPTBlock
 from dmm.model.mamba import ModifiedMamba
 from dmm.model.scan import Backend
 
@@ -28,16 +32,18 @@ class DMMPolicy(nn.Module):
         self.embed_action = nn.Linear(config.act_dim, d)
         self.embed_ln = nn.LayerNorm(d)
         self.embed_drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(DMMBlock(config) for _ in range(config.n_layer))
+        block = GPTBlock if config.architecture == "dt" else DMMBlock
+        self.blocks = nn.ModuleList(block(config) for _ in range(config.n_layer))
+        self.embed_timestep = nn.Embedding(config.max_ep_len, d) if config.uses_timesteps else None
         self.ln_f = nn.LayerNorm(d)
         self.head = nn.Linear(d, config.act_dim)
         self._init_weights()
 
     def _init_weights(self) -> None:
         for module in self.modules():
-            if isinstance(module, nn.Linear):
+            if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=0.02)
-                if module.bias is not None:
+                if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
         for module in self.modules():
             if isinstance(module, ModifiedMamba):
@@ -48,12 +54,19 @@ class DMMPolicy(nn.Module):
             if isinstance(module, ModifiedMamba):
                 module.scan_backend = backend
 
-    def _tokens(self, rtg: torch.Tensor, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    def _tokens(
+        self, rtg: torch.Tensor, states: torch.Tensor, actions: torch.Tensor, timesteps: torch.Tensor | None
+    ) -> torch.Tensor:
         """Interleave (rtg_t, s_t, a_t) embeddings: [b, T, *] -> [b, 3T, d]."""
         b, T = states.shape[:2]
         stacked = torch.stack(
             [self.embed_rtg(rtg), self.embed_state(states), self.embed_action(actions)], dim=2
         )
+        if self.embed_timestep is not None:
+            if timesteps is None:
+                raise ValueError("the Decision Transformer needs the timestep of every step")
+            step_embedding = self.embed_timestep(timesteps.clamp(0, self.config.max_ep_len - 1))
+            stacked = stacked + step_embedding.unsqueeze(2)
         return self.embed_drop(self.embed_ln(stacked.reshape(b, TOKENS_PER_STEP * T, -1)))
 
     def _blocks(
@@ -74,14 +87,16 @@ class DMMPolicy(nn.Module):
         states: torch.Tensor,
         actions: torch.Tensor,
         mask: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict a_t for every step of a (left-padded) window.
 
         rtg [b, T, 1] (scaled), states [b, T, S] (normalized), actions [b, T, A], mask [b, T] with
-        False at padding. Returns actions [b, T, A]; rows at padding are meaningless.
+        False at padding; timesteps [b, T] (episode step of each position) only for DT. Returns
+        actions [b, T, A]; rows at padding are meaningless.
         """
         token_mask = None if mask is None else mask.repeat_interleave(TOKENS_PER_STEP, dim=1)
-        h, _ = self._blocks(self._tokens(rtg, states, actions), token_mask, None)
+        h, _ = self._blocks(self._tokens(rtg, states, actions, timesteps), token_mask, None)
         return self._action(h[:, 1::TOKENS_PER_STEP])
 
     def initial_state(self, batch: int, device: torch.device | str | None = None) -> list[BlockState]:
