@@ -11,17 +11,27 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from dmm.errors import DMMError
 
 APP_CLIS = ("dmm.trainer.cli", "dmm.server.cli", "dmm.client.cli")
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Bad arguments: one line on stderr and exit status 2, without argparse's usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="dmm", description="Decision MetaMamba: train, store and serve offline-RL policies."
     )
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subparsers = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=OneLineErrorParser
+    )
     for module in APP_CLIS:
         importlib.import_module(module).register(subparsers)
     return parser

@@ -1,0 +1,166 @@
+"""End to end through the ``dmm`` command: collect -> train -> eval, and one-line errors with exit 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import SHARED_HOPPER_POLICY, random_sac_policy
+
+TINY_YAML = "model: {d_model: 16, n_layer: 2}\nwarmup_updates: 50\nlearning_rate: 1.0e-3\n"
+
+
+def dmm(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dmm.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=cwd,
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, command: str, pattern: str) -> None:
+    import re
+
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"dmm {command}: error:") or lines[0].startswith("dmm: error:"), lines[0]
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture(scope="module")
+def collected(workdir) -> Path:
+    policy = (
+        SHARED_HOPPER_POLICY
+        if SHARED_HOPPER_POLICY.is_file()
+        else random_sac_policy(workdir / "p.npz", 11, 3)
+    )
+    out = workdir / "hopper-tiny.hdf5"
+    result = dmm(
+        "collect", "--env", "Hopper-v4", "--policy", policy, "--steps", "3000", "--out", out, "--seed", "1"
+    )
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(workdir, collected) -> Path:
+    (workdir / "tiny.yaml").write_text(TINY_YAML)
+    store = workdir / "store"
+    result = dmm(
+        "train",
+        "--dataset",
+        collected,
+        "--store",
+        store,
+        "--updates",
+        "300",
+        "--config",
+        workdir / "tiny.yaml",
+        "--eval-episodes",
+        "2",
+        "--eval-num-envs",
+        "2",
+        "--no-compile",
+        "--target-return",
+        "3600",
+        "--no-progress",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "published hopper-tiny version 1" in result.stdout
+    assert "final: target 3600: normalized" in result.stdout
+    return store
+
+
+def test_collect_train_eval_end_to_end(trained):
+    version = trained / "hopper-tiny" / "1"
+    assert {p.name for p in version.iterdir()} == {
+        "model.safetensors",
+        "config.json",
+        "metrics.json",
+        "checksums.sha256",
+        "learning_curve.png",
+    }
+    metrics = json.loads((version / "metrics.json").read_text())
+    assert metrics["updates"] == 300 and len(metrics["loss_curve"]) == 3
+    for mode in ("window", "recurrent"):
+        result = dmm(
+            "eval",
+            "--store",
+            trained,
+            "--name",
+            "hopper-tiny",
+            "--episodes",
+            "3",
+            "--num-envs",
+            "3",
+            "--mode",
+            mode,
+            "--json",
+            "--no-progress",
+        )
+        assert result.returncode == 0, result.stderr
+        summary = json.loads(result.stdout)
+        assert (summary["version"], summary["episodes"], summary["mode"]) == (1, 3, mode)
+        assert summary["target_return"] == 3600.0
+        expected = 100 * (summary["mean_return"] + 20.272305) / (3234.3 + 20.272305)
+        assert summary["normalized_mean"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("args", "command", "pattern"),
+    [
+        (
+            ["train", "--dataset", "missing.hdf5", "--store", "s"],
+            "train",
+            "no such dataset file: missing.hdf5",
+        ),
+        (
+            ["train", "--dataset", "x.hdf5", "--store", "s", "--updates", "0"],
+            "train",
+            "must be a positive integer",
+        ),
+        (["eval", "--store", "store", "--name", "nope"], "eval", "nope"),
+        (["eval", "--store", "store", "--name", "hopper-tiny", "--version", "9"], "eval", "9"),
+        (
+            ["eval", "--store", "store", "--name", "hopper-tiny", "--env", "walker2d-medium-v2"],
+            "eval",
+            r"\(Walker2d-v4\) has 17 and 6",
+        ),
+        (["eval", "--store", "store", "--name", "hopper-tiny", "--env", "pong-v0"], "eval", "pong-v0"),
+        (
+            ["train", "--dataset", "hopper-tiny.hdf5", "--store", "s", "--config", "nope.yaml"],
+            "train",
+            "cannot read config nope.yaml",
+        ),
+        (
+            [
+                "train",
+                "--dataset",
+                "hopper-tiny.hdf5",
+                "--store",
+                "s",
+                "--model",
+                "dt",
+                "--local-mixer",
+                "conv",
+            ],
+            "train",
+            "ablations",
+        ),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(workdir, trained, args, command, pattern):
+    result = dmm(*args, cwd=workdir)
+    assert_one_line_error(result, command, pattern)
+    assert not (workdir / "s").exists()
