@@ -9,14 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from dmm.server.metrics import ServerMetrics
-from dmm.server.pool import ModelPool
-from dmm.server.service import PolicyService
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from dmm.errors import ConfigError
 from dmm.model import InferenceMode
+from dmm.server.metrics import ServerMetrics
+from dmm.server.pool import ModelPool
+from dmm.server.service import PolicyService
 from dmm.store import ModelStore
 from dmm.v1 import policy_pb2, policy_pb2_grpc
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from dmm.server.batcher import Batcher
-from dmm.server.metrics import ServerMetrics
 from prometheus_client import Histogram
 
 from dmm.model import InferenceMode, LoadedPolicy, PolicyRunner, load_policy
+from dmm.server.batcher import Batcher
+from dmm.server.metrics import ServerMetrics
 from dmm.store import ModelStore
 
 

@@ -9,12 +9,12 @@ import time
 
 import grpc
 import numpy as np
-from dmm.server.metrics import ServerMetrics
-from dmm.server.pool import Lease, ModelPool
-from dmm.server.sessions import Session, SessionTable
 
 from dmm.errors import DMMError
 from dmm.model import InferenceMode
+from dmm.server.metrics import ServerMetrics
+from dmm.server.pool import Lease, ModelPool
+from dmm.server.sessions import Session, SessionTable
 from dmm.store import CorruptVersionError, ModelNotFoundError, StoreError, VersionNotFoundError
 from dmm.v1 import policy_pb2, policy_pb2_grpc
 

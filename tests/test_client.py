@@ -10,11 +10,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from dmm.client import PolicyClient, PolicyServiceError
-from dmm.server.testing import ServerProcess, metric_value
 from serving_fixtures import TARGET_RETURN, publish_tiny
 
+from dmm.client import PolicyClient, PolicyServiceError
 from dmm.envs import normalized_score
+from dmm.server.testing import ServerProcess, metric_value
 
 ENV = "hopper-medium-v2"
 

@@ -10,10 +10,10 @@ import h5py
 import numpy as np
 import pytest
 from conftest import SHARED_HOPPER_HDF5, SHARED_HOPPER_POLICY, random_sac_policy
-from dmm.trainer.collect import SACPolicy, collect
 
 from dmm.data import load_dataset
 from dmm.errors import DMMError
+from dmm.trainer.collect import SACPolicy, collect
 
 KEYS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")
 

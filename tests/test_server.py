@@ -9,7 +9,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from dmm.server.testing import ServerProcess, metric_value
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from serving_fixtures import (
@@ -21,6 +20,7 @@ from serving_fixtures import (
     publish_tiny,
 )
 
+from dmm.server.testing import ServerProcess, metric_value
 from dmm.store import ModelStore
 from dmm.v1 import policy_pb2
 

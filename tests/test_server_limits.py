@@ -8,10 +8,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from dmm.server.testing import ServerProcess, metric_value
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from serving_fixtures import STATE_DIM, Stream, expect_status, publish_tiny
 
+from dmm.server.testing import ServerProcess, metric_value
 from dmm.v1 import policy_pb2
 
 
