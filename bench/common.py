@@ -29,6 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_ROOT = REPO_ROOT / "bench" / "results"
 SHARED_HOPPER = REPO_ROOT.parent / "shared" / "data" / "hopper-medium-sim-v4.hdf5"
 WORKER_PREFIX = "BENCH-RESULT "
+FRESH_POLICY_ENV = "hopper-medium-sim-v4"
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,29 @@ def train_config(variant: Variant, dataset: str, overrides: dict[str, Any] | Non
     settings = dict(overrides or {})
     settings["model"] = {**variant.model, **settings.get("model", {})}
     return load_train_config(dataset, None, settings, architecture=variant.architecture)
+
+
+def fresh_policy(variant: str, env: str, seed: int, device: str) -> Any:
+    """An untrained policy with the paper's settings for ``env``'s family (identity normalization)."""
+    import torch
+
+    from dmm.envs import env_spec
+    from dmm.model import DMMConfig, DMMPolicy, LoadedPolicy, PolicyMeta
+
+    spec = env_spec(env)
+    cfg = train_config(VARIANTS[variant], env)
+    torch.manual_seed(seed)
+    config = DMMConfig(state_dim=spec.obs_dim, act_dim=spec.act_dim, **cfg.model.model_dump())
+    model = DMMPolicy(config).to(device).eval()
+    meta = PolicyMeta(
+        env=env,
+        env_id=spec.env_id,
+        state_mean=[0.0] * spec.obs_dim,
+        state_std=[1.0] * spec.obs_dim,
+        rtg_scale=spec.rtg_scale,
+        target_return=spec.target_returns[0],
+    )
+    return LoadedPolicy(f"fresh-{variant}", 0, model, config, meta, torch.device(device), {})
 
 
 def cpu_model() -> str:

@@ -1,0 +1,428 @@
+"""Serving latency and throughput: Act round trips against ``dmm serve`` under concurrent sessions.
+
+Starts ``dmm serve`` as a subprocess on free ports (once with dynamic batching as configured, once
+with ``--max-batch 1``) and drives 1/16/64/256 concurrent sessions (and 1024 with ``--device
+cuda``) in window and recurrent mode. All sessions are grpc.aio streams of this one process:
+each sends a step, waits for its action and records the round trip (closed loop). Every session
+first takes ``--warmup`` untimed steps; then all are released at once and run until
+``--duration`` seconds have passed or ``--steps`` timed steps are done, whichever comes first.
+
+On a machine with 2 or more cores the client is pinned to ``--client-cores`` cores and the server
+to the rest, so client load cannot starve the server; the CPU each side used is measured and
+reported (cores busy = CPU seconds / wall seconds).
+
+    python -m bench.serve                                      # a fresh paper-size DMM, CPU
+    python -m bench.serve --store models --name hopper-medium-sim-v4 --device cuda
+    python -m bench.serve --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import resource
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import (
+    FRESH_POLICY_ENV,
+    command_line,
+    default_out,
+    fresh_policy,
+    machine,
+    markdown_table,
+    new_figure,
+    now_utc,
+    write_report,
+)
+
+SCRIPT = "serve"
+MODULE = f"bench.{SCRIPT}"
+FRESH_NAME = "bench-dmm"
+SESSIONS_PER_CHANNEL = 64  # streams share an HTTP/2 connection; a few connections spread the load
+STATE_POOL = 32  # distinct random states each session cycles through (messages built in advance)
+
+
+@dataclass
+class Row:
+    batching: str
+    mode: str
+    sessions: int
+    latencies_s: np.ndarray = field(repr=False)
+    wall_s: float
+    client_cpu_s: float
+    server_cpu_s: float
+    failed: int
+    errors: list[str]
+
+    def summary(self) -> dict[str, Any]:
+        lat = self.latencies_s
+        pct = {f"p{q}_us": float(np.percentile(lat, q) * 1e6) if lat.size else None for q in (50, 95, 99)}
+        return {
+            "batching": self.batching,
+            "mode": self.mode,
+            "sessions": self.sessions,
+            **pct,
+            "mean_us": float(lat.mean() * 1e6) if lat.size else None,
+            "timed_steps": int(lat.size),
+            "wall_seconds": self.wall_s,
+            "actions_per_second": lat.size / self.wall_s if self.wall_s > 0 else 0.0,
+            "client_cores_busy": self.client_cpu_s / self.wall_s if self.wall_s > 0 else None,
+            "server_cores_busy": self.server_cpu_s / self.wall_s if self.wall_s > 0 else None,
+            "failed_sessions": self.failed,
+            "errors": self.errors[:5],
+        }
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU of all threads of ``pid`` so far (from /proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def self_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class _Phase:
+    """Coordinates the sessions of one row: all warm up, then the timed phase starts together."""
+
+    def __init__(self, sessions: int, duration_s: float) -> None:
+        self.waiting = sessions
+        self.duration_s = duration_s
+        self.all_ready = asyncio.Event()
+        self.go = asyncio.Event()
+        self.deadline = math.inf
+
+    def ready(self) -> None:
+        self.waiting -= 1
+        if self.waiting == 0:
+            self.all_ready.set()
+
+
+async def _session(
+    stub: Any,
+    start: Any,
+    requests: list[Any],
+    warmup: int,
+    max_steps: int,
+    phase: _Phase,
+    timeout_s: float,
+) -> tuple[np.ndarray, float]:
+    """One closed-loop Act stream; returns its timed round trips and when its timed phase ended."""
+    import grpc
+
+    call = stub.Act(timeout=timeout_s)
+    try:
+        await call.write(start)
+        await call.read()
+        step = 0
+
+        async def round_trip() -> None:
+            nonlocal step
+            await call.write(requests[0] if step == 0 else requests[1 + (step - 1) % (len(requests) - 1)])
+            reply = await call.read()
+            if reply is grpc.aio.EOF:
+                raise RuntimeError("the server closed the stream")
+            step += 1
+
+        for _ in range(warmup):
+            await round_trip()
+    finally:
+        phase.ready()  # a failed session must not hold the others back
+    await phase.go.wait()
+    lat = np.empty(max_steps)
+    n = 0
+    clock = time.perf_counter
+    while n < max_steps and clock() < phase.deadline:
+        t0 = clock()
+        await round_trip()
+        lat[n] = clock() - t0
+        n += 1
+    ended = clock()
+    await call.done_writing()
+    while await call.read() is not grpc.aio.EOF:
+        pass
+    return lat[:n], ended
+
+
+def _requests(state_dim: int, seed: int) -> list[Any]:
+    """The first step (no reward) and a pool of later steps with random states, built once."""
+    from dmm.v1 import policy_pb2
+
+    states = np.random.default_rng(seed).normal(size=(STATE_POOL, state_dim)).tolist()
+    first = policy_pb2.ActRequest(step=policy_pb2.Step(state=states[0]))
+    later = [policy_pb2.ActRequest(step=policy_pb2.Step(state=s, reward=1.0)) for s in states[1:]]
+    return [first, *later]
+
+
+async def run_row(
+    target: str,
+    model: str,
+    state_dim: int,
+    batching: str,
+    mode: str,
+    sessions: int,
+    args: argparse.Namespace,
+    server_pid: int,
+) -> Row:
+    import grpc
+
+    from dmm.v1 import policy_pb2, policy_pb2_grpc
+
+    modes = {"window": policy_pb2.INFERENCE_MODE_WINDOW, "recurrent": policy_pb2.INFERENCE_MODE_RECURRENT}
+    start = policy_pb2.ActRequest(start=policy_pb2.Start(model=model, mode=modes[mode]))
+    timeout_s = args.startup_timeout + args.duration + 60.0  # every stream's gRPC deadline
+    channels = [grpc.aio.insecure_channel(target) for _ in range(math.ceil(sessions / SESSIONS_PER_CHANNEL))]
+    phase = _Phase(sessions, args.duration)
+    try:
+        stubs = [policy_pb2_grpc.PolicyServiceStub(c) for c in channels]
+        tasks = [
+            asyncio.create_task(
+                _session(
+                    stubs[i // SESSIONS_PER_CHANNEL],
+                    start,
+                    _requests(state_dim, i),
+                    args.warmup,
+                    args.steps,
+                    phase,
+                    timeout_s,
+                )
+            )
+            for i in range(sessions)
+        ]
+        await asyncio.wait_for(phase.all_ready.wait(), args.startup_timeout)
+        cpu0, server_cpu0 = self_cpu_seconds(), process_cpu_seconds(server_pid)
+        t0 = time.perf_counter()
+        phase.deadline = t0 + args.duration
+        phase.go.set()
+        done = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), args.duration + 60.0)
+        cpu1, server_cpu1 = self_cpu_seconds(), process_cpu_seconds(server_pid)
+    finally:
+        for c in channels:
+            await c.close()
+    ok = [d for d in done if not isinstance(d, BaseException)]
+    errors = [f"{type(d).__name__}: {d}" for d in done if isinstance(d, BaseException)]
+    wall = max((ended for _, ended in ok), default=t0) - t0
+    latencies = np.concatenate([lat for lat, _ in ok]) if ok else np.empty(0)
+    return Row(
+        batching,
+        mode,
+        sessions,
+        latencies,
+        wall,
+        cpu1 - cpu0,
+        server_cpu1 - server_cpu0,
+        len(errors),
+        errors,
+    )
+
+
+def split_cores(client_cores: int) -> tuple[list[int], list[int]]:
+    """(server cores, client cores); both the full set when there is nothing to split."""
+    cores = sorted(os.sched_getaffinity(0))
+    if client_cores <= 0 or client_cores >= len(cores):
+        return cores, cores
+    return cores[:-client_cores], cores[-client_cores:]
+
+
+def prepare_store(args: argparse.Namespace, tmp: Path) -> tuple[Path, str, int, str]:
+    """(store, model name, state_dim, description): the given model, or a fresh one published to ``tmp``."""
+    from dmm.model import publish_policy
+    from dmm.store import ModelStore
+
+    if args.store is not None:
+        from dmm.model.checkpoint import policy_from_config
+
+        config, _ = policy_from_config(ModelStore(args.store).read_config(args.name))
+        return args.store, args.name, config.state_dim, f"{args.name} (latest) from {args.store}"
+    policy = fresh_policy("dmm", FRESH_POLICY_ENV, 0, "cpu")
+    publish_policy(ModelStore(tmp), FRESH_NAME, policy.model, policy.meta)
+    return tmp, FRESH_NAME, policy.config.state_dim, "freshly initialized paper-size DMM (d=64, K=8)"
+
+
+async def run_all(
+    args: argparse.Namespace, server_cores: list[int], client_cores: list[int]
+) -> tuple[list[Row], dict[str, list[str]]]:
+    """Every row: one server per batching setting, each driven through all modes and session counts."""
+    from dmm.server.testing import ServerProcess
+
+    home = os.sched_getaffinity(0)
+    rows: list[Row] = []
+    server_args: dict[str, list[str]] = {}
+    with tempfile.TemporaryDirectory(prefix="dmm-bench-serve-") as tmp:
+        store, model, state_dim, args.source = prepare_store(args, Path(tmp))
+        common = ["--device", args.device, "--max-sessions", str(max(args.sessions) + 8)]
+        if args.max_delay_ms is not None:
+            common += ["--max-delay-ms", str(args.max_delay_ms)]
+        for batching in args.batching:
+            extra = ["--max-batch", str(args.max_batch)] if args.max_batch else []
+            server_args[batching] = common + (extra if batching == "on" else ["--max-batch", "1"])
+            server = ServerProcess(store, server_args[batching], startup_timeout_s=args.startup_timeout)
+            os.sched_setaffinity(0, server_cores)  # the server process inherits this
+            try:
+                server.start()
+            finally:
+                os.sched_setaffinity(0, client_cores)
+            try:
+                assert server.proc is not None
+                for mode in args.modes:
+                    for n in args.sessions:
+                        print(f"batching {batching}, {mode}, {n} sessions...", file=sys.stderr, flush=True)
+                        row = await run_row(
+                            server.target, model, state_dim, batching, mode, n, args, server.proc.pid
+                        )
+                        rows.append(row)
+            finally:
+                server.terminate()
+                os.sched_setaffinity(0, home)
+    return rows, server_args
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=MODULE, description=__doc__.splitlines()[0])
+    p.add_argument("--store", type=Path, help="model store (default: a fresh policy in a temporary store)")
+    p.add_argument("--name", help="model name in the store (with --store)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="the server's device")
+    p.add_argument("--sessions", type=int, nargs="+", help="default 1 16 64 256 (+1024 on cuda); --quick 1 4")
+    p.add_argument("--modes", nargs="+", choices=("window", "recurrent"), default=["window", "recurrent"])
+    p.add_argument("--batching", nargs="+", choices=("on", "off"), default=["on", "off"])
+    p.add_argument(
+        "--max-batch", type=int, help="--max-batch of the batching server (default: dmm serve's own)"
+    )
+    p.add_argument("--max-delay-ms", type=float, help="--max-delay-ms of the server (default: dmm serve's)")
+    p.add_argument("--duration", type=float, help="timed seconds per row at most (default 10; 1 --quick)")
+    p.add_argument("--steps", type=int, help="timed steps per session at most (default 5000; 200 --quick)")
+    p.add_argument("--warmup", type=int, help="untimed steps per session first (default 20; 3 --quick)")
+    p.add_argument(
+        "--client-cores",
+        type=int,
+        default=1,
+        help="cores reserved for this client; the server gets the others (0: share all; default 1)",
+    )
+    p.add_argument("--startup-timeout", type=float, default=120.0, help="seconds for server start / warm-up")
+    p.add_argument("--out", type=Path, default=default_out(SCRIPT))
+    p.add_argument("--quick", action="store_true", help="tiny smoke configuration")
+    args = p.parse_args(argv)
+    q = args.quick
+    if (args.store is None) != (args.name is None):
+        p.error("--store and --name go together")
+    args.sessions = args.sessions or (
+        [1, 4] if q else [1, 16, 64, 256] + ([1024] if args.device == "cuda" else [])
+    )
+    args.duration = args.duration or (1.0 if q else 10.0)
+    args.steps = args.steps or (200 if q else 5000)
+    args.warmup = args.warmup if args.warmup is not None else (3 if q else 20)
+    if min(args.sessions) < 1 or args.steps < 1 or args.duration <= 0 or args.warmup < 0:
+        p.error("--sessions, --steps and --duration must be positive, --warmup >= 0")
+    if args.max_batch is not None and args.max_batch < 1:
+        p.error("--max-batch must be positive")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    info = machine(args.device)
+    server_cores, client_cores = split_cores(args.client_cores)
+    rows, server_args = asyncio.run(run_all(args, server_cores, client_cores))
+    summaries = [r.summary() for r in rows]
+    by_key = {(s["batching"], s["mode"], s["sessions"]): s for s in summaries}
+    table_rows = []
+    for s in summaries:
+        off = by_key.get(("off", s["mode"], s["sessions"]))
+        ratio = "-"
+        if s["batching"] == "on" and off and off["actions_per_second"]:
+            s["throughput_vs_off"] = s["actions_per_second"] / off["actions_per_second"]
+            ratio = f"{s['throughput_vs_off']:.2f}"
+        pct = [f"{s[k]:.0f}" if s[k] is not None else "-" for k in ("p50_us", "p95_us", "p99_us")]
+        table_rows.append(
+            [
+                s["batching"],
+                s["mode"],
+                s["sessions"],
+                *pct,
+                f"{s['actions_per_second']:.0f}",
+                ratio,
+                f"{s['client_cores_busy']:.2f}" if s["client_cores_busy"] is not None else "-",
+                f"{s['server_cores_busy']:.2f}" if s["server_cores_busy"] is not None else "-",
+                s["failed_sessions"],
+            ]
+        )
+    table = markdown_table(
+        [
+            "batching",
+            "mode",
+            "sessions",
+            "p50 us",
+            "p95 us",
+            "p99 us",
+            "actions/s",
+            "x batching off",
+            "client cores busy",
+            "server cores busy",
+            "failed",
+        ],
+        table_rows,
+    )
+    fig, axes = new_figure(ncols=2, width=5.5)
+    for batching in args.batching:
+        for mode in args.modes:
+            pts = [
+                s for s in summaries if s["batching"] == batching and s["mode"] == mode and s["timed_steps"]
+            ]
+            label = f"batching {batching}, {mode}"
+            style = "-" if batching == "on" else "--"
+            axes[0][0].plot(
+                [s["sessions"] for s in pts],
+                [s["actions_per_second"] for s in pts],
+                style,
+                marker="o",
+                label=label,
+            )
+            axes[0][1].plot(
+                [s["sessions"] for s in pts], [s["p99_us"] / 1e3 for s in pts], style, marker="o", label=label
+            )
+    for ax, ylabel in ((axes[0][0], "actions/s"), (axes[0][1], "p99 Act latency (ms)")):
+        ax.set(xscale="log", xlabel="concurrent sessions", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    payload = {
+        "script": SCRIPT,
+        "machine": info,
+        "date": now_utc(),
+        "command": command_line(MODULE, argv),
+        "model": args.source,
+        "server_cores": server_cores,
+        "client_cores": client_cores,
+        "server_args": server_args,
+        "settings": {k: getattr(args, k) for k in ("duration", "steps", "warmup", "sessions", "modes")},
+        "rows": summaries,
+    }
+    shared = server_cores == client_cores
+    notes = [
+        f"model: {args.source}; server device {args.device}; server args: "
+        + "; ".join(f"batching {k}: `{' '.join(v)}`" for k, v in server_args.items()),
+        f"cores: server {server_cores}, client {client_cores}"
+        + (" (shared)" if shared else " (disjoint, pinned)")
+        + "; client = one process, one asyncio loop, all sessions as grpc.aio streams",
+        f"latency = client-side round trip of one step (send state, receive action); {args.warmup} untimed "
+        f"steps per session, then up to {args.duration:g} s or {args.steps} steps; percentiles over all "
+        "timed steps of all sessions; actions/s = timed steps / wall time",
+    ]
+    write_report(args.out, SCRIPT, "Serving: Act latency and throughput", table, payload, fig, notes)
+    return 1 if any(r.failed for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
