@@ -395,6 +395,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     for ax, ylabel in ((axes[0][0], "actions/s"), (axes[0][1], "p99 Act latency (ms)")):
         ax.set(xscale="log", xlabel="concurrent sessions", ylabel=ylabel)
+        ax.set_xticks(args.sessions, [str(n) for n in args.sessions])
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     payload = {

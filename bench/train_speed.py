@@ -205,16 +205,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
 
     mem_key = "peak_cuda_mib" if args.device == "cuda" else "peak_rss_mib"
-    base = {r["variant"]: r["updates_per_second"] for r in rows if r["mode"] == "eager" and "error" not in r}
-    dmm_eager = base.get("dmm")
+    rate = {(r["variant"], r["mode"]): r["updates_per_second"] for r in rows if "error" not in r}
     table_rows = []
     for r in rows:
         if "error" in r:
             table_rows.append(
-                [r["label"], r["mode"], "-", "-", "-", "-", "-", "-", "-", f"error: {r['error']}"]
+                [r["label"], r["mode"], "-", "-", "-", "-", "-", "-", "-", "-", f"error: {r['error']}"]
             )
             continue
-        ratio = f"{r['updates_per_second'] / dmm_eager:.2f}" if dmm_eager else "-"
+        vs_dmm, vs_eager = rate.get(("dmm", r["mode"])), rate.get((r["variant"], "eager"))
+        r["x_dmm_same_mode"] = r["updates_per_second"] / vs_dmm if vs_dmm else None
+        r["x_own_eager"] = r["updates_per_second"] / vs_eager if vs_eager else None
+        ratios = [f"{x:.2f}" if x else "-" for x in (r["x_dmm_same_mode"], r["x_own_eager"])]
         mem = f"{r[mem_key]:.0f}" + ("" if args.device == "cuda" else f" (+{r['rss_growth_mib']:.0f})")
         table_rows.append(
             [
@@ -225,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{r['num_parameters']:,}",
                 f"{r['updates_per_second']:.1f}",
                 f"{min(r['chunk_rates']):.1f}-{max(r['chunk_rates']):.1f}",
-                ratio,
+                *ratios,
                 mem,
                 f"{r['warmup_seconds']:.1f}",
             ]
@@ -240,7 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "params",
             "updates/s (median)",
             "chunk range",
-            "x DMM eager",
+            "x DMM (same mode)",
+            "x own eager",
             mem_header,
             "warm-up s",
         ],
