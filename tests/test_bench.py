@@ -1,0 +1,109 @@
+"""Smoke tests of the benchmarks: each runs end to end at tiny scale and writes its table, JSON and PNG."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, random_sac_policy
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run_bench(script: str, out: Path, *args: str, timeout: float = 300) -> tuple[int, dict, str]:
+    """Run ``python -m bench.<script> --quick --out OUT ARGS``; returns (exit code, JSON, markdown)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", f"bench.{script}", "--quick", "--out", str(out), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert (out / "results.json").is_file(), proc.stdout + proc.stderr
+    payload = json.loads((out / "results.json").read_text())
+    md = (out / "results.md").read_text()
+    assert (out / f"{script}.png").read_bytes().startswith(PNG_MAGIC)
+    assert md in proc.stdout  # the table is printed too
+    assert payload["command"].startswith(f"python -m bench.{script} --quick --out ")
+    assert payload["machine"]["cpu"] and payload["machine"]["torch"] and payload["date"].endswith("UTC")
+    assert not list(out.glob("*.tmp"))
+    return proc.returncode, payload, md
+
+
+def test_train_speed_rows_in_separate_processes(tmp_path):
+    code, payload, md = run_bench("train_speed", tmp_path, "--variants", "dmm", "dt-k8", "--chunks", "2")
+    assert code == 0
+    rows = {r["variant"]: r for r in payload["rows"]}
+    assert set(rows) == {"dmm", "dt-k8"} and all(r["mode"] == "eager" for r in rows.values())
+    assert rows["dmm"]["context"] == rows["dt-k8"]["context"] == 8
+    assert rows["dt-k8"]["d_model"] == 128 and rows["dmm"]["d_model"] == 64  # DT's usual width, paper's DMM
+    for r in rows.values():
+        assert len(r["chunk_rates"]) == 2 and r["updates_per_second"] > 0 and r["peak_rss_mib"] > 0
+        assert r["torch_threads"] == 1 and r["batch_size"] == 64
+    assert rows["dmm"]["x_dmm_same_mode"] == 1.0
+    assert "| DMM (K=8) | eager | 1 | 8 |" in md and "| DT (K=8) | eager | 1 | 8 |" in md
+
+
+def test_train_speed_reports_a_failing_row(tmp_path):
+    code, payload, md = run_bench(
+        "train_speed", tmp_path, "--variants", "dmm", "--dataset", str(tmp_path / "missing.hdf5")
+    )
+    assert code == 1
+    assert "missing.hdf5" in payload["rows"][0]["error"] and "error: DatasetError" in md
+
+
+@pytest.mark.slow
+def test_train_speed_quick_default_and_compiled(tmp_path):
+    code, payload, _ = run_bench("train_speed", tmp_path, "--modes", "eager", "compile", timeout=900)
+    assert code == 0
+    keys = {(r["variant"], r["mode"]) for r in payload["rows"]}
+    assert keys == {(v, m) for v in ("dmm", "dt", "dt-k8") for m in ("eager", "compile")}
+    assert {r["context"] for r in payload["rows"] if r["variant"] == "dt"} == {20}
+
+
+def test_eval_speed_batched_matches_sequential(tmp_path):
+    code, payload, md = run_bench("eval_speed", tmp_path, "--episodes", "3")
+    assert code == 0
+    batched, sequential = payload["results"]["batched"], payload["results"]["sequential"]
+    assert len(batched["returns"]) == len(sequential["returns"]) == 3
+    assert payload["agreement"]["paired_episodes"] == 3
+    assert payload["agreement"]["max_abs_return_difference"] < 1.0  # same seeds, same policy
+    assert batched["env_steps"] == sum(batched["lengths"]) > 0
+    assert payload["speedup"] == pytest.approx(sequential["wall_seconds"] / batched["wall_seconds"])
+    assert "speed-up" in md and "| batched | 3 |" in md
+
+
+def test_serve_drives_sessions_with_and_without_batching(tmp_path):
+    code, payload, md = run_bench("serve", tmp_path, "--sessions", "1", "3", "--duration", "0.5")
+    assert code == 0
+    rows = payload["rows"]
+    assert {(r["batching"], r["mode"], r["sessions"]) for r in rows} == {
+        (b, m, n) for b in ("on", "off") for m in ("window", "recurrent") for n in (1, 3)
+    }
+    for r in rows:
+        assert r["failed_sessions"] == 0 and r["timed_steps"] > 0
+        assert 0 < r["p50_us"] <= r["p95_us"] <= r["p99_us"]
+        assert r["timed_steps"] <= r["sessions"] * 200  # --quick caps each session at 200 timed steps
+    assert payload["server_args"]["off"][-2:] == ["--max-batch", "1"]
+    assert "--max-batch" not in payload["server_args"]["on"]
+    assert "x batching off" in md
+
+
+def test_scores_train_and_evaluate_final_checkpoints(tmp_path):
+    from dmm.trainer.collect import collect
+
+    policy = random_sac_policy(tmp_path / "policy.npz", 11, 3)
+    data = collect("Hopper-v4", policy, 400, tmp_path / "hopper-tiny.hdf5", seed=0)
+    code, payload, md = run_bench(
+        "scores", tmp_path / "out", "--dataset", str(data), "--variants", "dmm", "--updates", "5"
+    )
+    assert code == 0
+    (model,) = payload["models"]
+    assert model["variant"] == "dmm" and model["seeds"] == [0] and model["failed_seeds"] == {}
+    assert model["num_parameters"] > 0 and model["normalized_mean"] == model["normalized_per_seed"][0]
+    (run,) = payload["runs"]
+    assert run["episodes"] == 2 and run["target_return"] == 3600.0
+    assert "| DMM (K=8) |" in md and "normalized score" in md
