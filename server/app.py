@@ -30,7 +30,7 @@ class ServeOptions:
     host: str = "0.0.0.0"
     port: int = 50051
     metrics_port: int = 9090
-    device: str = "cpu"
+    device: str = "auto"
     mode: InferenceMode = "window"
     max_sessions: int = 1024
     idle_timeout_s: float = 120.0
@@ -58,13 +58,22 @@ class ServeOptions:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ConfigError(f"--device {self.device!r}: use cpu, cuda or cuda:N")
-        if self.device != "cpu":
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
+        if self.device.startswith("cuda"):
             import torch
 
             if not torch.cuda.is_available():
                 raise ConfigError(f"--device {self.device}: CUDA is not available on this machine")
+
+    @property
+    def resolved_device(self) -> str:
+        """``auto`` is the GPU when torch sees one, else the CPU."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class PolicyServer:
@@ -85,7 +94,11 @@ class PolicyServer:
     async def start(self) -> None:
         o = self.options
         self.pool = ModelPool(
-            self.store, self.metrics, device=o.device, max_batch=o.max_batch, max_delay_s=o.max_delay_ms / 1e3
+            self.store,
+            self.metrics,
+            device=o.resolved_device,
+            max_batch=o.max_batch,
+            max_delay_s=o.max_delay_ms / 1e3,
         )
         self.service = PolicyService(
             self.pool,
@@ -148,7 +161,7 @@ async def serve(options: ServeOptions) -> int:
         loop.add_signal_handler(sig, stop.set)
     print(
         f"{READY_PREFIX} grpc={options.host}:{server.port} metrics={options.host}:{server.metrics_port} "
-        f"store={server.store.root} device={options.device} mode={options.mode}",
+        f"store={server.store.root} device={options.resolved_device} mode={options.mode}",
         flush=True,
     )
     await stop.wait()

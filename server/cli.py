@@ -17,7 +17,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one (default: 50051)")
     p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (default: 9090)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (the GPU when there is one), cpu, cuda or cuda:N (default: auto)",
+    )
     p.add_argument(
         "--mode",
         choices=("window", "recurrent"),
