@@ -201,18 +201,27 @@ async def run_row(
             )
             for i in range(sessions)
         ]
-        await asyncio.wait_for(phase.all_ready.wait(), args.startup_timeout)
-        cpu0, server_cpu0 = self_cpu_seconds(), process_cpu_seconds(server_pid)
-        t0 = time.perf_counter()
-        phase.deadline = t0 + args.duration
-        phase.go.set()
-        done = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), args.duration + 60.0)
-        cpu1, server_cpu1 = self_cpu_seconds(), process_cpu_seconds(server_pid)
+        stage = f"did not all start and warm up within {args.startup_timeout:g} s"
+        try:
+            await asyncio.wait_for(phase.all_ready.wait(), args.startup_timeout)
+            cpu0, server_cpu0 = self_cpu_seconds(), process_cpu_seconds(server_pid)
+            t0 = time.perf_counter()
+            phase.deadline = t0 + args.duration
+            phase.go.set()
+            stage = f"did not finish within {args.duration + 60.0:g} s"
+            gathered = asyncio.gather(*tasks, return_exceptions=True)
+            done = await asyncio.wait_for(gathered, args.duration + 60.0)
+            cpu1, server_cpu1 = self_cpu_seconds(), process_cpu_seconds(server_pid)
+        except asyncio.TimeoutError:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            return Row(batching, mode, sessions, np.empty(0), 0.0, 0.0, 0.0, sessions, [f"sessions {stage}"])
     finally:
         for c in channels:
             await c.close()
     ok = [d for d in done if not isinstance(d, BaseException)]
-    errors = [f"{type(d).__name__}: {d}" for d in done if isinstance(d, BaseException)]
+    errors = [_describe(d) for d in done if isinstance(d, BaseException)]
     wall = max((ended for _, ended in ok), default=t0) - t0
     latencies = np.concatenate([lat for lat, _ in ok]) if ok else np.empty(0)
     return Row(
@@ -226,6 +235,15 @@ async def run_row(
         len(errors),
         errors,
     )
+
+
+def _describe(err: BaseException) -> str:
+    """One line: a gRPC status code and its details, or the exception's type and message."""
+    import grpc
+
+    if isinstance(err, grpc.aio.AioRpcError):
+        return f"{err.code().name}: {err.details()}"
+    return f"{type(err).__name__}: {err}"
 
 
 def split_cores(client_cores: int) -> tuple[list[int], list[int]]:
@@ -272,6 +290,8 @@ async def run_all(
             os.sched_setaffinity(0, server_cores)  # the server process inherits this
             try:
                 server.start()
+            except RuntimeError as err:
+                raise SystemExit(f"{MODULE}: {err}") from err
             finally:
                 os.sched_setaffinity(0, client_cores)
             try:
@@ -421,6 +441,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"latency = client-side round trip of one step (send state, receive action); {args.warmup} untimed "
         f"steps per session, then up to {args.duration:g} s or {args.steps} steps; percentiles over all "
         "timed steps of all sessions; actions/s = timed steps / wall time",
+    ]
+    notes += [
+        f"batching {s['batching']}, {s['mode']}, {s['sessions']} sessions: {s['failed_sessions']} failed, "
+        f"e.g. {s['errors'][0]}"
+        for s in summaries
+        if s["failed_sessions"]
     ]
     write_report(args.out, SCRIPT, "Serving: Act latency and throughput", table, payload, fig, notes)
     return 1 if any(r.failed for r in rows) else 0
