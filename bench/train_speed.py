@@ -54,8 +54,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from dmm.data import WindowSampler, load_dataset
-    from dmm.trainer.optim import make_optimizer
-    from dmm.trainer.train import build_policy, masked_action_mse
+    from dmm.trainer.train import TrainStep, build_policy
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
@@ -70,24 +69,10 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     model, meta = build_policy(cfg, dataset)
     model.to(device).train()
     sampler = WindowSampler(dataset, cfg.model.context, cfg.batch_size, meta.rtg_scale, seed=cfg.seed)
-    optimizer, scheduler = make_optimizer(model, cfg.learning_rate, cfg.weight_decay, cfg.warmup_updates)
-    forward = torch.compile(model) if cfg.compile else model
-    uses_timesteps = model.config.uses_timesteps
+    step = TrainStep(model, cfg, device)
 
     def update() -> float:
-        batch = sampler.sample()
-        rtg, states, actions, mask, timesteps = (
-            torch.from_numpy(x).to(device)
-            for x in (batch.rtg, batch.states, batch.actions, batch.mask, batch.timesteps)
-        )
-        pred = forward(rtg, states, actions, mask, timesteps if uses_timesteps else None)
-        loss = masked_action_mse(pred, actions, mask)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        return loss.item()  # the trainer reads the loss every update, which also synchronizes CUDA
+        return step(sampler.sample())
 
     rss_before = _rss_mib()
     if device.type == "cuda":

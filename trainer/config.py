@@ -59,9 +59,7 @@ class TrainConfig(BaseModel):
     publish_every_eval: bool = False
     seed: int = 0
     device: str = "cpu"
-    compile: bool = Field(
-        False, description="torch.compile the training step (faster after ~20 s of compiling)"
-    )
+    compile: bool = Field(True, description="torch.compile the model for training (eager if compiling fails)")
 
 
 CONFIG_PACKAGE = "dmm.trainer.configs"

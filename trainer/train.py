@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dmm.data import Dataset, WindowSampler
+from dmm.data import Dataset, WindowBatch, WindowSampler
 from dmm.errors import ConfigError
 from dmm.model import DMMConfig, DMMPolicy, LoadedPolicy, PolicyMeta, publish_policy
 from dmm.store import ModelStore
@@ -68,6 +68,53 @@ def build_policy(cfg: TrainConfig, dataset: Dataset) -> tuple[DMMPolicy, PolicyM
     return model, meta
 
 
+class TrainStep:
+    """One optimizer update on a batch of windows: masked action MSE, clipping, AdamW, warm-up.
+
+    With ``cfg.compile`` the model's forward is compiled on the first call; if the compiler fails
+    on this platform, training continues eagerly and says so through ``log``.
+    """
+
+    def __init__(
+        self, model: DMMPolicy, cfg: TrainConfig, device: torch.device, log: Callable[[str], None] = print
+    ) -> None:
+        self.model = model
+        self.grad_clip = cfg.grad_clip
+        self.device = device
+        self.log = log
+        self.optimizer, self.scheduler = make_optimizer(
+            model, cfg.learning_rate, cfg.weight_decay, cfg.warmup_updates
+        )
+        self.forward: Callable[..., torch.Tensor] = torch.compile(model) if cfg.compile else model
+
+    def _predict(self, *inputs: torch.Tensor | None) -> torch.Tensor:
+        try:
+            return self.forward(*inputs)
+        except Exception as err:  # a compiler failure on this platform: train eagerly instead
+            if self.forward is self.model:
+                raise
+            self.log(f"torch.compile failed ({type(err).__name__}: {err}); training without compiling")
+            self.forward = self.model
+            return self.forward(*inputs)
+
+    def __call__(self, batch: WindowBatch) -> float:
+        """Update on ``batch``; returns the loss (reading it also synchronizes a GPU)."""
+        rtg, states, actions, mask, timesteps = (
+            torch.from_numpy(x).to(self.device)
+            for x in (batch.rtg, batch.states, batch.actions, batch.mask, batch.timesteps)
+        )
+        pred = self._predict(
+            rtg, states, actions, mask, timesteps if self.model.config.uses_timesteps else None
+        )
+        loss = masked_action_mse(pred, actions, mask)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return loss.item()
+
+
 def train(
     cfg: TrainConfig,
     dataset: Dataset,
@@ -82,8 +129,7 @@ def train(
     model.to(device).train()
     targets = cfg.target_returns or list(dataset.spec.target_returns)
     sampler = WindowSampler(dataset, cfg.model.context, cfg.batch_size, meta.rtg_scale, seed=cfg.seed)
-    optimizer, scheduler = make_optimizer(model, cfg.learning_rate, cfg.weight_decay, cfg.warmup_updates)
-    forward: Callable[..., torch.Tensor] = torch.compile(model) if cfg.compile else model
+    step = TrainStep(model, cfg, device, log)
 
     metrics: dict[str, Any] = {
         "dataset": dataset.name,
@@ -124,32 +170,12 @@ def train(
     chunk_start = start = time.perf_counter()
     bar = tqdm(total=cfg.updates, desc=f"train {name}", disable=not progress, unit="upd")
     for update in range(1, cfg.updates + 1):
-        batch = sampler.sample()
-        rtg, states, actions, mask, timesteps = (
-            torch.from_numpy(x).to(device)
-            for x in (batch.rtg, batch.states, batch.actions, batch.mask, batch.timesteps)
-        )
-        timesteps = timesteps if model.config.uses_timesteps else None
-        try:
-            pred = forward(rtg, states, actions, mask, timesteps)
-        except Exception as err:  # a compiler failure on this platform: train eagerly instead
-            if forward is model:
-                raise
-            log(f"torch.compile failed ({type(err).__name__}: {err}); training without compiling")
-            forward = model
-            pred = forward(rtg, states, actions, mask, timesteps)
-        loss = masked_action_mse(pred, actions, mask)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
+        losses.append(step(sampler.sample()))
         if update % LOSS_LOG_EVERY == 0 or update == cfg.updates:
             now = time.perf_counter()
             chunk_rates.append(len(losses) / (now - chunk_start))
             metrics["loss_curve"].append([update, float(np.mean(losses))])
-            bar.set_postfix(loss=f"{np.mean(losses):.4f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
+            bar.set_postfix(loss=f"{np.mean(losses):.4f}", lr=f"{step.scheduler.get_last_lr()[0]:.1e}")
             bar.update(len(losses))
             losses.clear()
         if cfg.eval_every and update % cfg.eval_every == 0 and update != cfg.updates:
