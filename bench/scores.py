@@ -115,7 +115,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--num-envs", type=int, help="vector envs of the evaluation (default: --episodes)")
     p.add_argument("--mode", choices=("window", "recurrent"), default="window", help="evaluation inference")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        help="torch.compile (default: on, as dmm train; off --quick)",
+    )
     p.add_argument("--threads", type=int, help="torch threads per run (default: torch's; 1 with --quick)")
     p.add_argument("--store", type=Path, help="keep the checkpoints in this store (default: a temporary one)")
     p.add_argument("--run-timeout", type=float, default=24 * 3600.0, help="seconds per run at most")
@@ -130,6 +134,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args.episodes = args.episodes or (2 if q else 100)
     args.num_envs = args.num_envs or args.episodes
     args.threads = args.threads if args.threads is not None else (1 if q else None)
+    args.compile = args.compile if args.compile is not None else not q
     if min(args.updates, args.episodes, args.num_envs) < 1 or (args.threads is not None and args.threads < 1):
         p.error("--updates, --episodes, --num-envs and --threads must be positive")
     if not args.seeds or len(set(args.seeds)) != len(args.seeds):
