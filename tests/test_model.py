@@ -285,3 +285,14 @@ def test_paper_shapes():
     assert (mamba.d_inner, mamba.d_state, mamba.dt_rank) == (128, 16, 4)
     torch.testing.assert_close(-torch.exp(mamba.A_log[0]), -torch.arange(1.0, 17.0))
     assert not hasattr(mamba, "conv1d")
+
+
+def test_a_fresh_policy_sees_the_magnitude_of_the_return_to_go_and_the_state():
+    """Every token goes through LayerNorm, which is scale-invariant: with zero-bias embeddings,
+    rtg 1 and rtg 3 (or s and 2s) would be the same token. The init must keep them apart."""
+    torch.manual_seed(0)
+    model = DMMPolicy(DMMConfig(state_dim=5, act_dim=2)).eval()
+    rtg, states, actions = (x.float() for x in _episode(4))
+    base = model(rtg.abs(), states, actions)
+    assert not torch.allclose(model(3 * rtg.abs(), states, actions), base, atol=1e-4)
+    assert not torch.allclose(model(rtg.abs(), 2 * states, actions), base, atol=1e-4)

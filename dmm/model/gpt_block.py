@@ -20,6 +20,10 @@ class GPTBlock(nn.Module):
         self.ln2 = nn.LayerNorm(d)
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
         self.drop = nn.Dropout(config.dropout)
+        for module in self.modules():  # GPT-2's initialization
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
 
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None = None, state: None = None

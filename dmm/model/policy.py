@@ -37,17 +37,11 @@ class DMMPolicy(nn.Module):
         self.embed_timestep = nn.Embedding(config.max_ep_len, d) if config.uses_timesteps else None
         self.ln_f = nn.LayerNorm(d)
         self.head = nn.Linear(d, config.act_dim)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-        for module in self.modules():
-            if isinstance(module, ModifiedMamba):
-                module.reset_ssm_parameters()
+        if self.embed_timestep is not None:
+            nn.init.normal_(self.embed_timestep.weight, std=0.02)
+        # The embeddings keep PyTorch's default init, biases included: every token goes through
+        # LayerNorm, and LN(w * rtg) with a zero bias is the same vector for every positive rtg
+        # (LN(W s) likewise forgets |s|), so a zero-bias init would hide the return-to-go.
 
     def set_scan_backend(self, backend: Backend) -> None:
         for module in self.modules():
