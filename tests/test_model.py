@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dmm.model import DMMConfig, DMMPolicy, LoadedPolicy, PolicyMeta, PolicyRunner
+from dmm.model import DMMConfig, DMMPolicy, LoadedPolicy, PolicyMeta, PolicyRunner, scan
 from dmm.model.local_mixer import DenseSequenceMixer
 from dmm.model.mamba import ModifiedMamba
 from dmm.model.scan import resolve_backend, selective_scan_torch
@@ -28,7 +28,8 @@ def naive_scan(u, delta, A, B, C, D, h0=None):
 
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 5, 3, 4), (3, 24, 4, 16), (2, 9, 8, 2)])
 @pytest.mark.parametrize("with_h0", [False, True])
-def test_scan_matches_naive_loop(shape, with_h0):
+@pytest.mark.parametrize("path", ["all-steps", "step-by-step", "training"])
+def test_scan_matches_naive_loop(shape, with_h0, path, monkeypatch):
     b, L, d, n = shape
     g = torch.Generator().manual_seed(sum(shape))
     f64 = {"dtype": torch.float64, "generator": g}
@@ -36,7 +37,11 @@ def test_scan_matches_naive_loop(shape, with_h0):
     A, B, C = -torch.rand(d, n, **f64) * 3, torch.randn(b, L, n, **f64), torch.randn(b, L, n, **f64)
     D = torch.randn(d, **f64)
     h0 = torch.randn(b, d, n, **f64) if with_h0 else None
+    monkeypatch.setattr(scan, "STEPWISE_FROM_ELEMENTS", 0 if path == "step-by-step" else 1 << 40)
+    u.requires_grad_(path == "training")
     y, h = selective_scan_torch(u, delta, A, B, C, D, h0)
+    y, h = y.detach(), h.detach()
+    u = u.detach()
     y_ref, h_ref = naive_scan(u, delta, A, B, C, D, h0)
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(h, h_ref, rtol=1e-12, atol=1e-12)

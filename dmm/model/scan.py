@@ -19,6 +19,11 @@ import torch
 
 Backend = Literal["auto", "torch", "cuda"]
 
+# Without autograd, scans whose [b, L, d, n] state tensors would hold at least this many elements
+# run step by step: allocating and faulting in those tensors costs more than the per-step op
+# overhead (measured on CPU: batch 100 x 24 tokens is ~1.4x faster step by step, batch 1 ~1.7x slower).
+STEPWISE_FROM_ELEMENTS = 1 << 18
+
 
 def selective_scan_torch(
     u: torch.Tensor,
@@ -37,6 +42,14 @@ def selective_scan_torch(
     The discretized tensors are formed for all L at once; only the recurrence itself loops over L
     (24 tokens for K=8), which on CPU beats a log-depth parallel scan that moves L times more memory.
     """
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C, D))
+    if training or u.numel() * A.shape[1] < STEPWISE_FROM_ELEMENTS:
+        return _scan_all_steps(u, delta, A, B, C, D, h0)
+    return _scan_step_by_step(u, delta, A, B, C, D, h0)
+
+
+def _scan_all_steps(u, delta, A, B, C, D, h0):
+    """All L discretized steps at once: few, large ops (fast backward, little per-op overhead)."""
     b, _, d = u.shape
     dA = torch.exp(delta.unsqueeze(-1) * A)  # [b, L, d, n]
     dBu = (delta * u).unsqueeze(-1) * B.unsqueeze(2)  # [b, L, d, n]
@@ -49,6 +62,19 @@ def selective_scan_torch(
     H = torch.stack(states, dim=1)  # [b, L, d, n]
     y = torch.einsum("bldn,bln->bld", H, C) + u * D
     return y, h
+
+
+def _scan_step_by_step(u, delta, A, B, C, D, h0):
+    """Step by step with [b, d, n] temporaries: no [b, L, d, n] tensors to allocate and fault in,
+    which is what dominates large inference batches on CPU."""
+    b, L, d = u.shape
+    h = h0 if h0 is not None else u.new_zeros(b, d, A.shape[1])
+    du = delta * u
+    ys = []
+    for t in range(L):
+        h = torch.addcmul(du[:, t, :, None] * B[:, t, None, :], torch.exp(delta[:, t, :, None] * A), h)
+        ys.append(torch.bmm(h, C[:, t, :, None]).squeeze(-1))
+    return torch.stack(ys, dim=1) + u * D, h
 
 
 @functools.cache
