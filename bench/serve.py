@@ -286,7 +286,13 @@ async def run_all(
         for batching in args.batching:
             extra = ["--max-batch", str(args.max_batch)] if args.max_batch else []
             server_args[batching] = common + (extra if batching == "on" else ["--max-batch", "1"])
-            server = ServerProcess(store, server_args[batching], startup_timeout_s=args.startup_timeout)
+            server = ServerProcess(
+                store,
+                server_args[batching],
+                startup_timeout_s=args.startup_timeout,
+                # one torch thread per core it may use: more would spin against each other
+                env={"OMP_NUM_THREADS": str(len(server_cores))},
+            )
             os.sched_setaffinity(0, server_cores)  # the server process inherits this
             try:
                 server.start()
