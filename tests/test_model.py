@@ -301,3 +301,20 @@ def test_a_fresh_policy_sees_the_magnitude_of_the_return_to_go_and_the_state():
     base = model(rtg.abs(), states, actions)
     assert not torch.allclose(model(3 * rtg.abs(), states, actions), base, atol=1e-4)
     assert not torch.allclose(model(rtg.abs(), 2 * states, actions), base, atol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not scan.cuda_backend_available(), reason="needs a CUDA GPU and mamba_ssm")
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_cuda_backend_matches_torch_backend(with_h0):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    kw = {"device": "cuda", "generator": g}
+    b, L, d, n = 3, 24, 32, 16
+    u, delta = torch.randn(b, L, d, **kw), torch.rand(b, L, d, **kw) * 0.5
+    A, B, C = -torch.rand(d, n, **kw) * 3, torch.randn(b, L, n, **kw), torch.randn(b, L, n, **kw)
+    D = torch.randn(d, **kw)
+    h0 = torch.randn(b, d, n, **kw) if with_h0 else None
+    y_cuda, h_cuda = scan.selective_scan(u, delta, A, B, C, D, h0, backend="cuda")
+    y_ref, h_ref = scan.selective_scan(u, delta, A, B, C, D, h0, backend="torch")
+    torch.testing.assert_close(y_cuda, y_ref, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(h_cuda, h_ref, rtol=1e-3, atol=1e-3)
