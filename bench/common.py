@@ -13,7 +13,7 @@ import platform
 import shlex
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -244,6 +244,18 @@ def run_worker(module: str, spec: dict[str, Any], timeout_s: float) -> dict[str,
 def report_from_worker(result: dict[str, Any]) -> None:
     """The worker side of :func:`run_worker`: one marked JSON line on stdout."""
     print(WORKER_PREFIX + json.dumps(result, default=_jsonable), flush=True)
+
+
+def serve_worker(argv: Sequence[str], work: Callable[[dict[str, Any]], dict[str, Any]]) -> bool:
+    """If ``argv`` is ``--worker JSON``, run ``work(spec)`` and report its result (or its error,
+    so the other rows still run) and return True; otherwise return False."""
+    if list(argv[:1]) != ["--worker"]:
+        return False
+    try:
+        report_from_worker(work(json.loads(argv[1])))
+    except Exception as err:
+        report_from_worker({"error": f"{type(err).__name__}: {err}"})
+    return True
 
 
 def synthetic_dataset(env: str = "hopper-medium-sim-v4", transitions: int = 20_000, seed: int = 0) -> Dataset:

@@ -15,7 +15,6 @@ the best evaluation.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -37,8 +36,8 @@ from bench.common import (
     median,
     new_figure,
     now_utc,
-    report_from_worker,
     run_worker,
+    serve_worker,
     train_config,
     write_report,
 )
@@ -149,12 +148,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--worker"]:
-        spec = json.loads(argv[1])
-        try:
-            report_from_worker(train_and_evaluate(spec))
-        except Exception as err:  # reported as the run's error; the other runs go on
-            report_from_worker({"error": f"{type(err).__name__}: {err}"})
+    if serve_worker(argv, train_and_evaluate):
         return 0
     args = parse_args(argv)
     from dmm.data import load_dataset

@@ -15,7 +15,6 @@ RSS (``ru_maxrss``), total and the growth during training (the dataset is alread
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import sys
 import time
@@ -33,8 +32,8 @@ from bench.common import (
     median,
     new_figure,
     now_utc,
-    report_from_worker,
     run_worker,
+    serve_worker,
     synthetic_dataset,
     train_config,
     write_report,
@@ -157,12 +156,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--worker"]:
-        spec = json.loads(argv[1])
-        try:
-            report_from_worker(measure(spec))
-        except Exception as err:  # reported as the row's error, the other rows still run
-            report_from_worker({"error": f"{type(err).__name__}: {err}"})
+    if serve_worker(argv, measure):
         return 0
     args = parse_args(argv)
     rows = []
