@@ -46,6 +46,11 @@ def _device(name: str) -> torch.device:
     return device
 
 
+def eval_targets(cfg: TrainConfig, dataset: Dataset) -> list[float]:
+    """The target returns to evaluate at; the first is stored as the policy's default."""
+    return cfg.target_returns or list(dataset.spec.target_returns)
+
+
 def build_policy(cfg: TrainConfig, dataset: Dataset) -> tuple[DMMPolicy, PolicyMeta]:
     """A freshly initialized policy for ``dataset`` and the metadata it is served with."""
     spec = dataset.spec
@@ -56,14 +61,13 @@ def build_policy(cfg: TrainConfig, dataset: Dataset) -> tuple[DMMPolicy, PolicyM
         )
     torch.manual_seed(cfg.seed)
     model = DMMPolicy(DMMConfig(state_dim=dataset.obs_dim, act_dim=dataset.act_dim, **cfg.model.model_dump()))
-    targets = cfg.target_returns or list(spec.target_returns)
     meta = PolicyMeta(
         env=dataset.env or spec.dataset,
         env_id=spec.env_id,
         state_mean=[float(x) for x in dataset.state_mean],
         state_std=[float(x) for x in dataset.state_std],
         rtg_scale=cfg.rtg_scale or spec.rtg_scale,
-        target_return=float(targets[0]),
+        target_return=float(eval_targets(cfg, dataset)[0]),
     )
     return model, meta
 
@@ -127,7 +131,7 @@ def train(
     device = _device(cfg.device)
     model, meta = build_policy(cfg, dataset)
     model.to(device).train()
-    targets = cfg.target_returns or list(dataset.spec.target_returns)
+    targets = eval_targets(cfg, dataset)
     sampler = WindowSampler(dataset, cfg.model.context, cfg.batch_size, meta.rtg_scale, seed=cfg.seed)
     step = TrainStep(model, cfg, device, log)
 
@@ -174,18 +178,18 @@ def train(
         if update % LOSS_LOG_EVERY == 0 or update == cfg.updates:
             now = time.perf_counter()
             chunk_rates.append(len(losses) / (now - chunk_start))
-            metrics["loss_curve"].append([update, float(np.mean(losses))])
-            bar.set_postfix(loss=f"{np.mean(losses):.4f}", lr=f"{step.scheduler.get_last_lr()[0]:.1e}")
+            mean_loss = float(np.mean(losses))
+            metrics["loss_curve"].append([update, mean_loss])
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{step.scheduler.get_last_lr()[0]:.1e}")
             bar.update(len(losses))
             losses.clear()
+            chunk_start = now
         if cfg.eval_every and update % cfg.eval_every == 0 and update != cfg.updates:
             bar.clear()
             run_evals(update)
             if cfg.publish_every_eval:
                 log(f"published {name} version {publish()}")
             chunk_start = time.perf_counter()  # keep evaluation out of the update rate
-        elif update % LOSS_LOG_EVERY == 0:
-            chunk_start = time.perf_counter()
     bar.close()
     metrics["train_seconds"] = time.perf_counter() - start
     metrics["updates"] = cfg.updates
