@@ -52,6 +52,18 @@ VARIANTS: dict[str, Variant] = {
         Variant(
             "attention-global", "DMM, attention global mixer (ablation)", model={"global_mixer": "attention"}
         ),
+        Variant("dmm-k20", "DMM (K=20)", model={"context": 20}),
+        Variant("dmm-stream", "DMM, residual stream", model={"residual": "stream"}),
+        Variant("dmm-timestep", "DMM + timestep embedding", model={"timestep_embedding": True}),
+        Variant(
+            "dmm-stream-timestep",
+            "DMM, residual stream + timestep embedding",
+            model={"residual": "stream", "timestep_embedding": True},
+        ),
+        Variant(
+            "dt-no-timestep", "DT (K=20) without timestep embedding", "dt", {"timestep_embedding": False}
+        ),
+        Variant("authors", "the authors' DMM class (bench/authors_dmm.py)", "authors"),
     )
 }
 ABLATIONS = ("conv-local", "attention-global")
@@ -223,15 +235,21 @@ def new_figure(ncols: int = 1, width: float = 6.0, height: float = 4.0) -> tuple
     return plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
 
 
-def run_worker(module: str, spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+def run_worker(
+    module: str, spec: dict[str, Any], timeout_s: float, stream_stderr: bool = False
+) -> dict[str, Any]:
     """Run ``python -m module --worker JSON`` in a fresh process and return the JSON it reported.
 
     A worker that fails, times out or reports nothing yields ``{"error": "..."}`` instead of raising,
-    so one broken row does not lose the others.
+    so one broken row does not lose the others. ``stream_stderr`` passes the worker's progress lines
+    through instead of keeping them for the error message.
     """
     cmd = [sys.executable, "-m", module, "--worker", json.dumps(spec)]
+    stderr = None if stream_stderr else subprocess.PIPE
     try:
-        proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s)
+        proc = subprocess.run(
+            cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True, timeout=timeout_s
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout_s:g} s"}
     for line in reversed(proc.stdout.splitlines()):

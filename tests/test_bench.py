@@ -107,3 +107,29 @@ def test_scores_train_and_evaluate_final_checkpoints(tmp_path):
     (run,) = payload["runs"]
     assert run["episodes"] == 2 and run["target_return"] == 3600.0
     assert "| DMM (K=8) |" in md and "normalized score" in md
+
+
+def test_dmm_vs_dt_measures_variants_and_resumes(tmp_path):
+    from dmm.trainer.collect import collect
+
+    policy = random_sac_policy(tmp_path / "policy.npz", 11, 3)
+    data = collect("Hopper-v4", policy, 400, tmp_path / "hopper-tiny.hdf5", seed=0)
+    args = ("--dataset", str(data), "--variants", "authors", "dmm-timestep", "--seeds", "0")
+    code, payload, md = run_bench("dmm_vs_dt", tmp_path / "out", *args)
+    assert code == 0
+    runs = {r["variant"]: r for r in payload["runs"]}
+    assert set(runs) == {"authors", "dmm-timestep"}
+    for run in runs.values():
+        assert run["updates"] == 20 and len(run["evals"]) == 1 and run["evals"][0]["episodes"] == 2
+        assert 0.0 <= run["evals"][0]["fell"] <= 1.0 and run["sensitivity"]["action_change"] >= 0.0
+    assert "| the authors' DMM class" in md and "RTG sens." in md
+    weights = sorted(p.name for p in (tmp_path / "out" / "runs").glob("*.pt"))
+    assert weights == ["authors-s0.pt", "dmm-timestep-s0.pt"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.dmm_vs_dt", "--quick", "--out", str(tmp_path / "out"), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and proc.stdout.count("done, skipped") == 2

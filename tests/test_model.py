@@ -116,6 +116,8 @@ def _episode(T, S=5, A=2, seed=0):
 
 VARIANTS = [
     {},
+    {"residual": "stream"},
+    {"timestep_embedding": True},
     {"local_mixer": "conv"},
     {"global_mixer": "attention", "n_head": 2},
     {"architecture": "dt", "n_head": 2},
@@ -189,8 +191,9 @@ def _reference(model, states, rtgs, actions, t, context=None):
         return model(r.float(), s[None].float(), a[None].float(), timesteps=timesteps)[0, -1].numpy()
 
 
-def test_recurrent_equals_window_before_context_and_each_equals_full_forward():
-    model = _policy().float()
+@pytest.mark.parametrize("residual", ["normalized", "stream"])
+def test_recurrent_equals_window_before_context_and_each_equals_full_forward(residual):
+    model = _policy(residual=residual).float()
     K = model.config.context
     rng = np.random.default_rng(0)
     T = 3 * K

@@ -29,6 +29,8 @@ class ModelSettings(BaseModel):
     local_mixer: Literal["dsm", "conv"] = "dsm"
     global_mixer: Literal["mamba", "attention"] = "mamba"
     n_head: int = Field(1, gt=0)
+    residual: Literal["normalized", "stream"] = "normalized"
+    timestep_embedding: bool | None = None
     max_ep_len: int = Field(1000, gt=0)
 
     @model_validator(mode="after")

@@ -46,6 +46,7 @@ class DMMBlock(nn.Module):
             else CausalSelfAttention(d, config.n_head, config.dropout)
         )
         self.drop = nn.Dropout(config.dropout)
+        self.stream = config.residual == "stream"
 
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None = None, state: BlockState | None = None
@@ -54,7 +55,7 @@ class DMMBlock(nn.Module):
         if mask is not None:
             x_t = x_t * mask.unsqueeze(-1).to(x_t.dtype)
         local, local_cache = self.local(x_t, None if state is None else state.local)
-        z = x_t + self.drop(local)
+        z = (x if self.stream else x_t) + self.drop(local)
         z_t = self.ln2(z)
         if isinstance(self.global_mixer, ModifiedMamba):
             mixed, ssm = self.global_mixer(z_t, mask, None if state is None else state.ssm)
@@ -63,4 +64,4 @@ class DMMBlock(nn.Module):
             if state is not None:
                 raise ValueError("an attention global mixer has no recurrent state")
             mixed, new_state = self.global_mixer(z_t, mask), None
-        return z_t + self.drop(mixed), new_state
+        return (z if self.stream else z_t) + self.drop(mixed), new_state

@@ -35,7 +35,15 @@ class DMMConfig(BaseModel):
     local_mixer: Literal["dsm", "conv"] = "dsm"
     global_mixer: Literal["mamba", "attention"] = "mamba"
     n_head: int = Field(1, gt=0, description="attention heads (attention global mixer, DT)")
-    max_ep_len: int = Field(1000, gt=0, description="DT only: size of the timestep embedding table")
+    residual: Literal["normalized", "stream"] = Field(
+        "normalized",
+        description="normalized: eq. 3 as printed, each mixer adds to its normalized input; "
+        "stream: pre-norm residual stream (x + DSM(LN x), then + Mamba(LN .)), as in the authors' code",
+    )
+    timestep_embedding: bool | None = Field(
+        None, description="learned embedding of the episode step added to every token (None: DT only)"
+    )
+    max_ep_len: int = Field(1000, gt=0, description="size of the timestep embedding table")
 
     @model_validator(mode="after")
     def _check(self) -> DMMConfig:
@@ -56,11 +64,13 @@ class DMMConfig(BaseModel):
     @property
     def supports_recurrent(self) -> bool:
         """Recurrent inference needs a global mixer with a fixed-size state (Mamba, not attention)."""
-        return self.architecture == "dmm" and self.global_mixer == "mamba"
+        return self.architecture == "dmm" and self.global_mixer == "mamba" and not self.uses_timesteps
 
     @property
     def uses_timesteps(self) -> bool:
-        """DT adds a learned embedding of the episode timestep; DMM has no positional input."""
+        """DT adds a learned embedding of the episode timestep; DMM by default has no positional input."""
+        if self.timestep_embedding is not None:
+            return self.timestep_embedding
         return self.architecture == "dt"
 
 
