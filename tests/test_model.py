@@ -191,9 +191,11 @@ def _reference(model, states, rtgs, actions, t, context=None):
         return model(r.float(), s[None].float(), a[None].float(), timesteps=timesteps)[0, -1].numpy()
 
 
-@pytest.mark.parametrize("residual", ["normalized", "stream"])
-def test_recurrent_equals_window_before_context_and_each_equals_full_forward(residual):
-    model = _policy(residual=residual).float()
+@pytest.mark.parametrize(
+    "overrides", [{}, {"residual": "stream"}, {"residual": "stream", "timestep_embedding": True}]
+)
+def test_recurrent_equals_window_before_context_and_each_equals_full_forward(overrides):
+    model = _policy(**overrides).float()
     K = model.config.context
     rng = np.random.default_rng(0)
     T = 3 * K
@@ -226,7 +228,13 @@ def test_dt_window_runner_equals_full_forward_with_timesteps():
 
 
 @pytest.mark.parametrize(
-    ("mode", "overrides"), [("window", {}), ("recurrent", {}), ("window", {"architecture": "dt"})]
+    ("mode", "overrides"),
+    [
+        ("window", {}),
+        ("recurrent", {}),
+        ("window", {"architecture": "dt"}),
+        ("recurrent", {"residual": "stream", "timestep_embedding": True}),
+    ],
 )
 def test_runner_batches_independent_episodes_at_different_steps(mode, overrides):
     """Slots that start at different times and share forwards get their own single-slot actions."""

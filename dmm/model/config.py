@@ -64,7 +64,7 @@ class DMMConfig(BaseModel):
     @property
     def supports_recurrent(self) -> bool:
         """Recurrent inference needs a global mixer with a fixed-size state (Mamba, not attention)."""
-        return self.architecture == "dmm" and self.global_mixer == "mamba" and not self.uses_timesteps
+        return self.architecture == "dmm" and self.global_mixer == "mamba"
 
     @property
     def uses_timesteps(self) -> bool:

@@ -57,11 +57,13 @@ class DMMPolicy(nn.Module):
             [self.embed_rtg(rtg), self.embed_state(states), self.embed_action(actions)], dim=2
         )
         if self.embed_timestep is not None:
-            if timesteps is None:
-                raise ValueError("the Decision Transformer needs the timestep of every step")
-            step_embedding = self.embed_timestep(timesteps.clamp(0, self.config.max_ep_len - 1))
-            stacked = stacked + step_embedding.unsqueeze(2)
+            stacked = stacked + self._timestep_embedding(timesteps).unsqueeze(2)
         return self.embed_drop(self.embed_ln(stacked.reshape(b, TOKENS_PER_STEP * T, -1)))
+
+    def _timestep_embedding(self, timesteps: torch.Tensor | None) -> torch.Tensor:
+        if self.embed_timestep is None or timesteps is None:
+            raise ValueError("this policy embeds the episode timestep: pass the timestep of every step")
+        return self.embed_timestep(timesteps.clamp(0, self.config.max_ep_len - 1))
 
     def _blocks(
         self, x: torch.Tensor, mask: torch.Tensor | None, state: list[BlockState] | None
@@ -117,17 +119,23 @@ class DMMPolicy(nn.Module):
         obs: torch.Tensor,
         prev_action: torch.Tensor,
         has_prev: torch.Tensor,
+        timesteps: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[BlockState]]:
         """One recurrent step for a batch of sequences: O(1) in the episode length.
 
         Feeds the tokens (a_{t-1}, rtg_t, s_t); ``has_prev`` [b] is False for sequences at t = 0,
         whose a_{t-1} slot is padding (their state must be the initial one). rtg [b, 1] scaled,
-        obs [b, S] normalized, prev_action [b, A]. Returns a_t [b, A] and the new state.
+        obs [b, S] normalized, prev_action [b, A]; ``timesteps`` [b] is t, needed only by a policy
+        with a timestep embedding. Returns a_t [b, A] and the new state.
         """
         b = obs.shape[0]
         tokens = torch.stack(
             [self.embed_action(prev_action), self.embed_rtg(rtg), self.embed_state(obs)], dim=1
         )
+        if self.embed_timestep is not None:
+            t = self._timestep_embedding(timesteps)
+            previous = self._timestep_embedding((timesteps - 1).clamp(min=0))
+            tokens = tokens + torch.stack([previous, t, t], dim=1)
         tokens = self.embed_drop(self.embed_ln(tokens))
         mask = torch.ones(b, TOKENS_PER_STEP, dtype=torch.bool, device=obs.device)
         mask[:, 0] = has_prev
