@@ -88,6 +88,10 @@ class AuthorsDMM(nn.Module):
         self.embed_action = nn.Linear(config.act_dim, d)
         self.embed_ln = nn.LayerNorm(d)
         self.predict_action = nn.Linear(d, config.act_dim)
+        # Not in their class: DT's timestep embedding, for the study's "+ timestep" variant only.
+        self.embed_timestep = nn.Embedding(config.max_ep_len, d) if config.uses_timesteps else None
+        if self.embed_timestep is not None:
+            nn.init.normal_(self.embed_timestep.weight, std=0.02)  # as DMMPolicy's
 
     def forward(
         self,
@@ -97,11 +101,13 @@ class AuthorsDMM(nn.Module):
         mask: torch.Tensor | None = None,
         timesteps: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The interface of :meth:`DMMPolicy.forward` (``timesteps`` is ignored, as theirs has none)."""
+        """The interface of :meth:`DMMPolicy.forward` (``timesteps`` only with ``timestep_embedding``)."""
         b, T = states.shape[:2]
         stacked = torch.stack(
             [self.embed_return(rtg), self.embed_state(states), self.embed_action(actions)], dim=2
         )
+        if self.embed_timestep is not None:
+            stacked = stacked + self.embed_timestep(timesteps).unsqueeze(2)
         h = self.drop(self.embed_ln(stacked.reshape(b, TOKENS_PER_STEP * T, -1)))
         token_mask = None if mask is None else mask.repeat_interleave(TOKENS_PER_STEP, dim=1)
         keep = 1.0 if token_mask is None else token_mask.unsqueeze(-1).to(h.dtype)

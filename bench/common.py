@@ -64,6 +64,12 @@ VARIANTS: dict[str, Variant] = {
             "dt-no-timestep", "DT (K=20) without timestep embedding", "dt", {"timestep_embedding": False}
         ),
         Variant("authors", "the authors' DMM class (bench/authors_dmm.py)", "authors"),
+        Variant(
+            "authors-timestep",
+            "the authors' DMM class + timestep embedding",
+            "authors",
+            {"timestep_embedding": True},
+        ),
     )
 }
 ABLATIONS = ("conv-local", "attention-global")
