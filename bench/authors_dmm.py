@@ -89,7 +89,7 @@ class AuthorsDMM(nn.Module):
         self.embed_ln = nn.LayerNorm(d)
         self.predict_action = nn.Linear(d, config.act_dim)
         # Not in their class: DT's timestep embedding, for the study's "+ timestep" variant only.
-        self.embed_timestep = nn.Embedding(config.max_ep_len, d) if config.uses_timesteps else None
+        self.embed_timestep = nn.Embedding(config.max_ep_len, d) if config.timestep_embedding else None
         if self.embed_timestep is not None:
             nn.init.normal_(self.embed_timestep.weight, std=0.02)  # as DMMPolicy's
 

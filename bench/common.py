@@ -63,7 +63,13 @@ VARIANTS: dict[str, Variant] = {
         Variant(
             "dt-no-timestep", "DT (K=20) without timestep embedding", "dt", {"timestep_embedding": False}
         ),
-        Variant("authors", "the authors' DMM class (bench/authors_dmm.py)", "authors"),
+        Variant("dmm-paper", "DMM as printed (no timestep embedding)", model={"timestep_embedding": False}),
+        Variant(
+            "authors",
+            "the authors' DMM class (bench/authors_dmm.py)",
+            "authors",
+            {"timestep_embedding": False},
+        ),
         Variant(
             "authors-timestep",
             "the authors' DMM class + timestep embedding",

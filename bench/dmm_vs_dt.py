@@ -76,7 +76,7 @@ def rtg_sensitivity(model: Any, sampler: Any, seed: int) -> dict[str, float]:
     rtg, states, actions, mask, timesteps = (
         torch.from_numpy(x) for x in (batch.rtg, batch.states, batch.actions, batch.mask, batch.timesteps)
     )
-    ts = timesteps if model.config.uses_timesteps else None
+    ts = timesteps if model.config.timestep_embedding else None
     shift = RTG_SHIFT / sampler.rtg_scale
     with torch.inference_mode():
         base = model(rtg, states, actions, mask, ts)[:, -1]

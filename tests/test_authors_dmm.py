@@ -10,7 +10,7 @@ from dmm.model import DMMConfig
 
 def _model() -> AuthorsDMM:
     torch.manual_seed(0)
-    model = AuthorsDMM(DMMConfig(state_dim=5, act_dim=2, context=4)).double().eval()
+    model = AuthorsDMM(DMMConfig(state_dim=5, act_dim=2, context=4, timestep_embedding=False)).double().eval()
     return model
 
 

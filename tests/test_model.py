@@ -117,7 +117,7 @@ def _episode(T, S=5, A=2, seed=0):
 VARIANTS = [
     {},
     {"residual": "stream"},
-    {"timestep_embedding": True},
+    {"timestep_embedding": False},
     {"local_mixer": "conv"},
     {"global_mixer": "attention", "n_head": 2},
     {"architecture": "dt", "n_head": 2},
@@ -191,9 +191,7 @@ def _reference(model, states, rtgs, actions, t, context=None):
         return model(r.float(), s[None].float(), a[None].float(), timesteps=timesteps)[0, -1].numpy()
 
 
-@pytest.mark.parametrize(
-    "overrides", [{}, {"residual": "stream"}, {"residual": "stream", "timestep_embedding": True}]
-)
+@pytest.mark.parametrize("overrides", [{}, {"residual": "stream"}, {"timestep_embedding": False}])
 def test_recurrent_equals_window_before_context_and_each_equals_full_forward(overrides):
     model = _policy(**overrides).float()
     K = model.config.context
@@ -233,7 +231,7 @@ def test_dt_window_runner_equals_full_forward_with_timesteps():
         ("window", {}),
         ("recurrent", {}),
         ("window", {"architecture": "dt"}),
-        ("recurrent", {"residual": "stream", "timestep_embedding": True}),
+        ("recurrent", {"residual": "stream", "timestep_embedding": False}),
     ],
 )
 def test_runner_batches_independent_episodes_at_different_steps(mode, overrides):
@@ -309,9 +307,35 @@ def test_a_fresh_policy_sees_the_magnitude_of_the_return_to_go_and_the_state():
     torch.manual_seed(0)
     model = DMMPolicy(DMMConfig(state_dim=5, act_dim=2)).eval()
     rtg, states, actions = (x.float() for x in _episode(4))
-    base = model(rtg.abs(), states, actions)
-    assert not torch.allclose(model(3 * rtg.abs(), states, actions), base, atol=1e-4)
-    assert not torch.allclose(model(rtg.abs(), 2 * states, actions), base, atol=1e-4)
+    t = torch.arange(4).unsqueeze(0)
+    base = model(rtg.abs(), states, actions, timesteps=t)
+    assert not torch.allclose(model(3 * rtg.abs(), states, actions, timesteps=t), base, atol=1e-4)
+    assert not torch.allclose(model(rtg.abs(), 2 * states, actions, timesteps=t), base, atol=1e-4)
+
+
+def test_the_default_policy_knows_the_episode_step():
+    """An RTG means little without the step it is read at: 'r left at step t' (the study in
+    bench/results/dmm-vs-dt: without the step, DMM and DT stop following the target return). The
+    same window must give other actions at another point of the episode, trained or not."""
+    torch.manual_seed(0)
+    model = DMMPolicy(DMMConfig(state_dim=5, act_dim=2)).eval()
+    rtg, states, actions = (x.float() for x in _episode(4))
+    early = model(rtg, states, actions, timesteps=torch.arange(4).unsqueeze(0))
+    late = model(rtg, states, actions, timesteps=torch.arange(500, 504).unsqueeze(0))
+    assert not torch.allclose(early, late, atol=1e-4)
+    with pytest.raises(ValueError, match="timestep"):
+        model(rtg, states, actions)
+
+
+def test_configs_written_before_the_timestep_option_load_as_they_were_trained():
+    from dmm.model.checkpoint import policy_from_config
+
+    meta = {"env": "e", "env_id": "E-v0", "state_mean": [0.0], "state_std": [1.0], "rtg_scale": 1.0}
+    meta["target_return"] = 1.0
+    for architecture, expected in (("dmm", False), ("dt", True)):
+        model = {"architecture": architecture, "state_dim": 1, "act_dim": 1}
+        config, _ = policy_from_config({"format": 1, "model": model, "meta": meta})
+        assert config.timestep_embedding is expected
 
 
 @pytest.mark.cuda

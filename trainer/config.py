@@ -30,7 +30,7 @@ class ModelSettings(BaseModel):
     global_mixer: Literal["mamba", "attention"] = "mamba"
     n_head: int = Field(1, gt=0)
     residual: Literal["normalized", "stream"] = "normalized"
-    timestep_embedding: bool | None = None
+    timestep_embedding: bool = True
     max_ep_len: int = Field(1000, gt=0)
 
     @model_validator(mode="after")

@@ -108,7 +108,7 @@ class TrainStep:
             for x in (batch.rtg, batch.states, batch.actions, batch.mask, batch.timesteps)
         )
         pred = self._predict(
-            rtg, states, actions, mask, timesteps if self.model.config.uses_timesteps else None
+            rtg, states, actions, mask, timesteps if self.model.config.timestep_embedding else None
         )
         loss = masked_action_mse(pred, actions, mask)
         self.optimizer.zero_grad(set_to_none=True)

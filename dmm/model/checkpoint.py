@@ -56,7 +56,10 @@ def policy_from_config(config: dict[str, Any]) -> tuple[DMMConfig, PolicyMeta]:
     if config.get("format") != FORMAT_VERSION:
         raise ValueError(f"unsupported policy format {config.get('format')!r}")
     try:
-        return DMMConfig(**config["model"]), PolicyMeta(**config["meta"])
+        model = dict(config["model"])
+        # Written before the option existed, when only the Decision Transformer embedded timesteps.
+        model.setdefault("timestep_embedding", model.get("architecture") == "dt")
+        return DMMConfig(**model), PolicyMeta(**config["meta"])
     except (KeyError, TypeError, ValidationError) as err:
         raise ValueError(f"invalid policy config: {err}") from err
 

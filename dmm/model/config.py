@@ -40,8 +40,10 @@ class DMMConfig(BaseModel):
         description="normalized: eq. 3 as printed, each mixer adds to its normalized input; "
         "stream: pre-norm residual stream (x + DSM(LN x), then + Mamba(LN .)), as in the authors' code",
     )
-    timestep_embedding: bool | None = Field(
-        None, description="learned embedding of the episode step added to every token (None: DT only)"
+    timestep_embedding: bool = Field(
+        True,
+        description="a learned embedding of the episode step added to every token, as in DT "
+        "(not in the paper: without it DMM cannot tell 'rtg r at step t' and follows the target far less)",
     )
     max_ep_len: int = Field(1000, gt=0, description="size of the timestep embedding table")
 
@@ -65,13 +67,6 @@ class DMMConfig(BaseModel):
     def supports_recurrent(self) -> bool:
         """Recurrent inference needs a global mixer with a fixed-size state (Mamba, not attention)."""
         return self.architecture == "dmm" and self.global_mixer == "mamba"
-
-    @property
-    def uses_timesteps(self) -> bool:
-        """DT adds a learned embedding of the episode timestep; DMM by default has no positional input."""
-        if self.timestep_embedding is not None:
-            return self.timestep_embedding
-        return self.architecture == "dt"
 
 
 class PolicyMeta(BaseModel):

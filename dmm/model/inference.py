@@ -133,7 +133,7 @@ class PolicyRunner:
             first_real = torch.as_tensor(span - lengths, device=self.device)
             mask = torch.arange(span, device=self.device).unsqueeze(0) >= first_real.unsqueeze(1)
         timesteps = None
-        if self.policy.config.uses_timesteps:
+        if self.policy.config.timestep_embedding:
             first = torch.as_tensor(steps + 1 - span, device=self.device)
             timesteps = (first.unsqueeze(1) + torch.arange(span, device=self.device)).clamp(min=0)
         window = (hist_rtg[:, K - span :], hist_obs[:, K - span :], hist_act[:, K - span :])

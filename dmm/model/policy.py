@@ -34,7 +34,7 @@ class DMMPolicy(nn.Module):
         self.embed_drop = nn.Dropout(config.dropout)
         block = GPTBlock if config.architecture == "dt" else DMMBlock
         self.blocks = nn.ModuleList(block(config) for _ in range(config.n_layer))
-        self.embed_timestep = nn.Embedding(config.max_ep_len, d) if config.uses_timesteps else None
+        self.embed_timestep = nn.Embedding(config.max_ep_len, d) if config.timestep_embedding else None
         self.ln_f = nn.LayerNorm(d)
         self.head = nn.Linear(d, config.act_dim)
         if self.embed_timestep is not None:
