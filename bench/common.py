@@ -53,8 +53,16 @@ VARIANTS: dict[str, Variant] = {
             "attention-global", "DMM, attention global mixer (ablation)", model={"global_mixer": "attention"}
         ),
         Variant("dmm-k20", "DMM (K=20)", model={"context": 20}),
-        Variant("dmm-stream", "DMM, residual stream", model={"residual": "stream"}),
-        Variant("dmm-timestep", "DMM + timestep embedding", model={"timestep_embedding": True}),
+        Variant(
+            "dmm-stream",
+            "DMM, residual stream, no timestep embedding",
+            model={"residual": "stream", "timestep_embedding": False},
+        ),
+        Variant(
+            "dmm-timestep",
+            "DMM (eq. 3 residual) + timestep embedding",
+            model={"residual": "normalized", "timestep_embedding": True},
+        ),
         Variant(
             "dmm-stream-timestep",
             "DMM, residual stream + timestep embedding",
@@ -63,7 +71,11 @@ VARIANTS: dict[str, Variant] = {
         Variant(
             "dt-no-timestep", "DT (K=20) without timestep embedding", "dt", {"timestep_embedding": False}
         ),
-        Variant("dmm-paper", "DMM as printed (no timestep embedding)", model={"timestep_embedding": False}),
+        Variant(
+            "dmm-paper",
+            "DMM as printed (eq. 3 residual, no timestep embedding)",
+            model={"residual": "normalized", "timestep_embedding": False},
+        ),
         Variant(
             "authors",
             "the authors' DMM class (bench/authors_dmm.py)",
