@@ -192,20 +192,59 @@ def load_runs(out: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
 
 
+DEFAULT_TARGET = 3600.0
+
+
 def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per variant: seeds, and per target the mean ± std over seeds of the per-seed mean score."""
+    """Per variant (in ``VARIANTS`` order): seeds, and per target the per-seed mean scores,
+    fall rates and mean episode lengths; final losses and RTG sensitivities."""
     out: dict[str, dict[str, Any]] = {}
-    for run in runs:
+    for run in sorted(runs, key=lambda r: (list(VARIANTS).index(r["variant"]), r["seed"])):
         entry = out.setdefault(
-            run["variant"], {"seeds": [], "targets": {}, "loss": [], "sens": [], "fell": {}}
+            run["variant"], {"seeds": [], "targets": {}, "loss": [], "sens": [], "fell": {}, "length": {}}
         )
         entry["seeds"].append(run["seed"])
         entry["loss"].append(run["final_loss"])
         entry["sens"].append(run["sensitivity"]["action_change_rel"])
         for ev in run["evals"]:
-            entry["targets"].setdefault(ev["target_return"], []).append(ev["normalized_mean"])
-            entry["fell"].setdefault(ev["target_return"], []).append(ev["fell"])
+            target = ev["target_return"]
+            entry["targets"].setdefault(target, []).append(ev["normalized_mean"])
+            entry["fell"].setdefault(target, []).append(ev["fell"])
+            entry["length"].setdefault(target, []).append(ev["mean_length"])
     return out
+
+
+def _over_seeds(values: list[float] | None) -> str:
+    if not values:
+        return "-"
+    return f"{values[0]:.1f}" if len(values) == 1 else f"{np.mean(values):.1f} ± {np.std(values):.1f}"
+
+
+def table_rows(summary: dict[str, dict[str, Any]], targets: list[float]) -> list[list[str]]:
+    rows = []
+    for variant, s in summary.items():
+        at_default = s["targets"].get(DEFAULT_TARGET, [])
+        fell = s["fell"].get(DEFAULT_TARGET, [])
+        rows.append(
+            [
+                VARIANTS[variant].label,
+                ",".join(map(str, s["seeds"])),
+                *(_over_seeds(s["targets"].get(t)) for t in targets),
+                " / ".join(f"{v:.1f}" for v in at_default) or "-",
+                f"{100 * np.mean(fell):.0f}%" if fell else "-",
+                f"{np.mean(s['length'].get(DEFAULT_TARGET, [np.nan])):.0f}",
+                f"{np.mean(s['loss']):.4f}",
+                f"{np.mean(s['sens']):.3f}",
+            ]
+        )
+    return rows
+
+
+def reproduce_command(summary: dict[str, dict[str, Any]], first: dict[str, Any]) -> str:
+    """One command that would produce every run in the table (seeds per variant in the table)."""
+    seeds = sorted({seed for s in summary.values() for seed in s["seeds"]})
+    argv = ["--variants", *summary, "--seeds", *map(str, seeds), "--updates", str(first["updates"])]
+    return command_line(MODULE, argv)
 
 
 def report(args: argparse.Namespace) -> None:
@@ -214,23 +253,17 @@ def report(args: argparse.Namespace) -> None:
         raise SystemExit(f"no finished runs under {args.out / 'runs'}")
     summary = summarize(runs)
     targets = sorted({t for s in summary.values() for t in s["targets"]})
-    rows = []
-    for variant, s in summary.items():
-        cells = [
-            f"{np.mean(v):.1f} ± {np.std(v):.1f}" if (v := s["targets"].get(t)) else "-" for t in targets
-        ]
-        fell = s["fell"].get(3600.0, [])
-        rows.append(
-            [
-                VARIANTS[variant].label,
-                ",".join(map(str, sorted(s["seeds"]))),
-                *cells,
-                f"{100 * np.mean(fell):.0f}%" if fell else "-",
-                f"{np.mean(s['loss']):.4f}",
-                f"{np.mean(s['sens']):.3f}",
-            ]
-        )
-    headers = ["variant", "seeds", *(f"target {t:g}" for t in targets), "fell (3600)", "loss", "RTG sens."]
+    headers = [
+        "variant",
+        "seeds",
+        *(f"target {t:g}" for t in targets),
+        f"per seed ({DEFAULT_TARGET:g})",
+        "fell",
+        "mean length",
+        "loss",
+        "RTG sens.",
+    ]
+    rows = table_rows(summary, targets)
     fig, axes = new_figure()
     for variant, s in summary.items():
         ts = sorted(s["targets"])
@@ -246,12 +279,14 @@ def report(args: argparse.Namespace) -> None:
         SCRIPT,
         f"DMM vs DT variants at {first['updates']:,} updates",
         markdown_table(headers, rows),
-        {"machine": machine(), "command": first.get("command", ""), "date": now_utc(), "runs": runs},
+        {"machine": machine(), "command": reproduce_command(summary, first), "date": now_utc(), "runs": runs},
         fig,
         notes=[
             f"data: {data_label(Path(args.dataset).stem, 'Hopper-v4')}",
             "score: mean ± std over seeds of each seed's mean normalized return (final checkpoint, "
             f"{first['evals'][0]['episodes']} episodes per target, window mode)",
+            f"per seed, fell, mean length: at target {DEFAULT_TARGET:g}; fell = episodes that ended "
+            "before the time limit (the hopper fell)",
             f"RTG sens.: mean |Δaction| when the window's return-to-go rises by {RTG_SHIFT:g}, "
             "over the std of the dataset's actions (fixed dataset windows)",
         ],
