@@ -157,6 +157,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--report", action="store_true", help="only tabulate the finished runs")
     p.add_argument("--quick", action="store_true", help="smoke test: 20 updates, 2 episodes, one target")
     args = p.parse_args(argv)
+    args.command = command_line(MODULE, argv)
     if args.quick:
         args.updates, args.episodes, args.num_envs, args.targets, args.compile = 20, 2, 2, [3600.0], False
     return args
@@ -183,7 +184,7 @@ def run_all(args: argparse.Namespace) -> None:
             if "error" in result:
                 print(f"{variant} seed {seed}: {result['error']}", file=sys.stderr)
                 continue
-            result["command"] = command_line(MODULE, sys.argv[1:])
+            result["command"] = args.command
             path.write_text(json.dumps(result, indent=2) + "\n")
             print(f"{path.name}: written")
 
@@ -279,9 +280,10 @@ def report(args: argparse.Namespace) -> None:
         SCRIPT,
         f"DMM vs DT variants at {first['updates']:,} updates",
         markdown_table(headers, rows),
-        {"machine": machine(), "command": reproduce_command(summary, first), "date": now_utc(), "runs": runs},
+        {"machine": machine(), "command": args.command, "date": now_utc(), "runs": runs},
         fig,
         notes=[
+            f"all runs of the table: `{reproduce_command(summary, first)}`",
             f"data: {data_label(Path(args.dataset).stem, 'Hopper-v4')}",
             "score: mean ± std over seeds of each seed's mean normalized return (final checkpoint, "
             f"{first['evals'][0]['episodes']} episodes per target, window mode)",

@@ -116,7 +116,7 @@ def _episode(T, S=5, A=2, seed=0):
 
 VARIANTS = [
     {},
-    {"residual": "stream"},
+    {"residual": "normalized"},
     {"timestep_embedding": False},
     {"local_mixer": "conv"},
     {"global_mixer": "attention", "n_head": 2},
@@ -231,7 +231,7 @@ def test_dt_window_runner_equals_full_forward_with_timesteps():
         ("window", {}),
         ("recurrent", {}),
         ("window", {"architecture": "dt"}),
-        ("recurrent", {"residual": "stream", "timestep_embedding": False}),
+        ("recurrent", {"residual": "normalized", "timestep_embedding": False}),
     ],
 )
 def test_runner_batches_independent_episodes_at_different_steps(mode, overrides):
@@ -327,7 +327,7 @@ def test_the_default_policy_knows_the_episode_step():
         model(rtg, states, actions)
 
 
-def test_configs_written_before_the_timestep_option_load_as_they_were_trained():
+def test_configs_written_before_the_residual_and_timestep_options_load_as_they_were_trained():
     from dmm.model.checkpoint import policy_from_config
 
     meta = {"env": "e", "env_id": "E-v0", "state_mean": [0.0], "state_std": [1.0], "rtg_scale": 1.0}
@@ -335,7 +335,7 @@ def test_configs_written_before_the_timestep_option_load_as_they_were_trained():
     for architecture, expected in (("dmm", False), ("dt", True)):
         model = {"architecture": architecture, "state_dim": 1, "act_dim": 1}
         config, _ = policy_from_config({"format": 1, "model": model, "meta": meta})
-        assert config.timestep_embedding is expected
+        assert config.timestep_embedding is expected and config.residual == "normalized"
 
 
 @pytest.mark.cuda

@@ -29,7 +29,7 @@ class ModelSettings(BaseModel):
     local_mixer: Literal["dsm", "conv"] = "dsm"
     global_mixer: Literal["mamba", "attention"] = "mamba"
     n_head: int = Field(1, gt=0)
-    residual: Literal["normalized", "stream"] = "normalized"
+    residual: Literal["stream", "normalized"] = "stream"
     timestep_embedding: bool = True
     max_ep_len: int = Field(1000, gt=0)
 

@@ -57,7 +57,8 @@ def policy_from_config(config: dict[str, Any]) -> tuple[DMMConfig, PolicyMeta]:
         raise ValueError(f"unsupported policy format {config.get('format')!r}")
     try:
         model = dict(config["model"])
-        # Written before the option existed, when only the Decision Transformer embedded timesteps.
+        # Written before these options existed: eq. 3's residual, and only DT embedded timesteps.
+        model.setdefault("residual", "normalized")
         model.setdefault("timestep_embedding", model.get("architecture") == "dt")
         return DMMConfig(**model), PolicyMeta(**config["meta"])
     except (KeyError, TypeError, ValidationError) as err:

@@ -35,10 +35,10 @@ class DMMConfig(BaseModel):
     local_mixer: Literal["dsm", "conv"] = "dsm"
     global_mixer: Literal["mamba", "attention"] = "mamba"
     n_head: int = Field(1, gt=0, description="attention heads (attention global mixer, DT)")
-    residual: Literal["normalized", "stream"] = Field(
-        "normalized",
-        description="normalized: eq. 3 as printed, each mixer adds to its normalized input; "
-        "stream: pre-norm residual stream (x + DSM(LN x), then + Mamba(LN .)), as in the authors' code",
+    residual: Literal["stream", "normalized"] = Field(
+        "stream",
+        description="stream: a pre-norm residual stream, x + DSM(LN1 x) then + Mamba(LN2 .), as the "
+        "authors' code does; normalized: eq. 3 as printed, each mixer adds to its normalized input",
     )
     timestep_embedding: bool = Field(
         True,
