@@ -353,3 +353,17 @@ def test_cuda_backend_matches_torch_backend(with_h0):
     y_ref, h_ref = scan.selective_scan(u, delta, A, B, C, D, h0, backend="torch")
     torch.testing.assert_close(y_cuda, y_ref, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(h_cuda, h_ref, rtol=1e-3, atol=1e-3)
+
+
+def test_the_default_block_passes_its_input_through_a_residual_stream():
+    """With both mixers silenced, a block must hand on its input unchanged (pre-norm residual,
+    as the authors' code); eq. 3 as printed would hand on LN2(LN1(x)) and lose the scale of x."""
+    torch.manual_seed(0)
+    block = DMMPolicy(DMMConfig(state_dim=5, act_dim=2)).blocks[0].eval()
+    with torch.no_grad():
+        block.local.proj.weight.zero_()
+        block.local.proj.bias.zero_()
+        block.global_mixer.out_proj.weight.zero_()
+    x = 5.0 * torch.randn(2, 6, 64) + 3.0
+    y, _ = block(x)
+    torch.testing.assert_close(y, x)
