@@ -54,16 +54,15 @@ SENSITIVITY_WINDOWS = 2048
 
 
 def build_model(variant: str, cfg: Any, dataset: Any) -> Any:
-    """The variant's untrained model (the trainer's ``build_policy``, or the authors' class)."""
-    from dmm.model import DMMConfig
+    """The variant's untrained model (the trainer's ``build_policy``, or the authors' class built
+    from the same config right after it, in the random state ``build_policy`` seeded)."""
     from dmm.trainer.train import build_policy
 
     model, meta = build_policy(cfg, dataset)
     if VARIANTS[variant].architecture == "authors":
         from bench.authors_dmm import AuthorsDMM
 
-        config = DMMConfig(state_dim=dataset.obs_dim, act_dim=dataset.act_dim, **cfg.model.model_dump())
-        model = AuthorsDMM(config)
+        model = AuthorsDMM(model.config)
     return model, meta
 
 

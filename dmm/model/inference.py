@@ -149,7 +149,9 @@ class PolicyRunner:
         local, ssm = b["local"][idx], b["ssm"][idx]  # [B, n_layer, ...]
         state = [BlockState(local[:, i], ssm[:, i]) for i in range(local.shape[1])]
         has_prev = torch.as_tensor(steps > 0, device=self.device)
-        timesteps = torch.as_tensor(steps, device=self.device)
+        timesteps = (
+            torch.as_tensor(steps, device=self.device) if self.policy.config.timestep_embedding else None
+        )
         action, new_state = self.model.step(state, rtg, obs, b["prev_action"][idx], has_prev, timesteps)
         b["local"][idx] = torch.stack([s.local for s in new_state], dim=1)
         b["ssm"][idx] = torch.stack([s.ssm for s in new_state], dim=1)

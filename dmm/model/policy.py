@@ -61,7 +61,8 @@ class DMMPolicy(nn.Module):
         return self.embed_drop(self.embed_ln(stacked.reshape(b, TOKENS_PER_STEP * T, -1)))
 
     def _timestep_embedding(self, timesteps: torch.Tensor | None) -> torch.Tensor:
-        if self.embed_timestep is None or timesteps is None:
+        """Embeddings of episode steps (call only when ``embed_timestep`` exists)."""
+        if timesteps is None:
             raise ValueError("this policy embeds the episode timestep: pass the timestep of every step")
         return self.embed_timestep(timesteps.clamp(0, self.config.max_ep_len - 1))
 
