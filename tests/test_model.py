@@ -5,25 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from scan_reference import naive_scan
 
+from dmm.errors import ConfigError
 from dmm.model import DMMConfig, DMMPolicy, LoadedPolicy, PolicyMeta, PolicyRunner, scan
 from dmm.model.local_mixer import DenseSequenceMixer
 from dmm.model.mamba import ModifiedMamba
 from dmm.model.scan import resolve_backend, selective_scan_torch
-
-
-def naive_scan(u, delta, A, B, C, D, h0=None):
-    """Per-timestep, per-channel loop straight from the recurrence."""
-    b, L, d = u.shape
-    n = A.shape[1]
-    y = torch.zeros_like(u)
-    h = torch.zeros(b, d, n, dtype=u.dtype) if h0 is None else h0.clone()
-    for i in range(b):
-        for t in range(L):
-            for c in range(d):
-                h[i, c] = torch.exp(delta[i, t, c] * A[c]) * h[i, c] + delta[i, t, c] * B[i, t] * u[i, t, c]
-                y[i, t, c] = (C[i, t] * h[i, c]).sum() + D[c] * u[i, t, c]
-    return y, h
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 5, 3, 4), (3, 24, 4, 16), (2, 9, 8, 2)])
@@ -81,8 +69,8 @@ def test_zero_delta_leaves_state_untouched():
 
 
 def test_cpu_never_selects_cuda_backend():
-    assert resolve_backend("auto", torch.device("cpu")) == "torch"
-    with pytest.raises(RuntimeError, match="CUDA"):
+    assert resolve_backend("auto", torch.device("cpu")) == "numba"
+    with pytest.raises(ConfigError, match="CUDA"):
         resolve_backend("cuda", torch.device("cpu"))
 
 
@@ -191,8 +179,10 @@ def _reference(model, states, rtgs, actions, t, context=None):
         return model(r.float(), s[None].float(), a[None].float(), timesteps=timesteps)[0, -1].numpy()
 
 
-@pytest.mark.parametrize("overrides", [{}, {"residual": "stream"}, {"timestep_embedding": False}])
-def test_recurrent_equals_window_before_context_and_each_equals_full_forward(overrides):
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+@pytest.mark.parametrize("overrides", [{}, {"residual": "normalized"}, {"timestep_embedding": False}])
+def test_recurrent_equals_window_before_context_and_each_equals_full_forward(overrides, backend, monkeypatch):
+    monkeypatch.setenv(scan.ENV_VAR, backend)
     model = _policy(**overrides).float()
     K = model.config.context
     rng = np.random.default_rng(0)
@@ -234,8 +224,10 @@ def test_dt_window_runner_equals_full_forward_with_timesteps():
         ("recurrent", {"residual": "normalized", "timestep_embedding": False}),
     ],
 )
-def test_runner_batches_independent_episodes_at_different_steps(mode, overrides):
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_runner_batches_independent_episodes_at_different_steps(mode, overrides, backend, monkeypatch):
     """Slots that start at different times and share forwards get their own single-slot actions."""
+    monkeypatch.setenv(scan.ENV_VAR, backend)
     model = _policy(seed=3, **overrides).float()
     rng = np.random.default_rng(1)
     T, n = 12, 3

@@ -35,6 +35,9 @@ class BlockState:
 
     local: torch.Tensor  # [b, k-1, d]: the last k-1 inputs of the local mixer
     ssm: torch.Tensor  # [b, d_inner, d_state]: the selective-scan state
+    # With slots [b], local and ssm are buffers of S sequences ([S, k-1, d], [S, d_inner, d_state])
+    # and the batch is their rows ``slots``, which the block updates in place (a server's slot table).
+    slots: torch.Tensor | None = None
 
 
 class DMMBlock(nn.Module):
@@ -62,12 +65,13 @@ class DMMBlock(nn.Module):
         x_t = self.ln1(x)
         if mask is not None:
             x_t = x_t * mask.unsqueeze(-1).to(x_t.dtype)
-        local, local_cache = self.local(x_t, None if state is None else state.local)
+        slots = None if state is None else state.slots
+        local, local_cache = self.local(x_t, None if state is None else state.local, slots)
         z = (x if self.stream else x_t) + self.drop(local)
         z_t = self.ln2(z)
         if isinstance(self.global_mixer, ModifiedMamba):
-            mixed, ssm = self.global_mixer(z_t, mask, None if state is None else state.ssm)
-            new_state: BlockState | None = BlockState(local_cache, ssm)
+            mixed, ssm = self.global_mixer(z_t, mask, None if state is None else state.ssm, slots)
+            new_state: BlockState | None = BlockState(local_cache, ssm, slots)
         else:
             if state is not None:
                 raise ValueError("an attention global mixer has no recurrent state")

@@ -51,16 +51,16 @@ class PolicyRunner:
         self._grow(max(1, capacity))
 
     def _buffer_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Per-slot buffer shapes; the slot axis is 0 for window buffers, 1 for per-layer ones."""
+        """Per-slot buffer shapes (the slot axis is 0); one local-mixer and one scan buffer per layer."""
         cfg = self.policy.config
         if self.mode == "window":
             K = self.context
             return {"rtg": (K, 1), "obs": (K, self.state_dim), "act": (K, self.act_dim)}
-        return {
-            "local": (cfg.n_layer, cfg.dsm_window - 1, cfg.d_model),
-            "ssm": (cfg.n_layer, cfg.d_inner, cfg.d_state),
-            "prev_action": (self.act_dim,),
-        }
+        per_layer = {}
+        for layer in range(cfg.n_layer):
+            per_layer[f"local.{layer}"] = (cfg.dsm_window - 1, cfg.d_model)
+            per_layer[f"ssm.{layer}"] = (cfg.d_inner, cfg.d_state)
+        return {**per_layer, "prev_action": (self.act_dim,)}
 
     def _grow(self, capacity: int) -> None:
         if capacity <= self.capacity:
@@ -145,15 +145,14 @@ class PolicyRunner:
     def _recurrent_step(
         self, idx: torch.Tensor, obs: torch.Tensor, rtg: torch.Tensor, steps: np.ndarray
     ) -> torch.Tensor:
+        """The blocks update their rows of the slot buffers in place: no per-step state copies."""
         b = self._buffers
-        local, ssm = b["local"][idx], b["ssm"][idx]  # [B, n_layer, ...]
-        state = [BlockState(local[:, i], ssm[:, i]) for i in range(local.shape[1])]
+        n_layer = self.policy.config.n_layer
+        state = [BlockState(b[f"local.{i}"], b[f"ssm.{i}"], slots=idx) for i in range(n_layer)]
         has_prev = torch.as_tensor(steps > 0, device=self.device)
         timesteps = (
             torch.as_tensor(steps, device=self.device) if self.policy.config.timestep_embedding else None
         )
-        action, new_state = self.model.step(state, rtg, obs, b["prev_action"][idx], has_prev, timesteps)
-        b["local"][idx] = torch.stack([s.local for s in new_state], dim=1)
-        b["ssm"][idx] = torch.stack([s.ssm for s in new_state], dim=1)
+        action, _ = self.model.step(state, rtg, obs, b["prev_action"][idx], has_prev, timesteps)
         b["prev_action"][idx] = action
         return action

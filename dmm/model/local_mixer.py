@@ -20,18 +20,23 @@ class CausalLocalMixer(nn.Module):
         self.window = window
 
     def forward(
-        self, x: torch.Tensor, cache: torch.Tensor | None = None
+        self, x: torch.Tensor, cache: torch.Tensor | None = None, slots: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x [b, L, d]; cache [b, k-1, d] holds the tokens before x (zeros at a sequence start).
 
+        With ``slots`` [b], ``cache`` is a buffer [S, k-1, d] whose rows ``slots`` are the batch's
+        caches; they are updated in place and the buffer is returned.
         Returns the mixed tokens [b, L, d] and the new cache (the last k-1 tokens seen).
         """
         b, _, d = x.shape
         if cache is None:
             cache = x.new_zeros(b, self.window - 1, d)
-        padded = torch.cat([cache, x], dim=1)  # [b, L + k - 1, d]
+        padded = torch.cat([cache if slots is None else cache[slots], x], dim=1)  # [b, L + k - 1, d]
         windows = padded.unfold(1, self.window, 1).transpose(2, 3)  # [b, L, k, d]
-        return self._mix(windows), padded[:, padded.shape[1] - (self.window - 1) :]
+        last = padded[:, padded.shape[1] - (self.window - 1) :]
+        if slots is None:
+            return self._mix(windows), last
+        return self._mix(windows), cache.index_copy_(0, slots, last)
 
     def _mix(self, windows: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmm.model.scan import Backend, selective_scan
+from dmm.model.scan import Backend, selective_scan, selective_scan_slots_
 
 
 class ModifiedMamba(nn.Module):
@@ -32,7 +32,7 @@ class ModifiedMamba(nn.Module):
         self.d_inner = expand * d_model
         self.d_state = d_state
         self.dt_rank = dt_rank if dt_rank is not None else math.ceil(d_model / 16)
-        self.scan_backend: Backend = "auto"
+        self.scan_backend: Backend | None = None  # None: the process default (dmm.model.scan)
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
@@ -57,10 +57,16 @@ class ModifiedMamba(nn.Module):
         self.D.fill_(1.0)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, state: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        state: torch.Tensor | None = None,
+        slots: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x [b, L, d]; mask [b, L] (False = padding, made a no-op); state [b, d_inner, d_state].
 
+        With ``slots`` [b], ``state`` is a buffer [S, d_inner, d_state] whose rows ``slots`` hold the
+        batch's states; they are updated in place and the buffer is returned.
         Returns y [b, L, d] and the SSM state after the last token.
         """
         xz = self.in_proj(x)
@@ -71,5 +77,10 @@ class ModifiedMamba(nn.Module):
         if mask is not None:
             delta = delta * mask.unsqueeze(-1).to(delta.dtype)
         A = -torch.exp(self.A_log.float())
-        y, h = selective_scan(u, delta, A, B, C, self.D, h0=state, backend=self.scan_backend)
+        if slots is None:
+            y, h = selective_scan(u, delta, A, B, C, self.D, h0=state, backend=self.scan_backend)
+        else:
+            assert state is not None, "slots index a state buffer"
+            y = selective_scan_slots_(u, delta, A, B, C, self.D, state, slots, backend=self.scan_backend)
+            h = state
         return self.out_proj(y * F.silu(z)), h

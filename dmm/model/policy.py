@@ -43,7 +43,8 @@ class DMMPolicy(nn.Module):
         # LayerNorm, and LN(w * rtg) with a zero bias is the same vector for every positive rtg
         # (LN(W s) likewise forgets |s|), so a zero-bias init would hide the return-to-go.
 
-    def set_scan_backend(self, backend: Backend) -> None:
+    def set_scan_backend(self, backend: Backend | None) -> None:
+        """Pin this policy's scans to ``backend`` (None: follow the process default)."""
         for module in self.modules():
             if isinstance(module, ModifiedMamba):
                 module.scan_backend = backend
@@ -127,7 +128,8 @@ class DMMPolicy(nn.Module):
         Feeds the tokens (a_{t-1}, rtg_t, s_t); ``has_prev`` [b] is False for sequences at t = 0,
         whose a_{t-1} slot is padding (their state must be the initial one). rtg [b, 1] scaled,
         obs [b, S] normalized, prev_action [b, A]; ``timesteps`` [b] is t, needed only by a policy
-        with a timestep embedding. Returns a_t [b, A] and the new state.
+        with a timestep embedding. Returns a_t [b, A] and the new state; a state with ``slots``
+        (see :class:`BlockState`) is updated in place and returned.
         """
         b = obs.shape[0]
         tokens = torch.stack(

@@ -5,19 +5,32 @@ Recurrence for every channel d and state n (ZOH discretization of A, Euler for B
     h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t
     y_t = <C_t, h_t> + D * u_t
 
-``torch`` is the reference and runs everywhere; ``cuda`` uses mamba_ssm's kernels and is picked only
-when mamba_ssm imports and the tensors are on a CUDA device. A position with delta = 0 leaves the
-state untouched (exp(0) = 1, no input), which is how padded positions are made exact no-ops.
+Backends: ``torch`` is the reference and runs everywhere; ``numba`` (:mod:`dmm.model.scan_numba`)
+fuses the scan into CPU kernels; ``cuda`` uses mamba_ssm's kernels on CUDA tensors. ``auto`` takes
+``cuda`` on a CUDA device with mamba_ssm importable, ``numba`` on the CPU with numba importable,
+else ``torch``. The process default comes from ``DMM_SCAN_BACKEND`` (else ``auto``); the CLIs'
+``--scan-backend`` replaces it. A backend asked for by name that cannot run is an error, never a
+silent fallback.
+
+A position with delta = 0 leaves the state untouched (exp(0) = 1, no input), which is how padded
+positions are made exact no-ops.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Literal
+import os
+from types import ModuleType
+from typing import Literal, get_args
 
 import torch
 
-Backend = Literal["auto", "torch", "cuda"]
+from dmm.errors import ConfigError
+
+Backend = Literal["auto", "torch", "numba", "cuda"]
+Resolved = Literal["torch", "numba", "cuda"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
+ENV_VAR = "DMM_SCAN_BACKEND"
 
 # Without autograd, scans whose [b, L, d, n] state tensors would hold at least this many elements
 # run step by step: allocating and faulting in those tensors costs more than the per-step op
@@ -78,6 +91,16 @@ def _scan_step_by_step(u, delta, A, B, C, D, h0):
 
 
 @functools.cache
+def _numba_scan() -> ModuleType | None:
+    """:mod:`dmm.model.scan_numba`, or None when numba does not import."""
+    try:
+        from dmm.model import scan_numba
+    except ImportError:
+        return None
+    return scan_numba
+
+
+@functools.cache
 def _mamba_ssm_ops():
     """mamba_ssm's kernels, or None when the package (a CUDA-only build) is absent."""
     try:
@@ -92,14 +115,54 @@ def cuda_backend_available() -> bool:
     return torch.cuda.is_available() and _mamba_ssm_ops() is not None
 
 
-def resolve_backend(backend: Backend, device: torch.device) -> Literal["torch", "cuda"]:
-    """``auto`` picks ``cuda`` only for CUDA tensors with mamba_ssm importable."""
+@functools.cache
+def _state_update_takes_indices() -> bool:
+    """Whether this mamba_ssm's ``selective_state_update`` can update rows of a state buffer."""
+    import inspect
+
+    _, selective_state_update = _mamba_ssm_ops()
+    return "state_batch_indices" in inspect.signature(selective_state_update).parameters
+
+
+_default: Backend | None = None  # set by set_default_backend; None: read DMM_SCAN_BACKEND
+
+
+def _check_name(name: str, source: str) -> Backend:
+    if name not in BACKENDS:
+        raise ConfigError(f"unknown scan backend {name!r} ({source}); expected one of {', '.join(BACKENDS)}")
+    return name  # type: ignore[return-value]
+
+
+def default_backend() -> Backend:
+    """The process default: ``set_default_backend``'s, else ``$DMM_SCAN_BACKEND``, else ``auto``."""
+    if _default is not None:
+        return _default
+    return _check_name(os.environ.get(ENV_VAR, "auto").strip() or "auto", f"from ${ENV_VAR}")
+
+
+def set_default_backend(backend: str, device: torch.device | str = "cpu") -> Resolved:
+    """Make ``backend`` the process default after checking it runs on ``device``; returns its resolution."""
+    global _default
+    resolved = resolve_backend(_check_name(backend, "--scan-backend"), torch.device(device))
+    _default = backend  # type: ignore[assignment]
+    return resolved
+
+
+def resolve_backend(backend: Backend | None, device: torch.device) -> Resolved:
+    """The backend that runs on ``device``: ``auto`` resolved, a named one checked (ConfigError)."""
+    backend = default_backend() if backend is None else backend
     if backend == "torch":
         return "torch"
-    usable = device.type == "cuda" and cuda_backend_available()
-    if backend == "cuda" and not usable:
-        raise RuntimeError("the cuda scan backend needs a CUDA device and mamba_ssm (pip install '.[cuda]')")
-    return "cuda" if usable else "torch"
+    numba_ok = device.type == "cpu" and _numba_scan() is not None
+    cuda_ok = device.type == "cuda" and cuda_backend_available()
+    if backend == "numba" and not numba_ok:
+        why = "CPU tensors" if device.type != "cpu" else "numba (pip install numba)"
+        raise ConfigError(f"the numba scan backend needs {why}")
+    if backend == "cuda" and not cuda_ok:
+        raise ConfigError("the cuda scan backend needs a CUDA device and mamba_ssm (pip install '.[cuda]')")
+    if backend == "auto":
+        return "cuda" if cuda_ok else "numba" if numba_ok else "torch"
+    return backend  # type: ignore[return-value]
 
 
 def selective_scan_cuda(
@@ -149,9 +212,44 @@ def selective_scan(
     C: torch.Tensor,
     D: torch.Tensor,
     h0: torch.Tensor | None = None,
-    backend: Backend = "auto",
+    backend: Backend | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dispatch to the backend; see :func:`selective_scan_torch` for shapes."""
-    if resolve_backend(backend, u.device) == "cuda":
+    """Dispatch to the backend (None: the process default); see :func:`selective_scan_torch` for shapes."""
+    resolved = resolve_backend(backend, u.device)
+    if resolved == "numba":
+        return _numba_scan().selective_scan_numba(u, delta, A, B, C, D, h0)
+    if resolved == "cuda":
         return selective_scan_cuda(u, delta, A, B, C, D, h0)
     return selective_scan_torch(u, delta, A, B, C, D, h0)
+
+
+def selective_scan_slots_(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    state: torch.Tensor,
+    slots: torch.Tensor,
+    backend: Backend | None = None,
+) -> torch.Tensor:
+    """The scan continuing from ``state[slots]``, written back in place; returns y [b, L, d].
+
+    ``state`` [S, d, n] is a buffer of S sequences (a server's slot table), ``slots`` [b] the
+    distinct rows this batch continues. numba updates the rows where they lie; mamba_ssm's decoding
+    kernel does the same for one token given ``state_batch_indices``; otherwise the rows are gathered,
+    scanned and scattered back.
+    """
+    resolved = resolve_backend(backend, u.device)
+    if resolved == "numba":
+        return _numba_scan().forward_into(u, delta, A, B, C, D, state, slots)
+    if resolved == "cuda" and u.shape[1] == 1 and _state_update_takes_indices():
+        _, selective_state_update = _mamba_ssm_ops()
+        y = selective_state_update(
+            state, u[:, 0], delta[:, 0], A, B[:, 0], C[:, 0], D=D, state_batch_indices=slots
+        )
+        return y.unsqueeze(1)
+    y, h = selective_scan(u, delta, A, B, C, D, state[slots], backend=resolved)
+    state.index_copy_(0, slots, h)
+    return y
