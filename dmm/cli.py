@@ -25,6 +25,16 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def add_scan_backend_option(parser: argparse.ArgumentParser) -> None:
+    """``--scan-backend``, shared by the commands that run a model (checked by dmm.model.scan)."""
+    parser.add_argument(
+        "--scan-backend",
+        metavar="NAME",
+        help="selective-scan backend: auto, torch, numba or cuda "
+        "(default: $DMM_SCAN_BACKEND, else auto: cuda on a GPU with mamba_ssm, numba on the CPU)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
         prog="dmm", description="Decision MetaMamba: train, store and serve offline-RL policies."

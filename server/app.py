@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 
 from dmm.errors import ConfigError
 from dmm.model import InferenceMode
+from dmm.model.scan import default_backend, set_default_backend
 from dmm.server.metrics import ServerMetrics
 from dmm.server.pool import ModelPool
 from dmm.server.service import PolicyService
@@ -38,6 +39,7 @@ class ServeOptions:
     max_delay_ms: float = 2.0
     max_message_bytes: int = 1 << 20
     grace_s: float = 10.0
+    scan_backend: str | None = None  # None: $DMM_SCAN_BACKEND, else auto
 
     def validate(self) -> None:
         """Refuse option values the server cannot run with, with a one-line reason."""
@@ -153,6 +155,7 @@ class PolicyServer:
 async def serve(options: ServeOptions) -> int:
     """Run until SIGTERM or SIGINT, then shut down gracefully; returns the exit status."""
     options.validate()
+    scan_backend = set_default_backend(options.scan_backend or default_backend(), options.resolved_device)
     server = PolicyServer(options)
     await server.start()
     stop = asyncio.Event()
@@ -161,7 +164,7 @@ async def serve(options: ServeOptions) -> int:
         loop.add_signal_handler(sig, stop.set)
     print(
         f"{READY_PREFIX} grpc={options.host}:{server.port} metrics={options.host}:{server.metrics_port} "
-        f"store={server.store.root} device={options.resolved_device} mode={options.mode}",
+        f"store={server.store.root} device={options.resolved_device} mode={options.mode} scan={scan_backend}",
         flush=True,
     )
     await stop.wait()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from dmm.cli import add_scan_backend_option
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this application's subcommands to ``dmm``."""
@@ -51,6 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--grace", type=float, default=10.0, help="seconds sessions get to finish on SIGTERM (default: 10)"
     )
+    add_scan_backend_option(p)
     p.set_defaults(handler=_serve)
 
 
@@ -73,5 +76,6 @@ def _serve(args: argparse.Namespace) -> int:
         max_delay_ms=args.max_delay_ms,
         max_message_bytes=args.max_message_bytes,
         grace_s=args.grace,
+        scan_backend=args.scan_backend,
     )
     return asyncio.run(serve(options))

@@ -77,6 +77,7 @@ def trained(workdir, collected) -> Path:
         "--no-progress",
     )
     assert result.returncode == 0, result.stderr
+    assert "scan backend: numba" in result.stdout
     assert "published hopper-tiny version 1" in result.stdout
     assert "final: target 3600: normalized" in result.stdout
     return store
@@ -93,6 +94,7 @@ def test_collect_train_eval_end_to_end(trained):
     }
     metrics = json.loads((version / "metrics.json").read_text())
     assert metrics["updates"] == 300 and len(metrics["loss_curve"]) == 3
+    assert metrics["scan_backend"] == "numba"
     for mode in ("window", "recurrent"):
         result = dmm(
             "eval",
@@ -111,6 +113,7 @@ def test_collect_train_eval_end_to_end(trained):
         )
         assert result.returncode == 0, result.stderr
         summary = json.loads(result.stdout)
+        assert summary["scan_backend"] == "numba"
         assert (summary["version"], summary["episodes"], summary["mode"]) == (1, 3, mode)
         assert summary["target_return"] == 3600.0
         expected = 100 * (summary["mean_return"] + 20.272305) / (3234.3 + 20.272305)
@@ -138,6 +141,16 @@ def test_collect_train_eval_end_to_end(trained):
             r"\(Walker2d-v4\) has 17 and 6",
         ),
         (["eval", "--store", "store", "--name", "hopper-tiny", "--env", "pong-v0"], "eval", "pong-v0"),
+        (
+            ["eval", "--store", "store", "--name", "hopper-tiny", "--scan-backend", "cuda"],
+            "eval",
+            "the cuda scan backend needs a CUDA device",
+        ),
+        (
+            ["train", "--dataset", "hopper-tiny.hdf5", "--store", "s", "--scan-backend", "fast"],
+            "train",
+            "unknown scan backend 'fast'",
+        ),
         (
             ["train", "--dataset", "hopper-tiny.hdf5", "--store", "s", "--config", "nope.yaml"],
             "train",

@@ -101,3 +101,28 @@ def test_sigterm_drains_sessions_and_exits_zero(store_root: Path) -> None:
         assert server.proc.wait(30) == 0
     finally:
         server.kill()
+
+
+def test_scan_backend_is_reported_at_start_and_an_unusable_one_is_refused(store_root: Path) -> None:
+    import subprocess
+    import sys
+
+    with ServerProcess(store_root, env={"DMM_SCAN_BACKEND": "torch"}) as server:
+        assert any("scan=torch" in line for line in server.output)
+    with ServerProcess(store_root, ["--scan-backend", "numba"], env={"DMM_SCAN_BACKEND": "torch"}) as server:
+        assert any("scan=numba" in line for line in server.output)  # the flag wins
+        with grpc.insecure_channel(server.target) as channel:
+            stream = Stream(channel)
+            stream.start(mode=policy_pb2.INFERENCE_MODE_RECURRENT)
+            assert len(stream.step(np.zeros(STATE_DIM)).action) == 3
+            assert stream.finish() == grpc.StatusCode.OK
+    refused = subprocess.run(
+        [sys.executable, "-m", "dmm.cli", "serve", "--store", str(store_root), "--scan-backend", "cuda"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [
+        "dmm serve: error: the cuda scan backend needs a CUDA device and mamba_ssm (pip install '.[cuda]')"
+    ]

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from dmm.data import Dataset, WindowBatch, WindowSampler
 from dmm.errors import ConfigError
 from dmm.model import DMMConfig, DMMPolicy, LoadedPolicy, PolicyMeta, publish_policy
+from dmm.model.scan import resolve_backend
 from dmm.store import ModelStore
 from dmm.trainer.config import TrainConfig
 from dmm.trainer.evaluate import evaluate
@@ -139,6 +140,7 @@ def train(
         "dataset": dataset.name,
         "env": meta.env,
         "num_parameters": model.num_parameters(),
+        "scan_backend": resolve_backend(None, device) if model.config.global_mixer == "mamba" else None,
         "train_config": cfg.model_dump(),
         "loss_curve": [],
         "evals": [],

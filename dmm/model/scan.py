@@ -92,11 +92,12 @@ def _scan_step_by_step(u, delta, A, B, C, D, h0):
 
 @functools.cache
 def _numba_scan() -> ModuleType | None:
-    """:mod:`dmm.model.scan_numba`, or None when numba does not import."""
+    """:mod:`dmm.model.scan_numba` with its kernels compiled, or None when numba does not import."""
     try:
         from dmm.model import scan_numba
     except ImportError:
         return None
+    scan_numba.warm_up()
     return scan_numba
 
 
@@ -143,7 +144,11 @@ def default_backend() -> Backend:
 def set_default_backend(backend: str, device: torch.device | str = "cpu") -> Resolved:
     """Make ``backend`` the process default after checking it runs on ``device``; returns its resolution."""
     global _default
-    resolved = resolve_backend(_check_name(backend, "--scan-backend"), torch.device(device))
+    try:
+        device = torch.device(device)
+    except RuntimeError as err:
+        raise ConfigError(f"unknown device {device!r}") from err
+    resolved = resolve_backend(_check_name(backend, "--scan-backend"), device)
     _default = backend  # type: ignore[assignment]
     return resolved
 

@@ -36,7 +36,6 @@ import torch
 # optimizer assumed away.
 _FASTMATH = {"contract", "reassoc", "arcp", "nsz", "afn"}
 _jit = functools.partial(numba.njit, fastmath=_FASTMATH, nogil=True, cache=True)
-_inline = functools.partial(numba.njit, fastmath=_FASTMATH, inline="always", cache=True)
 
 # Rows per thread below which splitting a batch over threads costs more than it saves.
 MIN_ROWS_PER_THREAD = 8
@@ -50,7 +49,11 @@ _P2, _P3, _P4 = np.float32(1 / 2), np.float32(1 / 6), np.float32(1 / 24)
 _P5, _P6, _P7 = np.float32(1 / 120), np.float32(1 / 720), np.float32(1 / 5040)
 
 
-@_inline
+def _decay(dt, A_k, a, bits):
+    """a[j] = exp(dt[j] * A_k[j]); compiled per dtype by the overload below."""
+    raise NotImplementedError("only callable from numba kernels")
+
+
 def _decay_f32(dt, A_k, a, bits):
     """a[j] = exp(dt[j] * A_k[j]) for arguments <= 0, in two vectorizable loops."""
     scale = bits.view(np.float32)
@@ -64,111 +67,104 @@ def _decay_f32(dt, A_k, a, bits):
         a[j] *= scale[j]
 
 
-@_inline
 def _decay_libm(dt, A_k, a, bits):
     for j in range(dt.shape[0]):
         a[j] = math.exp(dt[j] * A_k[j])
 
 
-def _kernels(decay: Callable) -> tuple[Callable, Callable]:
-    """Forward and backward kernels around one ``exp`` stage (numba compiles one per dtype)."""
+@numba.extending.overload(_decay, inline="always", jit_options={"fastmath": _FASTMATH})
+def _decay_for_dtype(dt, A_k, a, bits):
+    return _decay_f32 if dt.dtype == numba.types.float32 else _decay_libm
 
-    @_jit
-    def forward(u, delta, At, B, C, D, state, slots, y, lo, hi):
-        """Rows lo..hi: y [b, L, d]; the state [S, d, n] at rows slots[i] is updated in place."""
-        _, L, d = u.shape
-        n = At.shape[0]
-        h = np.empty((n, d), u.dtype)
-        a, x, acc = np.empty(d, u.dtype), np.empty(d, u.dtype), np.empty(d, u.dtype)
-        bits = np.empty(d, np.int32)
-        for i in range(lo, hi):
-            s = slots[i]
-            for k in range(n):
-                for j in range(d):
-                    h[k, j] = state[s, j, k]
-            for t in range(L):
-                dt, ut = delta[i, t], u[i, t]
-                for j in range(d):
-                    x[j] = dt[j] * ut[j]
-                    acc[j] = D[j] * ut[j]
-                for k in range(n):
-                    decay(dt, At[k], a, bits)
-                    b_k, c_k, h_k = B[i, t, k], C[i, t, k], h[k]
-                    for j in range(d):
-                        v = a[j] * h_k[j] + x[j] * b_k
-                        h_k[j] = v
-                        acc[j] += v * c_k
-                y[i, t] = acc
+
+@_jit
+def _forward(u, delta, At, B, C, D, state, slots, y, lo, hi):
+    """Rows lo..hi: y [b, L, d]; the state [S, d, n] at rows slots[i] is updated in place."""
+    _, L, d = u.shape
+    n = At.shape[0]
+    h = np.empty((n, d), u.dtype)
+    a, x, acc = np.empty(d, u.dtype), np.empty(d, u.dtype), np.empty(d, u.dtype)
+    bits = np.empty(d, np.int32)
+    for i in range(lo, hi):
+        s = slots[i]
+        for k in range(n):
             for j in range(d):
-                for k in range(n):
-                    state[s, j, k] = h[k, j]
-
-    @_jit
-    def backward(u, delta, At, B, C, D, h0, gy, ghT, gu, gdelta, gB, gC, gAt, gD, lo, hi):
-        """Rows lo..hi. gu, gdelta, gB, gC are written per row; gAt [n, d] and gD [d] accumulate."""
-        _, L, d = u.shape
-        n = At.shape[0]
-        H = np.empty((L + 1, n, d), u.dtype)  # H[t + 1] = h_t, H[0] = h0
-        As = np.empty((L, n, d), u.dtype)  # exp(delta_t * A)
-        x, gx, gdt = np.empty(d, u.dtype), np.empty(d, u.dtype), np.empty(d, u.dtype)
-        g = np.empty((n, d), u.dtype)  # dLoss/dh_t, carried backwards
-        bits = np.empty(d, np.int32)
-        for i in range(lo, hi):
-            for k in range(n):
-                for j in range(d):
-                    H[0, k, j] = h0[i, j, k]
-                    g[k, j] = ghT[i, j, k]
-            for t in range(L):
-                dt, ut = delta[i, t], u[i, t]
-                for k in range(n):
-                    decay(dt, At[k], As[t, k], bits)
-                    b_k, a_k, prev, cur = B[i, t, k], As[t, k], H[t, k], H[t + 1, k]
-                    for j in range(d):
-                        cur[j] = a_k[j] * prev[j] + dt[j] * ut[j] * b_k
-            for t in range(L - 1, -1, -1):
-                dt, ut, gyt = delta[i, t], u[i, t], gy[i, t]
-                for j in range(d):
-                    x[j] = dt[j] * ut[j]
-                    gx[j] = 0.0
-                    gdt[j] = 0.0
-                    gu[i, t, j] = gyt[j] * D[j]
-                    gD[j] += gyt[j] * ut[j]
-                for k in range(n):
-                    b_k, c_k, a_k, A_k = B[i, t, k], C[i, t, k], As[t, k], At[k]
-                    cur, prev, g_k, gA_k = H[t + 1, k], H[t, k], g[k], gAt[k]
-                    sum_c = u.dtype.type(0.0)
-                    sum_b = u.dtype.type(0.0)
-                    for j in range(d):
-                        gh = g_k[j] + gyt[j] * c_k  # dLoss/dh_t
-                        sum_c += gyt[j] * cur[j]
-                        sum_b += gh * x[j]
-                        gx[j] += gh * b_k
-                        g_log = gh * prev[j] * a_k[j]  # dLoss/d(delta_t * A)
-                        gdt[j] += g_log * A_k[j]
-                        gA_k[j] += g_log * dt[j]
-                        g_k[j] = gh * a_k[j]  # on to h_{t-1}
-                    gC[i, t, k] = sum_c
-                    gB[i, t, k] = sum_b
-                for j in range(d):
-                    gdelta[i, t, j] = gdt[j] + gx[j] * ut[j]
-                    gu[i, t, j] += gx[j] * dt[j]
+                h[k, j] = state[s, j, k]
+        for t in range(L):
+            dt, ut = delta[i, t], u[i, t]
             for j in range(d):
-                for k in range(n):
-                    h0[i, j, k] = g[k, j]  # h0 is the caller's scratch copy: it becomes dLoss/dh0
+                x[j] = dt[j] * ut[j]
+                acc[j] = D[j] * ut[j]
+            for k in range(n):
+                _decay(dt, At[k], a, bits)
+                b_k, c_k, h_k = B[i, t, k], C[i, t, k], h[k]
+                for j in range(d):
+                    v = a[j] * h_k[j] + x[j] * b_k
+                    h_k[j] = v
+                    acc[j] += v * c_k
+            y[i, t] = acc
+        for j in range(d):
+            for k in range(n):
+                state[s, j, k] = h[k, j]
 
-    return forward, backward
+
+@_jit
+def _backward(u, delta, At, B, C, D, h0, gy, ghT, gu, gdelta, gB, gC, gAt, gD, lo, hi):
+    """Rows lo..hi. gu, gdelta, gB, gC are written per row; gAt [n, d] and gD [d] accumulate."""
+    _, L, d = u.shape
+    n = At.shape[0]
+    H = np.empty((L + 1, n, d), u.dtype)  # H[t + 1] = h_t, H[0] = h0
+    As = np.empty((L, n, d), u.dtype)  # exp(delta_t * A)
+    x, gx, gdt = np.empty(d, u.dtype), np.empty(d, u.dtype), np.empty(d, u.dtype)
+    g = np.empty((n, d), u.dtype)  # dLoss/dh_t, carried backwards
+    bits = np.empty(d, np.int32)
+    for i in range(lo, hi):
+        for k in range(n):
+            for j in range(d):
+                H[0, k, j] = h0[i, j, k]
+                g[k, j] = ghT[i, j, k]
+        for t in range(L):
+            dt, ut = delta[i, t], u[i, t]
+            for k in range(n):
+                _decay(dt, At[k], As[t, k], bits)
+                b_k, a_k, prev, cur = B[i, t, k], As[t, k], H[t, k], H[t + 1, k]
+                for j in range(d):
+                    cur[j] = a_k[j] * prev[j] + dt[j] * ut[j] * b_k
+        for t in range(L - 1, -1, -1):
+            dt, ut, gyt = delta[i, t], u[i, t], gy[i, t]
+            for j in range(d):
+                x[j] = dt[j] * ut[j]
+                gx[j] = 0.0
+                gdt[j] = 0.0
+                gu[i, t, j] = gyt[j] * D[j]
+                gD[j] += gyt[j] * ut[j]
+            for k in range(n):
+                b_k, c_k, a_k, A_k = B[i, t, k], C[i, t, k], As[t, k], At[k]
+                cur, prev, g_k, gA_k = H[t + 1, k], H[t, k], g[k], gAt[k]
+                sum_c = u.dtype.type(0.0)
+                sum_b = u.dtype.type(0.0)
+                for j in range(d):
+                    gh = g_k[j] + gyt[j] * c_k  # dLoss/dh_t
+                    sum_c += gyt[j] * cur[j]
+                    sum_b += gh * x[j]
+                    gx[j] += gh * b_k
+                    g_log = gh * prev[j] * a_k[j]  # dLoss/d(delta_t * A)
+                    gdt[j] += g_log * A_k[j]
+                    gA_k[j] += g_log * dt[j]
+                    g_k[j] = gh * a_k[j]  # on to h_{t-1}
+                gC[i, t, k] = sum_c
+                gB[i, t, k] = sum_b
+            for j in range(d):
+                gdelta[i, t, j] = gdt[j] + gx[j] * ut[j]
+                gu[i, t, j] += gx[j] * dt[j]
+        for j in range(d):
+            for k in range(n):
+                h0[i, j, k] = g[k, j]  # h0 is the caller's scratch copy: it becomes dLoss/dh0
 
 
-_F32 = _kernels(_decay_f32)
-_LIBM = _kernels(_decay_libm)
-
-
-def _pick(dtype: torch.dtype) -> tuple[Callable, Callable]:
-    if dtype == torch.float32:
-        return _F32
-    if dtype == torch.float64:
-        return _LIBM
-    raise TypeError(f"the numba scan runs in float32 or float64, not {dtype}")
+def _check_dtype(dtype: torch.dtype) -> None:
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"the numba scan runs in float32 or float64, not {dtype}")
 
 
 @functools.cache
@@ -214,11 +210,11 @@ def forward_into(
     """
     if not state.is_contiguous():
         raise ValueError("the state buffer must be contiguous: it is updated in place")
-    forward, _ = _pick(u.dtype)
+    _check_dtype(u.dtype)
     y = torch.empty_like(u, memory_format=torch.contiguous_format)
     arrays = [_np(t) for t in (u, delta, A.t(), B, C, D)]
     state_np, slots_np, y_np = state.detach().numpy(), _np(slots.long()), y.numpy()
-    _over_rows(forward, u.shape[0], lambda _: (*arrays, state_np, slots_np, y_np))
+    _over_rows(_forward, u.shape[0], lambda _: (*arrays, state_np, slots_np, y_np))
     return y
 
 
@@ -256,7 +252,7 @@ def selective_scan_backward_op(
     grad_last: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of (u, delta, A, B, C, D, h0), recomputing the states."""
-    _, backward = _pick(u.dtype)
+    _check_dtype(u.dtype)
     b, L, d = u.shape
     n = A.shape[1]
     ranges = len(_row_ranges(b))
@@ -268,7 +264,7 @@ def selective_scan_backward_op(
     arrays = [_np(t) for t in (u, delta, A.t(), B, C, D)] + [gh0.numpy()]
     grads = [_np(grad_y), _np(grad_last), gu.numpy(), gdelta.numpy(), gB.numpy(), gC.numpy()]
     gAt_np, gD_np = gAt.numpy(), gD.numpy()
-    _over_rows(backward, b, lambda p: (*arrays, *grads, gAt_np[p], gD_np[p]))
+    _over_rows(_backward, b, lambda p: (*arrays, *grads, gAt_np[p], gD_np[p]))
     return gu, gdelta, gAt.sum(0).t().contiguous(), gB, gC, gD.sum(0), gh0
 
 
@@ -287,18 +283,27 @@ def _(u, delta, A, B, C, D, h0, grad_y, grad_last):
     )
 
 
-def _setup_context(ctx, inputs, output) -> None:
+def _save_inputs(ctx, inputs, output) -> None:
     ctx.save_for_backward(*inputs)
 
 
-def _backward(ctx, grad_y, grad_last):
+def _gradients(ctx, grad_y, grad_last):
     u, delta, A, B, C, D, h0 = ctx.saved_tensors
     grad_y = torch.zeros_like(u) if grad_y is None else grad_y
     grad_last = torch.zeros_like(h0) if grad_last is None else grad_last
     return selective_scan_backward_op(u, delta, A, B, C, D, h0, grad_y, grad_last)
 
 
-selective_scan_op.register_autograd(_backward, setup_context=_setup_context)
+selective_scan_op.register_autograd(_gradients, setup_context=_save_inputs)
+
+
+@functools.cache
+def warm_up() -> None:
+    """Compile (or load from numba's cache) the float32 kernels now rather than at a first request."""
+    inputs = [torch.rand(1, 2, 2), torch.rand(1, 2, 2), -torch.rand(2, 1), torch.rand(1, 2, 1)]
+    leaves = [t.requires_grad_() for t in (*inputs, torch.rand(1, 2, 1), torch.rand(2), torch.rand(1, 2, 1))]
+    y, h = selective_scan_op(*leaves)
+    (y.sum() + h.sum()).backward()
 
 
 def selective_scan_numba(
