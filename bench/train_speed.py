@@ -1,6 +1,9 @@
 """Training speed: updates/s of DMM and the Decision Transformer baseline, eager and torch.compile.
 
-Each row (variant x compile mode) runs in a fresh subprocess: it builds the policy as the trainer
+Each row (variant x compile mode x scan backend x torch threads) runs in a fresh subprocess. DMM
+rows run once per ``--backends`` entry: a scan backend (torch, numba) or ``floor``, the same model
+with the scan replaced by an elementwise op of the same inputs and output shape, so "update time /
+floor time" says how much of an update the scan still costs. A row builds the policy as the trainer
 does (paper settings from the family's YAML; DT's from dt.yaml), runs the trainer's update
 (sample a batch, forward, masked action MSE, backward, clip, AdamW step) for ``--warmup`` untimed
 updates (compilation happens there), then ``--chunks`` timed chunks of ``--chunk`` updates, and
@@ -8,6 +11,7 @@ reports the median chunk rate. Peak memory: CUDA ``max_memory_allocated``; CPU t
 RSS (``ru_maxrss``), total and the growth during training (the dataset is already loaded before).
 
     python -m bench.train_speed                     # CPU, eager and compile, shared hopper data
+    python -m bench.train_speed --variants dmm --threads 1 2 --backends torch numba floor
     python -m bench.train_speed --device cuda
     python -m bench.train_speed --quick             # tiny smoke run
 """
@@ -15,6 +19,7 @@ RSS (``ru_maxrss``), total and the growth during training (the dataset is alread
 from __future__ import annotations
 
 import argparse
+import itertools
 import resource
 import sys
 import time
@@ -42,6 +47,13 @@ from bench.common import (
 SCRIPT = "train_speed"
 MODULE = f"bench.{SCRIPT}"
 DEFAULT_VARIANTS = ("dmm", "dt", "dt-k8")
+DEFAULT_BACKENDS = ("torch", "numba", "floor")
+
+
+def scan_free(u, delta, A, B, C, D, h0=None, backend=None):
+    """The floor's stand-in for the selective scan: elementwise, same inputs (but A) and outputs."""
+    y = u * D + delta * u * (B * C).sum(-1, keepdim=True)
+    return y, u.new_zeros(u.shape[0], u.shape[2], A.shape[1])
 
 
 def _rss_mib() -> float:
@@ -67,6 +79,12 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     )
     model, meta = build_policy(cfg, dataset)
     model.to(device).train()
+    if spec["backend"] == "floor":
+        import dmm.model.mamba
+
+        dmm.model.mamba.selective_scan = scan_free
+    elif spec["backend"] != "-":
+        model.set_scan_backend(spec["backend"])
     sampler = WindowSampler(dataset, cfg.model.context, cfg.batch_size, meta.rtg_scale, seed=cfg.seed)
     step = TrainStep(model, cfg, device)
 
@@ -111,6 +129,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--variants", nargs="+", choices=tuple(VARIANTS), help=f"default: {' '.join(DEFAULT_VARIANTS)}"
     )
     p.add_argument("--modes", nargs="+", choices=("eager", "compile"), help="default: eager compile")
+    p.add_argument(
+        "--backends",
+        nargs="+",
+        choices=("torch", "numba", "floor"),
+        help=f"scan backends of DMM rows; floor: no scan (default: {' '.join(DEFAULT_BACKENDS)})",
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--warmup", type=int, help="untimed updates first (default 50; 5 with --quick)")
     p.add_argument("--chunk", type=int, help="updates per timed chunk (default 100; 5 with --quick)")
@@ -123,8 +147,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument(
         "--threads",
         type=int,
-        help="torch threads per row (default: torch's own choice; 1 with --quick, where the cores are "
-        "shared and oversubscribed threads only spin)",
+        nargs="+",
+        help="torch threads per row, one row per value (default: torch's own choice; 1 with --quick, "
+        "where the cores are shared and oversubscribed threads only spin)",
     )
     p.add_argument("--row-timeout", type=float, default=3600.0, help="seconds per row at most")
     p.add_argument("--out", type=Path, default=default_out(SCRIPT))
@@ -133,11 +158,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     q = args.quick
     args.variants = args.variants or list(DEFAULT_VARIANTS)
     args.modes = args.modes or (["eager"] if q else ["eager", "compile"])
-    args.threads = args.threads if args.threads is not None else (1 if q else None)
+    args.backends = args.backends or list(DEFAULT_BACKENDS)
+    args.threads = args.threads or ([1] if q else [None])
     args.warmup = args.warmup if args.warmup is not None else (5 if q else 50)
     args.chunk = args.chunk or (5 if q else 100)
     args.chunks = args.chunks or (3 if q else 10)
-    if args.threads is not None and args.threads < 1:
+    if any(t is not None and t < 1 for t in args.threads):
         p.error("--threads must be positive")
     for name in ("batch_size", "chunk", "chunks"):
         if getattr(args, name) < 1:
@@ -154,86 +180,101 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if serve_worker(argv, measure):
-        return 0
-    args = parse_args(argv)
+def run_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every (variant, mode, backend, threads) row in its own worker process."""
     rows = []
     for key in args.variants:
-        for mode in args.modes:
+        # the DT baseline has no scan: one row per mode and thread count
+        backends = args.backends if VARIANTS[key].architecture == "dmm" else ["-"]
+        for mode, backend, threads in itertools.product(args.modes, backends, args.threads):
             spec = {
                 "variant": key,
                 "compile": mode == "compile",
+                "backend": backend,
                 "dataset": None if args.dataset == "synthetic" else args.dataset,
                 "device": args.device,
                 "batch_size": args.batch_size,
                 "warmup": args.warmup,
                 "chunk": args.chunk,
                 "chunks": args.chunks,
-                "threads": args.threads,
+                "threads": threads,
             }
-            print(f"{VARIANTS[key].label}, {mode}: running...", file=sys.stderr, flush=True)
-            rows.append(
-                {
-                    "variant": key,
-                    "label": VARIANTS[key].label,
-                    "mode": mode,
-                    **run_worker(MODULE, spec, args.row_timeout),
-                }
+            print(
+                f"{VARIANTS[key].label}, {mode}, scan {backend}, threads {threads}: running...",
+                file=sys.stderr,
+                flush=True,
             )
+            result = run_worker(MODULE, spec, args.row_timeout)
+            rows.append(
+                {"variant": key, "label": VARIANTS[key].label, "mode": mode, "backend": backend, **result}
+            )
+    return rows
 
-    mem_key = "peak_cuda_mib" if args.device == "cuda" else "peak_rss_mib"
-    rate = {(r["variant"], r["mode"]): r["updates_per_second"] for r in rows if "error" not in r}
+
+def _ratios(r: dict[str, Any], rate: dict[tuple, float]) -> list[float | None]:
+    """x DMM-torch (same mode, threads), x own eager, x torch scan, update time / floor update time."""
+    ups, mode, threads = r["updates_per_second"], r["mode"], r["torch_threads"]
+    refs = [
+        rate.get(("dmm", mode, "torch", threads)),
+        rate.get((r["variant"], "eager", r["backend"], threads)),
+        rate.get((r["variant"], mode, "torch", threads)) if r["backend"] != "-" else None,
+    ]
+    ratios = [ups / ref if ref else None for ref in refs]
+    floor = rate.get((r["variant"], mode, "floor", threads)) if r["backend"] != "-" else None
+    return [*ratios, floor / ups if floor else None]
+
+
+def table(rows: list[dict[str, Any]], device: str) -> str:
+    mem_key = "peak_cuda_mib" if device == "cuda" else "peak_rss_mib"
+    rate = {
+        (r["variant"], r["mode"], r["backend"], r["torch_threads"]): r["updates_per_second"]
+        for r in rows
+        if "error" not in r
+    }
     table_rows = []
     for r in rows:
         if "error" in r:
-            table_rows.append(
-                [r["label"], r["mode"], "-", "-", "-", "-", "-", "-", "-", "-", f"error: {r['error']}"]
-            )
+            table_rows.append([r["label"], r["mode"], r["backend"], *["-"] * 11, f"error: {r['error']}"])
             continue
-        vs_dmm, vs_eager = rate.get(("dmm", r["mode"])), rate.get((r["variant"], "eager"))
-        r["x_dmm_same_mode"] = r["updates_per_second"] / vs_dmm if vs_dmm else None
-        r["x_own_eager"] = r["updates_per_second"] / vs_eager if vs_eager else None
-        ratios = [f"{x:.2f}" if x else "-" for x in (r["x_dmm_same_mode"], r["x_own_eager"])]
-        mem = f"{r[mem_key]:.0f}" + ("" if args.device == "cuda" else f" (+{r['rss_growth_mib']:.0f})")
+        ratios = _ratios(r, rate)
+        keys = ("x_dmm_torch", "x_own_eager", "x_torch_scan", "time_vs_floor")
+        r.update(zip(keys, ratios, strict=True))
+        mem = f"{r[mem_key]:.0f}" + ("" if device == "cuda" else f" (+{r['rss_growth_mib']:.0f})")
         table_rows.append(
             [
                 r["label"],
                 r["mode"],
+                r["backend"],
                 f"{r['torch_threads']}",
                 f"{r['context']}",
                 f"{r['num_parameters']:,}",
                 f"{r['updates_per_second']:.1f}",
+                f"{1e3 / r['updates_per_second']:.0f}",
                 f"{min(r['chunk_rates']):.1f}-{max(r['chunk_rates']):.1f}",
-                *ratios,
+                *[f"{x:.2f}" if x else "-" for x in ratios],
                 mem,
                 f"{r['warmup_seconds']:.1f}",
             ]
         )
-    mem_header = "peak CUDA MiB" if args.device == "cuda" else "peak RSS MiB (+training)"
-    table = markdown_table(
-        [
-            "model",
-            "mode",
-            "threads",
-            "K",
-            "params",
-            "updates/s (median)",
-            "chunk range",
-            "x DMM (same mode)",
-            "x own eager",
-            mem_header,
-            "warm-up s",
-        ],
-        table_rows,
-    )
+    mem_header = "peak CUDA MiB" if device == "cuda" else "peak RSS MiB (+training)"
+    headers = ["model", "mode", "scan", "threads", "K", "params", "updates/s (median)", "ms/update"]
+    headers += ["chunk range", "x DMM torch-scan", "x own eager", "x torch scan", "time / floor"]
+    return markdown_table([*headers, mem_header, "warm-up s"], table_rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if serve_worker(argv, measure):
+        return 0
+    args = parse_args(argv)
+    rows = run_rows(args)
+    report = table(rows, args.device)
     info = machine(args.device)
     fig, axes = new_figure(width=max(6.0, 1.3 * len(rows)))
     ax = axes[0][0]
     ok = [r for r in rows if "error" not in r]
     ax.bar(
-        [f"{r['label']}\n{r['mode']}" for r in ok],
+        [f"{r['label']}\n{r['mode']}\n{r['backend']} x{r['torch_threads']}" for r in ok],
         [r["updates_per_second"] for r in ok],
         color=["tab:blue" if r["mode"] == "eager" else "tab:orange" for r in ok],
     )
@@ -251,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": command_line(MODULE, argv),
         "settings": {
             k: getattr(args, k)
-            for k in ("device", "batch_size", "warmup", "chunk", "chunks", "dataset", "threads")
+            for k in ("device", "batch_size", "warmup", "chunk", "chunks", "dataset", "threads", "backends")
         },
         "rows": rows,
     }
@@ -259,8 +300,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"data: {args.dataset}; batch {args.batch_size}; {args.warmup} warm-up updates, then the median "
         f"of {args.chunks} chunks of {args.chunk} updates; every row in its own process",
         "an update = sample a batch, forward, masked action MSE, backward, clip 0.25, AdamW step, read loss",
+        "ratios compare rows of one run at the same thread count; x DMM torch-scan: against DMM with the "
+        "torch scan in the same mode; time / floor: this row's update time over the scan-free floor's",
     ]
-    write_report(args.out, SCRIPT, "Training speed (updates/s)", table, payload, fig, notes)
+    write_report(args.out, SCRIPT, "Training speed (updates/s)", report, payload, fig, notes)
     return 1 if any("error" in r for r in rows) else 0
 
 

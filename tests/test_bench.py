@@ -36,15 +36,21 @@ def run_bench(script: str, out: Path, *args: str, timeout: float = 300) -> tuple
 def test_train_speed_rows_in_separate_processes(tmp_path):
     code, payload, md = run_bench("train_speed", tmp_path, "--variants", "dmm", "dt-k8", "--chunks", "2")
     assert code == 0
-    rows = {r["variant"]: r for r in payload["rows"]}
-    assert set(rows) == {"dmm", "dt-k8"} and all(r["mode"] == "eager" for r in rows.values())
-    assert rows["dmm"]["context"] == rows["dt-k8"]["context"] == 8
-    assert rows["dt-k8"]["d_model"] == 128 and rows["dmm"]["d_model"] == 64  # DT's usual width, paper's DMM
+    rows = {(r["variant"], r["backend"]): r for r in payload["rows"]}
+    assert set(rows) == {("dmm", "torch"), ("dmm", "numba"), ("dmm", "floor"), ("dt-k8", "-")}
+    assert all(r["mode"] == "eager" for r in rows.values())
+    dmm, dt = rows[("dmm", "torch")], rows[("dt-k8", "-")]
+    assert dmm["context"] == dt["context"] == 8
+    assert dt["d_model"] == 128 and dmm["d_model"] == 64  # DT's usual width, paper's DMM
     for r in rows.values():
         assert len(r["chunk_rates"]) == 2 and r["updates_per_second"] > 0 and r["peak_rss_mib"] > 0
         assert r["torch_threads"] == 1 and r["batch_size"] == 64
-    assert rows["dmm"]["x_dmm_same_mode"] == 1.0
-    assert "| DMM (K=8) | eager | 1 | 8 |" in md and "| DT (K=8) | eager | 1 | 8 |" in md
+    assert dmm["x_dmm_torch"] == 1.0 and dmm["x_torch_scan"] == 1.0
+    numba, floor = rows[("dmm", "numba")], rows[("dmm", "floor")]
+    assert numba["x_torch_scan"] == pytest.approx(numba["updates_per_second"] / dmm["updates_per_second"])
+    assert numba["time_vs_floor"] == pytest.approx(floor["updates_per_second"] / numba["updates_per_second"])
+    assert floor["time_vs_floor"] == 1.0 and dt["x_torch_scan"] is None
+    assert "| DMM (K=8) | eager | numba | 1 | 8 |" in md and "| DT (K=8) | eager | - | 1 | 8 |" in md
 
 
 def test_train_speed_reports_a_failing_row(tmp_path):
@@ -61,6 +67,7 @@ def test_train_speed_quick_default_and_compiled(tmp_path):
     assert code == 0
     keys = {(r["variant"], r["mode"]) for r in payload["rows"]}
     assert keys == {(v, m) for v in ("dmm", "dt", "dt-k8") for m in ("eager", "compile")}
+    assert all("error" not in r for r in payload["rows"])
     assert {r["context"] for r in payload["rows"] if r["variant"] == "dt"} == {20}
 
 

@@ -300,10 +300,11 @@ selective_scan_op.register_autograd(_gradients, setup_context=_save_inputs)
 @functools.cache
 def warm_up() -> None:
     """Compile (or load from numba's cache) the float32 kernels now rather than at a first request."""
-    inputs = [torch.rand(1, 2, 2), torch.rand(1, 2, 2), -torch.rand(2, 1), torch.rand(1, 2, 1)]
-    leaves = [t.requires_grad_() for t in (*inputs, torch.rand(1, 2, 1), torch.rand(2), torch.rand(1, 2, 1))]
-    y, h = selective_scan_op(*leaves)
-    (y.sum() + h.sum()).backward()
+    with torch.inference_mode(False), torch.enable_grad():
+        shapes = [(1, 2, 2), (1, 2, 2), (2, 1), (1, 2, 1), (1, 2, 1), (2,), (1, 2, 1)]
+        leaves = [torch.rand(s, requires_grad=True) for s in shapes]
+        y, h = selective_scan_op(*leaves)
+        (y.sum() + h.sum()).backward()
 
 
 def selective_scan_numba(
