@@ -4,7 +4,9 @@ Both run the same policy on the same episodes: batched is ``dmm.trainer.evaluate
 forward for all ``--num-envs`` envs per step; env i starts with seed ``seed + i``); sequential is
 one env, one episode at a time, a fresh ``PolicyRunner(capacity=1)`` per episode and one forward
 per step, episode i reset with seed ``seed + i``. With ``--num-envs >= --episodes`` every episode
-has the same seed in both, so their returns are compared episode by episode.
+has the same seed in both, so their returns are compared episode by episode. Both use
+``--scan-backend``; unless that is ``torch``, the batched run is repeated with the torch scan, the
+reference the speed-up of the backend is measured against.
 
     python -m bench.eval_speed --store models --name hopper-medium-sim-v4     # a trained policy
     python -m bench.eval_speed                  # a freshly initialized paper-size DMM (short episodes)
@@ -83,6 +85,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--target-return", type=float, help="default: the policy's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument(
+        "--scan-backend", default="auto", choices=("auto", "torch", "numba", "cuda"), help="default: auto"
+    )
     p.add_argument("--threads", type=int, help="torch threads (default: torch's own choice; 1 with --quick)")
     p.add_argument("--out", type=Path, default=default_out(SCRIPT))
     p.add_argument("--quick", action="store_true", help="tiny smoke configuration")
@@ -106,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from dmm.envs import normalized_score
     from dmm.model import load_policy
+    from dmm.model.scan import resolve_backend
     from dmm.store import ModelStore
     from dmm.trainer.evaluate import check_compatible, evaluate
 
@@ -121,24 +127,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_compatible(policy, env)
     target = args.target_return if args.target_return is not None else policy.meta.target_return
 
-    print(f"batched: {args.episodes} episodes, {args.num_envs} envs...", file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
-    batched = evaluate(
-        policy, args.episodes, target, env, args.mode, args.num_envs, args.seed, progress=False
-    )
-    batched_s = time.perf_counter() - t0
-    print(f"sequential: {args.episodes} episodes, batch 1...", file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
-    seq_returns, seq_lengths = sequential(policy, env, args.episodes, target, args.mode, args.seed)
-    sequential_s = time.perf_counter() - t0
-
-    runs = {
-        "batched": (batched.returns, batched.lengths, batched_s),
-        "sequential": (seq_returns, seq_lengths, sequential_s),
-    }
+    backend = resolve_backend(args.scan_backend, torch.device(args.device))
+    runs = {}
+    for key, scan in [("batched", backend), ("batched-torch", "torch"), ("sequential", backend)]:
+        if key == "batched-torch" and backend == "torch":
+            continue
+        print(f"{key}: {args.episodes} episodes, {scan} scan...", file=sys.stderr, flush=True)
+        policy.model.set_scan_backend(scan)
+        t0 = time.perf_counter()
+        if key == "sequential":
+            returns, lengths = sequential(policy, env, args.episodes, target, args.mode, args.seed)
+        else:
+            run = evaluate(
+                policy, args.episodes, target, env, args.mode, args.num_envs, args.seed, progress=False
+            )
+            returns, lengths = run.returns, run.lengths
+        runs[key] = (returns, lengths, time.perf_counter() - t0)
+    batched_s, sequential_s = runs["batched"][2], runs["sequential"][2]
+    (batched_returns, _, _), (seq_returns, _, _) = runs["batched"], runs["sequential"]
+    backends = {"batched": backend, "batched-torch": "torch", "sequential": backend}
     results: dict[str, dict[str, Any]] = {}
     for key, (returns, lengths, wall) in runs.items():
         results[key] = {
+            "scan_backend": backends[key],
             "wall_seconds": wall,
             "episodes_per_second": len(returns) / wall,
             "env_steps": int(lengths.sum()),
@@ -150,8 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "lengths": lengths,
         }
     paired = min(args.num_envs, args.episodes)  # episodes with the same reset seed in both runs
-    diff = np.abs(batched.returns[:paired] - seq_returns[:paired])
-    same = np.isclose(batched.returns[:paired], seq_returns[:paired], rtol=1e-5, atol=1e-3)
+    diff = np.abs(batched_returns[:paired] - seq_returns[:paired])
+    same = np.isclose(batched_returns[:paired], seq_returns[:paired], rtol=1e-5, atol=1e-3)
     agreement = {
         "paired_episodes": paired,
         "identical_returns": int(same.sum()),
@@ -159,13 +170,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "mean_return_difference": results["batched"]["mean_return"] - results["sequential"]["mean_return"],
     }
     speedup = sequential_s / batched_s
+    torch_s = runs["batched-torch"][2] if "batched-torch" in runs else batched_s
+    speedup_vs_torch = torch_s / batched_s
 
     rows = []
     for key, r in results.items():
         rows.append(
             [
                 key,
-                f"{args.num_envs}" if key == "batched" else "1",
+                r["scan_backend"],
+                f"{args.num_envs}" if key.startswith("batched") else "1",
                 f"{r['wall_seconds']:.2f}",
                 f"{r['episodes_per_second']:.2f}",
                 f"{r['env_steps']}",
@@ -175,25 +189,35 @@ def main(argv: Sequence[str] | None = None) -> int:
             ]
         )
     table = markdown_table(
-        ["evaluation", "batch", "wall s", "episodes/s", "env steps", "env steps/s", "return", "normalized"],
+        [
+            "evaluation",
+            "scan",
+            "batch",
+            "wall s",
+            "episodes/s",
+            "env steps",
+            "env steps/s",
+            "return",
+            "normalized",
+        ],
         rows,
     )
     table += (
-        f"\n\nspeed-up (sequential wall / batched wall, same run): **{speedup:.2f}x**; returns identical in "
+        f"\n\nspeed-up of the {backend} scan (batched, torch-scan wall / {backend}-scan wall, same run): "
+        f"**{speedup_vs_torch:.2f}x**; batched over sequential (same run): **{speedup:.2f}x**; "
+        "returns identical in "
         f"{agreement['identical_returns']} of {paired} paired episodes (max |difference| "
         f"{agreement['max_abs_return_difference']:.3g})"
     )
     info = machine(args.device)
     fig, axes = new_figure(ncols=2, width=5.0)
     ax = axes[0][0]
-    ax.bar(
-        list(results), [r["env_steps_per_second"] for r in results.values()], color=["tab:blue", "tab:gray"]
-    )
+    ax.bar(list(results), [r["env_steps_per_second"] for r in results.values()], color="tab:blue")
     ax.set(ylabel="env steps/s", title=f"{args.episodes} episodes, speed-up {speedup:.1f}x")
     ax = axes[0][1]
-    ax.scatter(seq_returns[:paired], batched.returns[:paired], s=10)
-    lo = float(min(seq_returns.min(), batched.returns.min()))
-    hi = float(max(seq_returns.max(), batched.returns.max()))
+    ax.scatter(seq_returns[:paired], batched_returns[:paired], s=10)
+    lo = float(min(seq_returns.min(), batched_returns.min()))
+    hi = float(max(seq_returns.max(), batched_returns.max()))
     ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
     ax.set(xlabel="sequential return", ylabel="batched return", title="same seeds, per episode")
     payload = {
@@ -211,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "seed": args.seed,
         "torch_threads": torch.get_num_threads(),
         "speedup": speedup,
+        "scan_backend": backend,
+        "speedup_vs_torch_scan": speedup_vs_torch,
         "agreement": agreement,
         "results": results,
     }

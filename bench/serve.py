@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import math
 import os
 import resource
@@ -63,11 +64,13 @@ class Row:
     server_cpu_s: float
     failed: int
     errors: list[str]
+    scan: str = "auto"  # the server's --scan-backend
 
     def summary(self) -> dict[str, Any]:
         lat = self.latencies_s
         pct = {f"p{q}_us": float(np.percentile(lat, q) * 1e6) if lat.size else None for q in (50, 95, 99)}
         return {
+            "scan": self.scan,
             "batching": self.batching,
             "mode": self.mode,
             "sessions": self.sessions,
@@ -272,7 +275,8 @@ def prepare_store(args: argparse.Namespace, tmp: Path) -> tuple[Path, str, int, 
 async def run_all(
     args: argparse.Namespace, server_cores: list[int], client_cores: list[int]
 ) -> tuple[list[Row], dict[str, list[str]]]:
-    """Every row: one server per batching setting, each driven through all modes and session counts."""
+    """Every row: one server per scan backend and batching setting, each driven through all modes and
+    session counts."""
     from dmm.server.testing import ServerProcess
 
     home = os.sched_getaffinity(0)
@@ -283,12 +287,14 @@ async def run_all(
         common = ["--device", args.device, "--max-sessions", str(max(args.sessions) + 8)]
         if args.max_delay_ms is not None:
             common += ["--max-delay-ms", str(args.max_delay_ms)]
-        for batching in args.batching:
+        for scan, batching in itertools.product(args.scan_backends, args.batching):
             extra = ["--max-batch", str(args.max_batch)] if args.max_batch else []
-            server_args[batching] = common + (extra if batching == "on" else ["--max-batch", "1"])
+            config = f"{scan} scan, batching {batching}"
+            server_args[config] = [*common, "--scan-backend", scan]
+            server_args[config] += extra if batching == "on" else ["--max-batch", "1"]
             server = ServerProcess(
                 store,
-                server_args[batching],
+                server_args[config],
                 startup_timeout_s=args.startup_timeout,
                 # one torch thread per core it may use: more would spin against each other
                 env={"OMP_NUM_THREADS": str(len(server_cores))},
@@ -304,10 +310,11 @@ async def run_all(
                 assert server.proc is not None
                 for mode in args.modes:
                     for n in args.sessions:
-                        print(f"batching {batching}, {mode}, {n} sessions...", file=sys.stderr, flush=True)
+                        print(f"{config}, {mode}, {n} sessions...", file=sys.stderr, flush=True)
                         row = await run_row(
                             server.target, model, state_dim, batching, mode, n, args, server.proc.pid
                         )
+                        row.scan = scan
                         rows.append(row)
             finally:
                 server.terminate()
@@ -323,6 +330,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--sessions", type=int, nargs="+", help="default 1 16 64 256 (+1024 on cuda); --quick 1 4")
     p.add_argument("--modes", nargs="+", choices=("window", "recurrent"), default=["window", "recurrent"])
     p.add_argument("--batching", nargs="+", choices=("on", "off"), default=["on", "off"])
+    p.add_argument(
+        "--scan-backends",
+        nargs="+",
+        choices=("auto", "torch", "numba", "cuda"),
+        default=["auto"],
+        help="one server per scan backend; with torch among them, the others are compared to it "
+        "(default: auto)",
+    )
     p.add_argument(
         "--max-batch", type=int, help="--max-batch of the batching server (default: dmm serve's own)"
     )
@@ -363,23 +378,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     server_cores, client_cores = split_cores(args.client_cores)
     rows, server_args = asyncio.run(run_all(args, server_cores, client_cores))
     summaries = [r.summary() for r in rows]
-    by_key = {(s["batching"], s["mode"], s["sessions"]): s for s in summaries}
+    by_key = {(s["scan"], s["batching"], s["mode"], s["sessions"]): s for s in summaries}
     table_rows = []
     for s in summaries:
-        off = by_key.get(("off", s["mode"], s["sessions"]))
+        off = by_key.get((s["scan"], "off", s["mode"], s["sessions"]))
         ratio = "-"
         if s["batching"] == "on" and off and off["actions_per_second"]:
             s["throughput_vs_off"] = s["actions_per_second"] / off["actions_per_second"]
             ratio = f"{s['throughput_vs_off']:.2f}"
+        torch_row = by_key.get(("torch", s["batching"], s["mode"], s["sessions"]))
+        vs_torch = "-"
+        if torch_row and torch_row["actions_per_second"]:
+            s["throughput_vs_torch_scan"] = s["actions_per_second"] / torch_row["actions_per_second"]
+            vs_torch = f"{s['throughput_vs_torch_scan']:.2f}"
         pct = [f"{s[k]:.0f}" if s[k] is not None else "-" for k in ("p50_us", "p95_us", "p99_us")]
         table_rows.append(
             [
+                s["scan"],
                 s["batching"],
                 s["mode"],
                 s["sessions"],
                 *pct,
                 f"{s['actions_per_second']:.0f}",
                 ratio,
+                vs_torch,
                 f"{s['client_cores_busy']:.2f}" if s["client_cores_busy"] is not None else "-",
                 f"{s['server_cores_busy']:.2f}" if s["server_cores_busy"] is not None else "-",
                 s["failed_sessions"],
@@ -387,6 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     table = markdown_table(
         [
+            "scan",
             "batching",
             "mode",
             "sessions",
@@ -395,6 +418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "p99 us",
             "actions/s",
             "x batching off",
+            "x torch scan",
             "client cores busy",
             "server cores busy",
             "failed",
@@ -402,23 +426,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         table_rows,
     )
     fig, axes = new_figure(ncols=2, width=5.5)
-    for batching in args.batching:
-        for mode in args.modes:
-            pts = [
-                s for s in summaries if s["batching"] == batching and s["mode"] == mode and s["timed_steps"]
-            ]
-            label = f"batching {batching}, {mode}"
-            style = "-" if batching == "on" else "--"
-            axes[0][0].plot(
-                [s["sessions"] for s in pts],
-                [s["actions_per_second"] for s in pts],
-                style,
-                marker="o",
-                label=label,
-            )
-            axes[0][1].plot(
-                [s["sessions"] for s in pts], [s["p99_us"] / 1e3 for s in pts], style, marker="o", label=label
-            )
+    for scan, batching, mode in itertools.product(args.scan_backends, args.batching, args.modes):
+        pts = [
+            s
+            for s in summaries
+            if (s["scan"], s["batching"], s["mode"]) == (scan, batching, mode) and s["timed_steps"]
+        ]
+        label = f"{scan} scan, batching {batching}, {mode}"
+        style = "-" if batching == "on" else "--"
+        axes[0][0].plot(
+            [s["sessions"] for s in pts],
+            [s["actions_per_second"] for s in pts],
+            style,
+            marker="o",
+            label=label,
+        )
+        axes[0][1].plot(
+            [s["sessions"] for s in pts], [s["p99_us"] / 1e3 for s in pts], style, marker="o", label=label
+        )
     for ax, ylabel in ((axes[0][0], "actions/s"), (axes[0][1], "p99 Act latency (ms)")):
         ax.set(xscale="log", xlabel="concurrent sessions", ylabel=ylabel)
         ax.set_xticks(args.sessions, [str(n) for n in args.sessions])
@@ -440,7 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     shared = server_cores == client_cores
     notes = [
         f"model: {args.source}; server device {args.device}; server args: "
-        + "; ".join(f"batching {k}: `{' '.join(v)}`" for k, v in server_args.items()),
+        + "; ".join(f"{k}: `{' '.join(v)}`" for k, v in server_args.items()),
         f"cores: server {server_cores}, client {client_cores}"
         + (" (shared)" if shared else " (disjoint, pinned)")
         + "; client = one process, one asyncio loop, all sessions as grpc.aio streams",
@@ -449,7 +474,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "timed steps of all sessions; actions/s = timed steps / wall time",
     ]
     notes += [
-        f"batching {s['batching']}, {s['mode']}, {s['sessions']} sessions: {s['failed_sessions']} failed, "
+        f"{s['scan']} scan, batching {s['batching']}, {s['mode']}, {s['sessions']} sessions: "
+        f"{s['failed_sessions']} failed, "
         f"e.g. {s['errors'][0]}"
         for s in summaries
         if s["failed_sessions"]

@@ -80,23 +80,42 @@ def test_eval_speed_batched_matches_sequential(tmp_path):
     assert payload["agreement"]["max_abs_return_difference"] < 1.0  # same seeds, same policy
     assert batched["env_steps"] == sum(batched["lengths"]) > 0
     assert payload["speedup"] == pytest.approx(sequential["wall_seconds"] / batched["wall_seconds"])
-    assert "speed-up" in md and "| batched | 3 |" in md
+    torch_scan = payload["results"]["batched-torch"]
+    assert (batched["scan_backend"], torch_scan["scan_backend"]) == ("numba", "torch")
+    assert torch_scan["returns"] == pytest.approx(batched["returns"], abs=1.0)
+    ratio = torch_scan["wall_seconds"] / batched["wall_seconds"]
+    assert payload["speedup_vs_torch_scan"] == pytest.approx(ratio)
+    assert "speed-up" in md and "| batched | numba | 3 |" in md and "| batched-torch | torch | 3 |" in md
 
 
 def test_serve_drives_sessions_with_and_without_batching(tmp_path):
     code, payload, md = run_bench("serve", tmp_path, "--sessions", "1", "3", "--duration", "0.5")
     assert code == 0
     rows = payload["rows"]
-    assert {(r["batching"], r["mode"], r["sessions"]) for r in rows} == {
-        (b, m, n) for b in ("on", "off") for m in ("window", "recurrent") for n in (1, 3)
+    assert {(r["scan"], r["batching"], r["mode"], r["sessions"]) for r in rows} == {
+        ("auto", b, m, n) for b in ("on", "off") for m in ("window", "recurrent") for n in (1, 3)
     }
     for r in rows:
         assert r["failed_sessions"] == 0 and r["timed_steps"] > 0
         assert 0 < r["p50_us"] <= r["p95_us"] <= r["p99_us"]
         assert r["timed_steps"] <= r["sessions"] * 200  # --quick caps each session at 200 timed steps
-    assert payload["server_args"]["off"][-2:] == ["--max-batch", "1"]
-    assert "--max-batch" not in payload["server_args"]["on"]
+    assert payload["server_args"]["auto scan, batching off"][-2:] == ["--max-batch", "1"]
+    assert "--max-batch" not in payload["server_args"]["auto scan, batching on"]
     assert "x batching off" in md
+
+
+def test_serve_compares_scan_backends_on_one_machine(tmp_path):
+    code, payload, md = run_bench(
+        "serve", tmp_path, "--sessions", "2", "--duration", "0.3", "--batching", "on",
+        "--modes", "recurrent", "--scan-backends", "torch", "numba",
+    )  # fmt: skip
+    assert code == 0
+    rows = {r["scan"]: r for r in payload["rows"]}
+    assert set(rows) == {"torch", "numba"} and all(r["failed_sessions"] == 0 for r in rows.values())
+    ratio = rows["numba"]["actions_per_second"] / rows["torch"]["actions_per_second"]
+    assert rows["numba"]["throughput_vs_torch_scan"] == pytest.approx(ratio)
+    assert "--scan-backend" in payload["server_args"]["numba scan, batching on"]
+    assert "| numba | on | recurrent | 2 |" in md
 
 
 def test_scores_train_and_evaluate_final_checkpoints(tmp_path):
@@ -140,3 +159,22 @@ def test_dmm_vs_dt_measures_variants_and_resumes(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0 and proc.stdout.count("done, skipped") == 2
+
+
+def test_step_speed_times_backends_that_act_alike(tmp_path):
+    code, payload, md = run_bench("step_speed", tmp_path)
+    assert code == 0
+    rows = {(r["mode"], r["batch"], r["backend"]): r for r in payload["rows"]}
+    assert set(rows) == {
+        (m, b, s) for m in ("recurrent", "window") for b in (1, 4) for s in ("torch", "numba")
+    }
+    for r in rows.values():
+        assert len(r["step_seconds"]) == 5 and r["median_step_ms"] > 0
+        assert r["us_per_action"] == pytest.approx(r["median_step_ms"] * 1e3 / r["batch"])
+        assert r["max_action_difference"] < 1e-5  # same inputs, same policy
+    torch_row, numba_row = rows[("recurrent", 4, "torch")], rows[("recurrent", 4, "numba")]
+    assert torch_row["x_reference"] == 1.0
+    assert numba_row["x_reference"] == pytest.approx(
+        torch_row["median_step_ms"] / numba_row["median_step_ms"]
+    )
+    assert "| recurrent | 4 | numba |" in md

@@ -117,18 +117,6 @@ def test_forward_into_rejects_a_strided_state_buffer():
         forward_into(u, delta, A, B, C, D, buffer, torch.tensor([1]))
 
 
-def test_batches_split_over_threads_give_the_single_thread_result(monkeypatch):
-    inputs = scan_inputs(40, 9, 16, 8, seed=11)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    one = _grads(selective_scan_numba, inputs)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
-    four = _grads(selective_scan_numba, inputs)
-    torch.testing.assert_close(four[0], one[0], rtol=0, atol=0)
-    torch.testing.assert_close(four[1], one[1], rtol=0, atol=0)
-    for g4, g1 in zip(four[2], one[2], strict=True):
-        torch.testing.assert_close(g4, g1, rtol=1e-12, atol=1e-12)  # A, D: partial sums added up
-
-
 def test_torch_compile_keeps_the_op_and_its_gradients():
     torch._dynamo.reset()
     inputs = [t.float() for t in scan_inputs(2, 6, 8, 4, seed=12)]
@@ -238,3 +226,19 @@ def test_numba_and_torch_backends_act_alike_on_a_trained_checkpoint(tmp_path, mo
             [runner.step(range(4), o, np.full(4, 3600.0 - 10 * t)) for t, o in enumerate(obs)]
         )
     np.testing.assert_allclose(actions["numba"], actions["torch"], atol=1e-5, rtol=0)
+
+
+def test_a_compiled_policy_is_one_graph_around_the_numba_op():
+    """Backend resolution and the op must not split the traced model (each break costs an update)."""
+    from dmm.model import DMMConfig, DMMPolicy
+
+    torch._dynamo.reset()
+    model = DMMPolicy(DMMConfig(state_dim=3, act_dim=2, d_model=16, n_layer=2))
+    inputs = (
+        torch.randn(4, 5, 1),
+        torch.randn(4, 5, 3),
+        torch.randn(4, 5, 2),
+        torch.ones(4, 5, dtype=torch.bool),
+    )
+    explained = torch._dynamo.explain(model)(*inputs, torch.arange(5).expand(4, 5))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons

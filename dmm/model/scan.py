@@ -90,15 +90,19 @@ def _scan_step_by_step(u, delta, A, B, C, D, h0):
     return torch.stack(ys, dim=1) + u * D, h
 
 
-@functools.cache
+_numba: list[ModuleType | None] = []  # [dmm.model.scan_numba, or None without numba] once imported
+
+
 def _numba_scan() -> ModuleType | None:
-    """:mod:`dmm.model.scan_numba` with its kernels compiled, or None when numba does not import."""
-    try:
-        from dmm.model import scan_numba
-    except ImportError:
-        return None
-    scan_numba.warm_up()
-    return scan_numba
+    """:mod:`dmm.model.scan_numba`, or None when numba does not import (a plain global after the
+    first call, so a compiled model traces no import)."""
+    if not _numba:
+        try:
+            from dmm.model import scan_numba
+        except ImportError:
+            scan_numba = None
+        _numba.append(scan_numba)
+    return _numba[0]
 
 
 @functools.cache
@@ -149,6 +153,8 @@ def set_default_backend(backend: str, device: torch.device | str = "cpu") -> Res
     except RuntimeError as err:
         raise ConfigError(f"unknown device {device!r}") from err
     resolved = resolve_backend(_check_name(backend, "--scan-backend"), device)
+    if resolved == "numba":
+        _numba_scan().warm_up()  # compile now, not at the first request
     _default = backend  # type: ignore[assignment]
     return resolved
 
