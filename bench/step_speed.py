@@ -1,9 +1,11 @@
 """Policy step speed: ``PolicyRunner.step`` per scan backend, batch size and inference mode.
 
-For every mode and batch size B, each backend gets a fresh runner with B slots, takes ``--warmup``
-untimed steps (past the context K, so window rows run full windows), then ``--steps`` timed steps;
-the median step time is reported. All backends see the same states and returns-to-go, so their
-actions are compared too (max |difference| against the first backend). One process, one policy.
+For every mode and batch size B, each backend gets a fresh runner with B slots; the runners step in
+turn (backend 1, backend 2, backend 1, ...), so machine noise hits all backends alike. After
+``--warmup`` untimed steps (past the context K, so window rows run full windows) come ``--steps``
+timed ones; the median step time is reported. All backends see the same states and returns-to-go,
+so their actions are compared too (max |difference| against the first backend). One process, one
+policy; the policy's modules are shared, so each runner's step pins the scan backend first.
 
     python -m bench.step_speed                        # a fresh paper-size DMM, 1 thread
     python -m bench.step_speed --store models --name hopper-medium-sim-v4
@@ -38,36 +40,44 @@ SCRIPT = "step_speed"
 MODULE = f"bench.{SCRIPT}"
 
 
-def time_steps(policy: Any, mode: str, backend: str, batch: int, args: argparse.Namespace) -> dict[str, Any]:
-    """Step ``batch`` slots ``args.warmup + args.steps`` times; per-step seconds of the timed ones."""
+def time_steps(policy: Any, mode: str, batch: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One row per backend: ``batch`` slots stepped ``args.warmup + args.steps`` times, interleaved."""
     from dmm.model import PolicyRunner
 
-    policy.model.set_scan_backend(backend)
-    runner = PolicyRunner(policy, mode, capacity=batch)
     slots = list(range(batch))
-    runner.reset(slots)
+    runners = {backend: PolicyRunner(policy, mode, capacity=batch) for backend in args.backends}
+    for runner in runners.values():
+        runner.reset(slots)
     rng = np.random.default_rng(args.seed)
     total = args.warmup + args.steps
     states = rng.normal(size=(total, batch, policy.config.state_dim)).astype(np.float32)
     rtgs = np.linspace(policy.meta.target_return, 0.0, total, dtype=np.float32)
-    seconds, actions = [], []
+    seconds: dict[str, list[float]] = {backend: [] for backend in runners}
+    actions: dict[str, list[np.ndarray]] = {backend: [] for backend in runners}
     for t in range(total):
-        start = time.perf_counter()
-        out = runner.step(slots, states[t], np.full(batch, rtgs[t], dtype=np.float32))
-        if t >= args.warmup:
-            seconds.append(time.perf_counter() - start)
-        actions.append(out)
-    step_s = median(seconds)
-    return {
-        "mode": mode,
-        "batch": batch,
-        "backend": backend,
-        "step_seconds": seconds,
-        "median_step_ms": step_s * 1e3,
-        "us_per_action": step_s * 1e6 / batch,
-        "actions_per_second": batch / step_s,
-        "actions": np.stack(actions),
-    }
+        for backend, runner in runners.items():
+            policy.model.set_scan_backend(backend)
+            start = time.perf_counter()
+            out = runner.step(slots, states[t], np.full(batch, rtgs[t], dtype=np.float32))
+            if t >= args.warmup:
+                seconds[backend].append(time.perf_counter() - start)
+            actions[backend].append(out)
+    rows = []
+    for backend in runners:
+        step_s = median(seconds[backend])
+        rows.append(
+            {
+                "mode": mode,
+                "batch": batch,
+                "backend": backend,
+                "step_seconds": seconds[backend],
+                "median_step_ms": step_s * 1e3,
+                "us_per_action": step_s * 1e6 / batch,
+                "actions_per_second": batch / step_s,
+                "actions": np.stack(actions[backend]),
+            }
+        )
+    return rows
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -144,9 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for mode in args.modes:
         for batch in args.batches:
-            for backend in args.backends:
-                print(f"{mode}, B={batch}, {backend}...", file=sys.stderr, flush=True)
-                rows.append(time_steps(policy, mode, backend, batch, args))
+            print(f"{mode}, B={batch}: {', '.join(args.backends)}...", file=sys.stderr, flush=True)
+            rows += time_steps(policy, mode, batch, args)
     report = table(rows, args.backends[0])
     fig, axes = new_figure()
     ax = axes[0][0]
@@ -175,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     notes = [
         f"policy: {source}; torch threads {args.threads}; {args.warmup} untimed steps, then the median of "
         f"{args.steps} timed steps per row; a step = normalize, forward, read the actions back",
-        f"x {args.backends[0]}: its median step time over this row's, same mode and B, same run",
+        f"x {args.backends[0]}: its median step time over this row's, same mode and B, steps interleaved",
     ]
     write_report(args.out, SCRIPT, "Policy step speed (PolicyRunner.step)", report, payload, fig, notes)
     return 0

@@ -178,3 +178,14 @@ def test_step_speed_times_backends_that_act_alike(tmp_path):
         torch_row["median_step_ms"] / numba_row["median_step_ms"]
     )
     assert "| recurrent | 4 | numba |" in md
+
+
+def test_scan_speed_times_each_backend_on_the_model_shapes(tmp_path):
+    code, payload, md = run_bench("scan_speed", tmp_path)
+    assert code == 0
+    keys = {(r["shape"], r["direction"], r["backend"]) for r in payload["rows"]}
+    directions = [("training", "forward"), ("training", "forward+backward")]
+    directions += [("window", "forward"), ("recurrent", "forward")]
+    assert keys == {(s, d, b) for s, d in directions for b in ("torch", "numba")}
+    assert all(r["median_ms"] >= r["min_ms"] > 0 for r in payload["rows"])
+    assert "| training | 64 x 24 | forward+backward | numba |" in md
