@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+from typing import Any
 
 from dmm.cli import add_scan_backend_option
+from dmm.errors import ConfigError
 from dmm.trainer import collect
 
 
@@ -27,8 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Train Decision MetaMamba with the paper's settings (overridable), evaluate it, "
         "and publish a new version to the model store.",
     )
-    train.add_argument("--dataset", required=True, help="D4RL name (hopper-medium-v2) or a .hdf5/.pkl path")
-    train.add_argument("--store", required=True, type=Path, help="model store folder")
+    train.add_argument("--dataset", help="D4RL name (hopper-medium-v2) or a .hdf5/.pkl path (required)")
+    train.add_argument("--store", help="model store folder (required)")
     train.add_argument("--name", help="model name in the store (default: the dataset name)")
     train.add_argument("--updates", type=_positive_int, help="gradient updates (paper: 100000)")
     train.add_argument("--seed", type=int)
@@ -36,7 +39,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--model",
         choices=["dmm", "dt"],
-        default="dmm",
         help="dmm (default) or the Decision Transformer baseline with its usual settings",
     )
     train.add_argument(
@@ -74,6 +76,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="torch.compile the model for training (default on; bench/results/train_speed has the gain)",
     )
     add_scan_backend_option(train)
+    train.add_argument(
+        "--run-dir",
+        type=Path,
+        help="keep the training state here (every --checkpoint-every updates and on SIGTERM/SIGINT), "
+        "so that --resume can continue the run",
+    )
+    train.add_argument(
+        "--checkpoint-every",
+        type=_positive_int,
+        default=5000,
+        help="updates between saved states with --run-dir (default: 5000)",
+    )
+    train.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue the run kept in RUN_DIR with its own settings (options given must agree with them)",
+    )
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(handler=run_train)
 
@@ -101,38 +121,96 @@ def use_scan_backend(name: str | None, device: str) -> str:
     return set_default_backend(name or default_backend(), device)
 
 
+# The options that define a training run (what --resume restores and refuses to change).
+RUN_OPTIONS = (
+    "dataset",
+    "store",
+    "name",
+    "config",
+    "model",
+    "local_mixer",
+    "global_mixer",
+    "updates",
+    "seed",
+    "eval_every",
+    "eval_episodes",
+    "eval_num_envs",
+    "eval_mode",
+    "target_returns",
+    "publish_every_eval",
+    "device",
+    "compile",
+)
+
+
+def _run_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {key: str(v) if isinstance(v := getattr(args, key), Path) else v for key in RUN_OPTIONS}
+
+
+def _resumed_options(args: argparse.Namespace, saved: dict[str, Any]) -> None:
+    """Fill ``args`` from the run's saved options; an option given now must agree with them."""
+    for key, value in _run_options(args).items():
+        if value is not None and value != saved.get(key):
+            flag = "--" + key.replace("_", "-")
+            raise ConfigError(
+                f"{flag} {value} differs from the run's {saved.get(key)}: a resumed run keeps its settings"
+            )
+        setattr(args, key, saved.get(key))
+
+
+def _train_config(args: argparse.Namespace) -> Any:
+    from dmm.trainer.config import load_train_config
+
+    keys = ("updates", "seed", "eval_every", "eval_episodes", "eval_num_envs", "eval_mode", "target_returns")
+    overrides = {key: getattr(args, key) for key in (*keys, "publish_every_eval", "device", "compile")}
+    overrides["model"] = {"local_mixer": args.local_mixer, "global_mixer": args.global_mixer}
+    return load_train_config(args.dataset, args.config, overrides, architecture=args.model or "dmm")
+
+
+def _run_dir(args: argparse.Namespace, cfg: Any) -> Any:
+    """The RunDir to train in (None without --run-dir/--resume), started or checked against ``cfg``."""
+    from dmm.trainer.run_dir import RunDir
+
+    if args.resume is not None:
+        run = RunDir(args.resume, args.checkpoint_every)
+        if run.spec()["train_config"] != cfg.model_dump(mode="json"):
+            raise ConfigError(f"the configuration of the run in {args.resume} changed since it started")
+        return run
+    if args.run_dir is None:
+        return None
+    run = RunDir(args.run_dir, args.checkpoint_every)
+    run.start({"options": _run_options(args), "train_config": cfg.model_dump(mode="json")})
+    return run
+
+
 def run_train(args: argparse.Namespace) -> int:
     from dmm.data import load_dataset
     from dmm.store import ModelStore
-    from dmm.trainer.config import load_train_config
+    from dmm.trainer.run_dir import RunDir, TrainingStopped
     from dmm.trainer.train import train
 
-    overrides = {
-        key: getattr(args, key)
-        for key in (
-            "updates",
-            "seed",
-            "eval_every",
-            "eval_episodes",
-            "eval_num_envs",
-            "eval_mode",
-            "target_returns",
-            "publish_every_eval",
-            "device",
-            "compile",
-        )
-    }
-    overrides["model"] = {"local_mixer": args.local_mixer, "global_mixer": args.global_mixer}
-    cfg = load_train_config(args.dataset, args.config, overrides, architecture=args.model)
+    if args.resume is not None:
+        if args.run_dir is not None:
+            raise ConfigError(
+                "--resume RUN_DIR continues a run; --run-dir starts a new one: give one of them"
+            )
+        _resumed_options(args, RunDir(args.resume, args.checkpoint_every).spec()["options"])
+    if args.dataset is None or args.store is None:
+        raise ConfigError("--dataset and --store are required (or --resume RUN_DIR)")
+    cfg = _train_config(args)
+    run = _run_dir(args, cfg)
     print(f"scan backend: {use_scan_backend(args.scan_backend, cfg.device)}")
     dataset = load_dataset(args.dataset)
     print(
         f"dataset {dataset.name}: {len(dataset.trajectories)} trajectories, {dataset.num_transitions} steps, "
         f"env {dataset.env}"
     )
-    result = train(
-        cfg, dataset, ModelStore(args.store), args.name or dataset.name, progress=not args.no_progress
-    )
+    store, name = ModelStore(Path(args.store)), args.name or dataset.name
+    try:
+        result = train(cfg, dataset, store, name, progress=not args.no_progress, run=run)
+    except TrainingStopped as stop:
+        print(f"dmm train: {stop}", file=sys.stderr)
+        return 130
     for row in result.metrics["final_eval"]:
         print(
             f"final: target {row['target_return']:g}: normalized {row['normalized_mean']:.1f} "

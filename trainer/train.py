@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from dmm.trainer.config import TrainConfig
 from dmm.trainer.evaluate import evaluate
 from dmm.trainer.optim import make_optimizer
 from dmm.trainer.plots import learning_curve_png
+from dmm.trainer.run_dir import RunDir, TrainingStopped
 
 LOSS_LOG_EVERY = 100
 
@@ -127,8 +129,13 @@ def train(
     name: str,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    run: RunDir | None = None,
 ) -> TrainResult:
-    """Train on ``dataset`` for ``cfg.updates`` updates and publish the final policy as a new version."""
+    """Train on ``dataset`` for ``cfg.updates`` updates and publish the final policy as a new version.
+
+    With ``run``, training continues from the run's saved state (if any), saves it every
+    ``run.checkpoint_every`` updates, and on SIGTERM/SIGINT saves it and raises ``TrainingStopped``.
+    """
     device = _device(cfg.device)
     model, meta = build_policy(cfg, dataset)
     model.to(device).train()
@@ -171,27 +178,44 @@ def train(
             store, name, model, meta, metrics, {"learning_curve.png": learning_curve_png(metrics)}
         )
 
+    def save(update: int, version: int | None = None) -> None:
+        if run is not None:
+            run.save(update, model, step.optimizer, step.scheduler, sampler, losses, metrics, version)
+
+    done, losses = 0, []
+    if run is not None:
+        done, losses = run.restore(model, step.optimizer, step.scheduler, sampler, metrics)
+    if done:
+        log(f"resuming {name} at update {done} of {cfg.updates} from {run.path}")
     chunk_rates: list[float] = []
-    losses: list[float] = []
     chunk_start = start = time.perf_counter()
-    bar = tqdm(total=cfg.updates, desc=f"train {name}", disable=not progress, unit="upd")
-    for update in range(1, cfg.updates + 1):
-        losses.append(step(sampler.sample()))
-        if update % LOSS_LOG_EVERY == 0 or update == cfg.updates:
-            now = time.perf_counter()
-            chunk_rates.append(len(losses) / (now - chunk_start))
-            mean_loss = float(np.mean(losses))
-            metrics["loss_curve"].append([update, mean_loss])
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{step.scheduler.get_last_lr()[0]:.1e}")
-            bar.update(len(losses))
-            losses.clear()
-            chunk_start = now
-        if cfg.eval_every and update % cfg.eval_every == 0 and update != cfg.updates:
-            bar.clear()
-            run_evals(update)
-            if cfg.publish_every_eval:
-                log(f"published {name} version {publish()}")
-            chunk_start = time.perf_counter()  # keep evaluation out of the update rate
+    bar = tqdm(total=cfg.updates, initial=done, desc=f"train {name}", disable=not progress, unit="upd")
+    with run.stop_on_signals() if run is not None else contextlib.nullcontext():
+        for update in range(done + 1, cfg.updates + 1):
+            losses.append(step(sampler.sample()))
+            if update % LOSS_LOG_EVERY == 0 or update == cfg.updates:
+                now = time.perf_counter()
+                chunk_rates.append(len(losses) / (now - chunk_start))
+                mean_loss = float(np.mean(losses))
+                metrics["loss_curve"].append([update, mean_loss])
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{step.scheduler.get_last_lr()[0]:.1e}")
+                bar.update(len(losses))
+                losses.clear()
+                chunk_start = now
+            if cfg.eval_every and update % cfg.eval_every == 0 and update != cfg.updates:
+                bar.clear()
+                run_evals(update)
+                if cfg.publish_every_eval:
+                    log(f"published {name} version {publish()}")
+                chunk_start = time.perf_counter()  # keep evaluation out of the update rate
+            if run is not None and run.due(update, cfg.updates):
+                save(update)
+                if run.stop_signal is not None:
+                    bar.close()
+                    raise TrainingStopped(
+                        f"stopped by signal {run.stop_signal} after update {update} of {cfg.updates}; "
+                        f"the state is in {run.path}: continue with dmm train --resume {run.path}"
+                    )
     bar.close()
     metrics["train_seconds"] = time.perf_counter() - start
     metrics["updates"] = cfg.updates
@@ -200,5 +224,6 @@ def train(
     run_evals(cfg.updates)
     metrics["final_eval"] = [row for row in metrics["evals"] if row["update"] == cfg.updates]
     version = publish()
+    save(cfg.updates, version)
     log(f"published {name} version {version} to {store.root}")
     return TrainResult(name, version, metrics)

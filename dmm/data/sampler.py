@@ -72,6 +72,13 @@ class WindowSampler:
         """``(state_mean, state_std)`` used to normalize states (float32, shape ``[S]``)."""
         return self.state_mean.copy(), self.state_std.copy()
 
+    def rng_state(self) -> dict:
+        """The position of the sampling RNG (what a resumed run restores)."""
+        return self._rng.bit_generator.state
+
+    def set_rng_state(self, state: dict) -> None:
+        self._rng.bit_generator.state = state
+
     def sample(self) -> WindowBatch:
         """``batch_size`` windows with ends drawn uniformly over all timesteps."""
         return self.windows(self._rng.integers(0, self.num_timesteps, size=self.batch_size))
