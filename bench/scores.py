@@ -5,9 +5,12 @@ Every (model, seed) trains in its own process with ``dmm.trainer.train.train`` (
 from the family's YAML; DT's from dt.yaml), then its final checkpoint is evaluated on
 ``--episodes`` episodes at the environment's first target return (window mode, batched envs).
 The score of a seed is the mean normalized return over its episodes: the final checkpoint, never
-the best evaluation.
+the best evaluation. With ``--run-root`` every run keeps a resumable run folder there (see
+``dmm train --run-dir``): running the same command again resumes unfinished runs where they
+stopped and reuses finished ones.
 
     python -m bench.scores --seeds 0 1 2                # 100k updates, shared hopper data
+    python -m bench.scores --run-root runs/scores       # resumable: run it again to continue
     python -m bench.scores --ablations --updates 100000
     python -m bench.scores --quick
 """
@@ -15,6 +18,7 @@ the best evaluation.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -45,6 +49,7 @@ from bench.common import (
 SCRIPT = "scores"
 MODULE = f"bench.{SCRIPT}"
 DEFAULT_VARIANTS = ("dmm", "dt")
+RESULT_FILE = "result.json"  # in a run folder: the finished run's row
 
 
 def train_and_evaluate(spec: dict[str, Any]) -> dict[str, Any]:
@@ -53,8 +58,15 @@ def train_and_evaluate(spec: dict[str, Any]) -> dict[str, Any]:
 
     from dmm.data import load_dataset
     from dmm.store import ModelStore
+    from dmm.trainer.run_dir import RunDir
     from dmm.trainer.train import train
 
+    run = None
+    if spec["run_root"]:
+        run = RunDir(Path(spec["run_root"]) / spec["name"], spec["checkpoint_every"])
+        if (run.path / RESULT_FILE).is_file():
+            print(f"{spec['name']}: finished before, reusing its result", file=sys.stderr)
+            return json.loads((run.path / RESULT_FILE).read_text())
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     dataset = load_dataset(spec["dataset"])
@@ -82,10 +94,11 @@ def train_and_evaluate(spec: dict[str, Any]) -> dict[str, Any]:
         spec["name"],
         progress=False,
         log=lambda line: print(line, file=sys.stderr),
+        run=run,
     )
     total = time.perf_counter() - start
     final = result.metrics["final_eval"][0]
-    return {
+    row = {
         "version": result.version,
         "target_return": target,
         "num_parameters": result.metrics["num_parameters"],
@@ -97,6 +110,9 @@ def train_and_evaluate(spec: dict[str, Any]) -> dict[str, Any]:
         "normalized": final["normalized_mean"],
         "normalized_std_over_episodes": final["normalized_std"],
     }
+    if run is not None:
+        (run.path / RESULT_FILE).write_text(json.dumps(row))
+    return row
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -120,7 +136,19 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="torch.compile (default: on, as dmm train; off --quick)",
     )
     p.add_argument("--threads", type=int, help="torch threads per run (default: torch's; 1 with --quick)")
-    p.add_argument("--store", type=Path, help="keep the checkpoints in this store (default: a temporary one)")
+    p.add_argument(
+        "--store",
+        type=Path,
+        help="keep the checkpoints in this store (default: RUN_ROOT/store, else a temporary one)",
+    )
+    p.add_argument(
+        "--run-root",
+        type=Path,
+        help="keep a resumable run folder per run here; running again resumes unfinished runs",
+    )
+    p.add_argument(
+        "--checkpoint-every", type=int, default=5000, help="updates between saved states with --run-root"
+    )
     p.add_argument("--run-timeout", type=float, default=24 * 3600.0, help="seconds per run at most")
     p.add_argument("--out", type=Path, default=default_out(SCRIPT))
     p.add_argument("--quick", action="store_true", help="tiny smoke configuration")
@@ -158,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     label = data_label(dataset.name, spec_env.env_id)
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="dmm-bench-scores-") as tmp:
-        store = args.store or Path(tmp)
+        store = args.store or (args.run_root / "store" if args.run_root else Path(tmp))
         for key in args.variants:
             for seed in args.seeds:
                 spec = {
@@ -170,6 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     **{k: getattr(args, k) for k in ("updates", "episodes", "num_envs", "mode", "device")},
                     "compile": args.compile,
                     "threads": args.threads,
+                    "run_root": str(args.run_root) if args.run_root else None,
+                    "checkpoint_every": args.checkpoint_every,
                 }
                 print(f"{VARIANTS[key].label}, seed {seed}: training...", file=sys.stderr, flush=True)
                 runs.append({"variant": key, "seed": seed, **run_worker(MODULE, spec, args.run_timeout)})

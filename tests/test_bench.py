@@ -135,6 +135,32 @@ def test_scores_train_and_evaluate_final_checkpoints(tmp_path):
     assert "| DMM (K=8) |" in md and "normalized score" in md
 
 
+def test_scores_keep_resumable_runs_and_reuse_finished_ones(tmp_path):
+    from dmm.store import ModelStore
+    from dmm.trainer.collect import collect
+
+    policy = random_sac_policy(tmp_path / "policy.npz", 11, 3)
+    data = collect("Hopper-v4", policy, 400, tmp_path / "hopper-tiny.hdf5", seed=0)
+    args = (
+        "--dataset",
+        str(data),
+        "--variants",
+        "dmm",
+        "--updates",
+        "6",
+        "--run-root",
+        str(tmp_path / "runs"),
+    )
+    code, first, _ = run_bench("scores", tmp_path / "out1", *args, "--checkpoint-every", "4")
+    assert code == 0
+    run_dir = tmp_path / "runs" / "hopper-tiny-dmm-seed0"
+    assert {p.name for p in run_dir.iterdir()} == {"state.pt", "result.json"}
+    code, again, _ = run_bench("scores", tmp_path / "out2", *args)
+    assert code == 0
+    assert again["runs"] == first["runs"]  # reused, not retrained
+    assert ModelStore(tmp_path / "runs" / "store").versions("hopper-tiny-dmm-seed0") == [1]
+
+
 def test_dmm_vs_dt_measures_variants_and_resumes(tmp_path):
     from dmm.trainer.collect import collect
 
