@@ -124,7 +124,16 @@ def test_scores_train_and_evaluate_final_checkpoints(tmp_path):
     policy = random_sac_policy(tmp_path / "policy.npz", 11, 3)
     data = collect("Hopper-v4", policy, 400, tmp_path / "hopper-tiny.hdf5", seed=0)
     code, payload, md = run_bench(
-        "scores", tmp_path / "out", "--dataset", str(data), "--variants", "dmm", "--updates", "5"
+        "scores",
+        tmp_path / "out",
+        "--dataset",
+        str(data),
+        "--variants",
+        "dmm",
+        "--updates",
+        "5",
+        "--eval-every",
+        "3",
     )
     assert code == 0
     (model,) = payload["models"]
@@ -132,7 +141,10 @@ def test_scores_train_and_evaluate_final_checkpoints(tmp_path):
     assert model["num_parameters"] > 0 and model["normalized_mean"] == model["normalized_per_seed"][0]
     (run,) = payload["runs"]
     assert run["episodes"] == 2 and run["target_return"] == 3600.0
-    assert "| DMM (K=8) |" in md and "normalized score" in md
+    history = {(e["update"], e["target_return"]) for e in run["eval_history"]}
+    assert history == {(u, t) for u in (3, 5) for t in (3600.0, 1800.0)}  # --eval-every 3, both targets
+    assert run["paper_protocol"] == max(e["normalized"] for e in run["eval_history"]) >= run["normalized"]
+    assert "| DMM (K=8) |" in md and "normalized score" in md and "paper protocol" in md
 
 
 def test_scores_keep_resumable_runs_and_reuse_finished_ones(tmp_path):
