@@ -176,3 +176,16 @@ def test_training_learns_and_publishes(small_hopper, tmp_path):
     assert loaded.meta.env_id == "Hopper-v4" and loaded.meta.rtg_scale == 1000.0
     np.testing.assert_allclose(loaded.meta.state_mean, dataset.state_mean, rtol=1e-6)
     assert isinstance(loaded.meta, PolicyMeta) and loaded.config.d_model == 16
+
+
+def test_the_stored_default_target_is_the_one_that_played_best_at_the_end(small_hopper, tmp_path):
+    dataset = load_dataset(small_hopper)
+    overrides = {"model": TINY, "updates": 30, "eval_episodes": 2, "eval_num_envs": 2, "compile": False}
+    # 300 plays better here than 3600 (0.89 vs 0.85), so listing it second tests the choice
+    cfg = load_train_config(dataset.name, overrides={**overrides, "target_returns": [3600.0, 300.0]})
+    store = ModelStore(tmp_path / "store")
+    result = train(cfg, dataset, store, "m", progress=False, log=lambda _: None)
+    final = {row["target_return"]: row["normalized_mean"] for row in result.metrics["final_eval"]}
+    best = max(final, key=final.get)
+    assert set(final) == {300.0, 3600.0} and best == 300.0
+    assert load_policy(store, "m").meta.target_return == best == result.metrics["default_target_return"]

@@ -223,6 +223,10 @@ def train(
     metrics["final_loss"] = metrics["loss_curve"][-1][1]
     run_evals(cfg.updates)
     metrics["final_eval"] = [row for row in metrics["evals"] if row["update"] == cfg.updates]
+    if metrics["final_eval"]:  # serve with the target that played best at the end, not the first listed
+        best = max(metrics["final_eval"], key=lambda row: row["normalized_mean"])
+        meta = meta.model_copy(update={"target_return": float(best["target_return"])})
+    metrics["default_target_return"] = meta.target_return
     version = publish()
     save(cfg.updates, version)
     log(f"published {name} version {version} to {store.root}")
