@@ -35,7 +35,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,16 @@ class StoreError(DMMError):
 
 class ModelNotFoundError(StoreError):
     """No complete version of the requested model exists."""
+
+    def __init__(self, message: str, model: str = "", available: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.model = model
+        self.available = list(available)
+
+    def remote_message(self) -> str:
+        """The same, without the store's location (for clients of a server)."""
+        listing = ", ".join(self.available) if self.available else "none"
+        return f"unknown model {self.model!r}; available models: {listing}"
 
 
 class VersionNotFoundError(StoreError):
@@ -261,7 +271,9 @@ class ModelStore:
     def _model_not_found(self, name: str) -> ModelNotFoundError:
         available = self.models()
         listing = ", ".join(available) if available else "none"
-        return ModelNotFoundError(f"unknown model {name!r} in store {self.root}; available models: {listing}")
+        return ModelNotFoundError(
+            f"unknown model {name!r} in store {self.root}; available models: {listing}", name, available
+        )
 
     def resolve(self, name: str, version: int | str | None = None) -> int:
         """Turn ``None``, ``"latest"``, ``"3"`` or ``3`` into an existing complete version number."""

@@ -17,11 +17,9 @@ from dmm.model import InferenceMode
 from dmm.model.scan import default_backend, set_default_backend
 from dmm.server.metrics import ServerMetrics
 from dmm.server.pool import ModelPool
-from dmm.server.service import PolicyService
+from dmm.server.service import SERVICE_NAME, PolicyService, add_to_server
 from dmm.store import ModelStore
-from dmm.v1 import policy_pb2, policy_pb2_grpc
 
-SERVICE_NAME = policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name
 READY_PREFIX = "dmm serve: ready"
 
 
@@ -116,7 +114,7 @@ class PolicyServer:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        policy_pb2_grpc.add_PolicyServiceServicer_to_server(self.service, self.server)
+        add_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server

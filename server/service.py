@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from dmm.errors import DMMError
 from dmm.model import InferenceMode
@@ -25,6 +29,8 @@ _MODES: dict[int, InferenceMode] = {
 _MODE_ENUM = {name: value for value, name in _MODES.items()}
 # How long a handler waits after EOF for grpc to report a client cancellation (end-of-session only).
 _CANCEL_WINDOW_S = 0.005
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+SERVICE_NAME = policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name
 
 
 class _Abort(Exception):
@@ -37,17 +43,67 @@ class _Abort(Exception):
         self.reason = reason
 
 
-def _store_status(err: Exception) -> tuple[grpc.StatusCode, str]:
-    """gRPC status of an error raised while resolving or loading a model version."""
-    if isinstance(err, (ModelNotFoundError, VersionNotFoundError)):
-        return grpc.StatusCode.NOT_FOUND, str(err)
+def _store_status(err: Exception, root: Path) -> tuple[grpc.StatusCode, str]:
+    """gRPC status of an error raised while resolving or loading a model version. Clients learn
+    which models and files exist, not where the server keeps its store (``root``)."""
+    if isinstance(err, ModelNotFoundError):
+        return grpc.StatusCode.NOT_FOUND, err.remote_message()
+    inside_store = str(err).replace(f"{root}{os.sep}", "")
+    if isinstance(err, VersionNotFoundError):
+        return grpc.StatusCode.NOT_FOUND, inside_store
     if isinstance(err, CorruptVersionError):
-        return grpc.StatusCode.DATA_LOSS, str(err)
+        return grpc.StatusCode.DATA_LOSS, inside_store
     if isinstance(err, StoreError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(err)
+        return grpc.StatusCode.INVALID_ARGUMENT, inside_store
     if isinstance(err, DMMError):
         return grpc.StatusCode.FAILED_PRECONDITION, str(err)
     return grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}"
+
+
+class Undecodable:
+    """What a request that is not a valid protobuf message decodes to (the RPC answers INVALID_ARGUMENT)."""
+
+    def __init__(self, kind: str, error: Exception) -> None:
+        self.details = f"undecodable {kind}: {error}"
+
+
+def _lenient(message_type: type) -> Callable[[bytes], object]:
+    """A request deserializer that turns a decode error into :class:`Undecodable` instead of raising,
+    which grpc would answer with UNKNOWN and an internal class name, uncounted."""
+
+    def parse(data: bytes) -> object:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as err:
+            return Undecodable(message_type.__name__, err)
+
+    return parse
+
+
+def add_to_server(service: PolicyService, server: grpc.aio.Server) -> None:
+    """Register ``service`` like the generated ``add_PolicyServiceServicer_to_server``, but with
+    lenient request deserializers."""
+    pb = policy_pb2
+    handlers = {
+        "Act": grpc.stream_stream_rpc_method_handler(
+            service.Act, _lenient(pb.ActRequest), pb.ActResponse.SerializeToString
+        ),
+        "ListModels": grpc.unary_unary_rpc_method_handler(
+            service.ListModels, _lenient(pb.ListModelsRequest), pb.ListModelsResponse.SerializeToString
+        ),
+        "Describe": grpc.unary_unary_rpc_method_handler(
+            service.Describe, _lenient(pb.DescribeRequest), pb.DescribeResponse.SerializeToString
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+def _check_float32(field: str, value: float, step: int | None = None) -> None:
+    """Inputs must be finite in the model's float32, or the session's actions would be NaN."""
+    if not (math.isfinite(value) and abs(value) <= _FLOAT32_MAX):
+        where = "" if step is None else f" (step {step})"
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field} is {value:g}, outside float32{where}")
 
 
 class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
@@ -83,6 +139,8 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
                         f"session evicted: no message for {self.idle_timeout_s:g} s (idle timeout)",
                         "evicted",
                     ) from None
+                if isinstance(request, Undecodable):
+                    raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
                 if request is grpc.aio.EOF:
                     # A half-close ends the episode normally. A client that cancels also ends the
                     # read with EOF, and grpc cancels this task shortly after: free the slot now,
@@ -136,8 +194,8 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
         if start.mode != policy_pb2.INFERENCE_MODE_UNSPECIFIED and start.mode not in _MODES:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown inference mode {start.mode}")
         mode = _MODES.get(start.mode, self.default_mode)
-        if start.HasField("target_return") and not math.isfinite(start.target_return):
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"target_return is {start.target_return}")
+        if start.HasField("target_return"):
+            _check_float32("target_return", start.target_return)
         if not self.sessions.reserve():
             raise _Abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -152,7 +210,7 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
             except ValueError as err:  # the model cannot run this mode
                 raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, str(err)) from None
             except Exception as err:
-                code, details = _store_status(err)
+                code, details = _store_status(err, self.pool.store.root)
                 raise _Abort(code, details) from None
             self._check_dims(start, lease)
         except BaseException:
@@ -210,10 +268,18 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"state has non-finite values at indices {bad} (step {session.steps})",
             )
+        meta = session.lease.policy.meta
+        normalized = np.abs(state - np.asarray(meta.state_mean)) / np.asarray(meta.state_std)
+        too_large = (np.abs(state) > _FLOAT32_MAX) | (normalized > _FLOAT32_MAX)
+        if too_large.any():
+            i = int(np.flatnonzero(too_large)[0])
+            raise _Abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"state[{i}] = {state[i]:g} is out of the model's float32 range (step {session.steps})",
+            )
         which = step.WhichOneof("return_to_go")
         if which == "rtg":
-            if not math.isfinite(step.rtg):
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"rtg is {step.rtg} (step {session.steps})")
+            _check_float32("rtg", step.rtg, session.steps)
             session.rtg = step.rtg
         elif which == "reward":
             if session.steps == 0:
@@ -222,10 +288,8 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
                     "step 0 carries a reward, but there is no previous action: send only the state "
                     "(or an explicit rtg)",
                 )
-            if not math.isfinite(step.reward):
-                raise _Abort(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"reward is {step.reward} (step {session.steps})"
-                )
+            _check_float32("reward", step.reward, session.steps)
+            _check_float32("the return-to-go after this reward", session.rtg - step.reward, session.steps)
             session.rtg -= step.reward
         elif session.steps > 0:
             raise _Abort(
@@ -238,6 +302,12 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
             raise
         except Exception as err:
             raise _Abort(grpc.StatusCode.INTERNAL, f"inference failed: {type(err).__name__}: {err}") from None
+        if not np.isfinite(action).all():  # never an action outside [-1, 1] with OK
+            raise _Abort(
+                grpc.StatusCode.INTERNAL,
+                f"the model produced a non-finite action at step {session.steps} of this session "
+                "(inputs far outside the training data?); the session is ended",
+            )
         index = session.steps
         session.steps += 1
         return policy_pb2.ActResponse(
@@ -269,6 +339,9 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
     # ------------------------------------------------------------------ unary
 
     async def ListModels(self, request, context: grpc.aio.ServicerContext) -> policy_pb2.ListModelsResponse:
+        if isinstance(request, Undecodable):
+            self.metrics.errors.labels(grpc.StatusCode.INVALID_ARGUMENT.name).inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
         store = self.pool.store
 
         def _list() -> list[policy_pb2.ModelVersions]:
@@ -282,12 +355,15 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
         try:
             models = await asyncio.get_running_loop().run_in_executor(None, _list)
         except Exception as err:
-            code, details = _store_status(err)
+            code, details = _store_status(err, self.pool.store.root)
             self.metrics.errors.labels(code.name).inc()
             await context.abort(code, details)
         return policy_pb2.ListModelsResponse(models=models)
 
     async def Describe(self, request, context: grpc.aio.ServicerContext) -> policy_pb2.DescribeResponse:
+        if isinstance(request, Undecodable):
+            self.metrics.errors.labels(grpc.StatusCode.INVALID_ARGUMENT.name).inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
         if not request.model:
             self.metrics.errors.labels(grpc.StatusCode.INVALID_ARGUMENT.name).inc()
             await context.abort(
@@ -301,7 +377,7 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
                 None, self.pool.store.versions, request.model
             )
         except Exception as err:
-            code, details = _store_status(err)
+            code, details = _store_status(err, self.pool.store.root)
             self.metrics.errors.labels(code.name).inc()
             await context.abort(code, details)
         return policy_pb2.DescribeResponse(

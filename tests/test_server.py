@@ -147,13 +147,17 @@ def test_concurrent_sessions_are_batched_and_exact(
     ("case", "code", "words"),
     [
         ("step before start", grpc.StatusCode.FAILED_PRECONDITION, ["step before start"]),
-        ("unknown model", grpc.StatusCode.NOT_FOUND, ["'nope'", "tiny"]),
+        ("unknown model", grpc.StatusCode.NOT_FOUND, ["unknown model 'nope'; available models: broken,"]),
         ("unknown version", grpc.StatusCode.NOT_FOUND, ["no version 7", "available versions: 1"]),
-        ("corrupt version", grpc.StatusCode.DATA_LOSS, ["model.safetensors", "checksum"]),
+        ("corrupt version", grpc.StatusCode.DATA_LOSS, ["broken/1/model.safetensors", "checksum"]),
         ("empty request", grpc.StatusCode.INVALID_ARGUMENT, ["empty ActRequest"]),
         ("wrong state length", grpc.StatusCode.INVALID_ARGUMENT, ["state_dim=11", "has 5 values"]),
         ("NaN state", grpc.StatusCode.INVALID_ARGUMENT, ["non-finite", "[2]"]),
         ("inf reward", grpc.StatusCode.INVALID_ARGUMENT, ["reward is inf"]),
+        ("state beyond float32", grpc.StatusCode.INVALID_ARGUMENT, ["state[3] = 1e+39", "float32"]),
+        ("reward beyond float32", grpc.StatusCode.INVALID_ARGUMENT, ["reward is 1e+308", "float32"]),
+        ("target beyond float32", grpc.StatusCode.INVALID_ARGUMENT, ["target_return is 1e+308"]),
+        ("state the model turns into NaN", grpc.StatusCode.INTERNAL, ["non-finite action", "ended"]),
         ("missing reward", grpc.StatusCode.INVALID_ARGUMENT, ["neither the reward"]),
         ("reward on step 0", grpc.StatusCode.INVALID_ARGUMENT, ["no previous action"]),
         ("second start", grpc.StatusCode.FAILED_PRECONDITION, ["second start"]),
@@ -184,6 +188,8 @@ def test_bad_input_gets_precise_status_and_others_continue(
         err = expect_status(bad, policy_pb2.ActRequest())
     elif case == "wrong env dims":
         err = expect_status(bad, policy_pb2.ActRequest(start=start(model="tiny", state_dim=17, act_dim=3)))
+    elif case == "target beyond float32":
+        err = expect_status(bad, policy_pb2.ActRequest(start=start(model="tiny", target_return=1e308)))
     else:
         bad.start()
         if case == "second start":
@@ -198,11 +204,15 @@ def test_bad_input_gets_precise_status_and_others_continue(
                 "inf reward": step(state=ok, reward=float("inf")),
                 "missing reward": step(state=ok),
                 "oversized message": step(state=np.zeros(STATE_DIM * 100), reward=0.0),
+                "state beyond float32": step(state=[0.0] * 3 + [1e39] + [0.0] * 7, reward=0.0),
+                "reward beyond float32": step(state=ok, reward=1e308),
+                "state the model turns into NaN": step(state=[1e30] * STATE_DIM, reward=0.0),
             }
             err = expect_status(bad, policy_pb2.ActRequest(step=requests[case]))
     assert err.code() == code, err.details()
     for word in words:
         assert word in err.details(), err.details()
+    assert str(store_root) not in err.details()  # remote clients are not told where the store is
 
     replies += [healthy.step(s, reward=r) for s, r in zip(states[2:], rewards[1:-1], strict=True)]
     assert healthy.finish() == grpc.StatusCode.OK
@@ -276,3 +286,47 @@ def test_metrics_after_traffic(server: ServerProcess, channel: grpc.Channel) -> 
     assert metric_value(text, "dmm_sessions_started_total", {"model": "tiny"}) >= 1
     assert metric_value(text, "dmm_sessions_ended_total", {"model": "tiny", "reason": "completed"}) >= 1
     assert metric_value(text, "dmm_active_sessions", {"model": "tiny"}) == 0
+
+
+def _raw_act(channel: grpc.Channel, messages: list[bytes]) -> tuple[list[bytes], grpc.RpcError]:
+    """Send raw bytes on an Act stream; returns the responses before the error and the error."""
+    call = channel.stream_stream("/dmm.v1.PolicyService/Act")(iter(messages), timeout=30)
+    replies = []
+    with pytest.raises(grpc.RpcError) as info:
+        for reply in call:
+            replies.append(reply)
+    return replies, info.value
+
+
+@pytest.mark.parametrize("where", ["first message", "mid-session", "invalid UTF-8 model name"])
+def test_undecodable_requests_are_invalid_argument_and_counted(
+    server: ServerProcess, channel: grpc.Channel, where: str
+) -> None:
+    start = policy_pb2.ActRequest(start=policy_pb2.Start(model="tiny")).SerializeToString()
+    step = policy_pb2.ActRequest(step=policy_pb2.Step(state=[0.0] * STATE_DIM)).SerializeToString()
+    garbage = b"\xff\xff\xff\xff\x0f"
+    messages = {
+        "first message": [garbage],
+        "mid-session": [start, step, garbage],
+        "invalid UTF-8 model name": [start.replace(b"tiny", b"\xff\xfeny")],
+    }[where]
+    text = server.scrape()
+    errors_before = metric_value(text, "dmm_errors_total", {"code": "INVALID_ARGUMENT"}) or 0.0
+    ended_before = metric_value(text, "dmm_sessions_ended_total", {"model": "tiny", "reason": "error"}) or 0.0
+    replies, err = _raw_act(channel, messages)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+    assert err.details().startswith("undecodable ActRequest"), err.details()
+    assert "<class" not in err.details()
+    assert len(replies) == len(messages) - 1
+    text = server.scrape()
+    assert metric_value(text, "dmm_errors_total", {"code": "INVALID_ARGUMENT"}) == errors_before + 1
+    if where == "mid-session":
+        ended = metric_value(text, "dmm_sessions_ended_total", {"model": "tiny", "reason": "error"})
+        assert ended == ended_before + 1
+
+
+def test_an_undecodable_describe_is_invalid_argument(channel: grpc.Channel) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        channel.unary_unary("/dmm.v1.PolicyService/Describe")(b"\xff\xff\xff", timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("undecodable DescribeRequest")
