@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from dmm.errors import ConfigError
 from dmm.model import InferenceMode
 from dmm.model.scan import default_backend, set_default_backend
+from dmm.server import logs
 from dmm.server.metrics import ServerMetrics
 from dmm.server.pool import ModelPool
 from dmm.server.service import SERVICE_NAME, PolicyService, add_to_server
@@ -38,6 +39,8 @@ class ServeOptions:
     max_message_bytes: int = 1 << 20
     grace_s: float = 10.0
     scan_backend: str | None = None  # None: $DMM_SCAN_BACKEND, else auto
+    log_level: str = "info"
+    log_format: str = "text"
 
     def validate(self) -> None:
         """Refuse option values the server cannot run with, with a one-line reason."""
@@ -54,6 +57,8 @@ class ServeOptions:
                 f"--max-message-bytes must be >= 1024, got {self.max_message_bytes}",
             ),
             (self.grace_s >= 0, f"--grace must be >= 0, got {self.grace_s}"),
+            (self.log_level in logs.LEVELS, f"--log-level {self.log_level!r}: use {', '.join(logs.LEVELS)}"),
+            (self.log_format in logs.FORMATS, f"--log-format {self.log_format!r}: use text or json"),
         )
         for ok, message in checks:
             if not ok:
@@ -153,6 +158,7 @@ class PolicyServer:
 async def serve(options: ServeOptions) -> int:
     """Run until SIGTERM or SIGINT, then shut down gracefully; returns the exit status."""
     options.validate()
+    logs.configure(options.log_level, options.log_format)
     scan_backend = set_default_backend(options.scan_backend or default_backend(), options.resolved_device)
     server = PolicyServer(options)
     await server.start()
@@ -165,7 +171,22 @@ async def serve(options: ServeOptions) -> int:
         f"store={server.store.root} device={options.resolved_device} mode={options.mode} scan={scan_backend}",
         flush=True,
     )
+    logs.event(
+        logging.INFO,
+        "serving",
+        grpc=f"{options.host}:{server.port}",
+        metrics=f"{options.host}:{server.metrics_port}",
+        store=server.store.root,
+        models=", ".join(server.store.models()) or "none",
+        device=options.resolved_device,
+        scan=scan_backend,
+        mode=options.mode,
+        max_sessions=options.max_sessions,
+        max_batch=options.max_batch,
+        max_delay_ms=options.max_delay_ms,
+        idle_timeout_s=options.idle_timeout_s,
+    )
     await stop.wait()
-    print("dmm serve: shutting down", file=sys.stderr, flush=True)
+    logs.event(logging.INFO, "shutting down", sessions=len(server.service.sessions), grace_s=options.grace_s)
     await server.shutdown()
     return 0

@@ -54,6 +54,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--grace", type=float, default=10.0, help="seconds sessions get to finish on SIGTERM (default: 10)"
     )
     add_scan_backend_option(p)
+    p.add_argument(
+        "--log-level", default="info", choices=("debug", "info", "warning", "error"), help="default: info"
+    )
+    p.add_argument(
+        "--log-format", default="text", choices=("text", "json"), help="stderr log lines (default: text)"
+    )
     p.set_defaults(handler=_serve)
 
 
@@ -77,5 +83,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_message_bytes=args.max_message_bytes,
         grace_s=args.grace,
         scan_backend=args.scan_backend,
+        log_level=args.log_level,
+        log_format=args.log_format,
     )
     return asyncio.run(serve(options))

@@ -9,11 +9,14 @@ restart. A version no session uses any more is unloaded once a newer version of 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from dataclasses import dataclass, field
 
 from prometheus_client import Histogram
 
 from dmm.model import InferenceMode, LoadedPolicy, PolicyRunner, load_policy
+from dmm.server import logs
 from dmm.server.batcher import Batcher
 from dmm.server.metrics import ServerMetrics
 from dmm.store import ModelStore
@@ -87,8 +90,18 @@ class ModelPool:
         async with lock:
             served = self._loaded.get(key)
             if served is None:
+                started = time.perf_counter()
                 policy = await asyncio.get_running_loop().run_in_executor(
                     None, load_policy, self.store, name, version, self.device
+                )
+                seconds = round(time.perf_counter() - started, 3)
+                logs.event(
+                    logging.INFO,
+                    "model loaded",
+                    model=name,
+                    version=version,
+                    device=self.device,
+                    seconds=seconds,
                 )
                 served = _Served(policy)
                 self._loaded[key] = served
@@ -140,6 +153,7 @@ class ModelPool:
             self._unload(key)
 
     def _unload(self, key: tuple[str, int]) -> None:
+        logs.event(logging.INFO, "model unloaded", model=key[0], version=key[1])
         served = self._loaded.pop(key)
         self._locks.pop(key, None)
         for batcher in served.batchers.values():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import os
 import time
@@ -16,6 +17,7 @@ from google.protobuf.message import DecodeError
 
 from dmm.errors import DMMError
 from dmm.model import InferenceMode
+from dmm.server import logs
 from dmm.server.metrics import ServerMetrics
 from dmm.server.pool import Lease, ModelPool
 from dmm.server.sessions import Session, SessionTable
@@ -174,6 +176,10 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
         except _Abort as abort:
             reason = abort.reason
             self.metrics.errors.labels(abort.code.name).inc()
+            model = session.model if session else None
+            logs.event(
+                logging.WARNING, "request refused", code=abort.code.name, model=model, details=abort.details
+            )
             await context.abort(abort.code, abort.details)
         except asyncio.CancelledError:
             # The client went away (or its deadline passed), or shutdown ended the session.
@@ -217,12 +223,18 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
             self.sessions.unreserve()
             raise
         meta = lease.policy.meta
-        session = Session(
-            lease,
-            start.target_return if start.HasField("target_return") else meta.target_return,
-            asyncio.current_task(),
-        )
+        target = start.target_return if start.HasField("target_return") else meta.target_return
+        session = Session(lease, target, asyncio.current_task(), target_return=target)
         self.sessions.add(session)
+        logs.event(
+            logging.INFO,
+            "session started",
+            model=session.model,
+            version=session.version,
+            mode=lease.mode,
+            target_return=target,
+            sessions=len(self.sessions),
+        )
         self.metrics.sessions_started.labels(session.model).inc()
         self.metrics.active_sessions.labels(session.model).inc()
         return session
@@ -321,6 +333,17 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
         )
 
     def _end(self, session: Session, reason: str) -> None:
+        logs.event(
+            logging.INFO,
+            "session ended",
+            model=session.model,
+            version=session.version,
+            mode=session.lease.mode,
+            steps=session.steps,
+            episode_return=round(session.target_return - session.rtg, 6),
+            reason=reason,
+            seconds=round(time.monotonic() - session.started_at, 3),
+        )
         self.pool.release(session.lease)
         self.sessions.discard(session)
         self.sessions.unreserve()

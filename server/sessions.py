@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 
 from dmm.server.pool import Lease
@@ -16,6 +17,8 @@ class Session:
     rtg: float
     task: asyncio.Task | None
     steps: int = 0
+    target_return: float = 0.0  # the rtg it started with: target - rtg is the return so far
+    started_at: float = field(default_factory=time.monotonic)
     # Why the session ended when another party (shutdown) ended it; None while it runs.
     end_reason: str | None = field(default=None)
 

@@ -126,3 +126,33 @@ def test_scan_backend_is_reported_at_start_and_an_unusable_one_is_refused(store_
     assert refused.stderr.strip().splitlines() == [
         "dmm serve: error: the cuda scan backend needs a CUDA device and mamba_ssm (pip install '.[cuda]')"
     ]
+
+
+def test_the_json_log_tells_an_operator_what_happened(store_root: Path) -> None:
+    import json
+
+    server = ServerProcess(store_root, ["--log-format", "json"]).start()
+    with grpc.insecure_channel(server.target) as channel:
+        stream = Stream(channel)
+        stream.start(target_return=100.0)
+        for t in range(3):
+            stream.step(np.zeros(STATE_DIM), **({} if t == 0 else {"reward": 2.5}))
+        assert stream.finish() == grpc.StatusCode.OK
+        expect_status(Stream(channel), policy_pb2.ActRequest(start=policy_pb2.Start(model="nope")))
+    assert server.terminate() == 0
+    entries = [json.loads(line) for line in server.output if line.startswith("{")]
+    by_message = {}
+    for entry in entries:
+        by_message.setdefault(entry["message"], []).append(entry)
+    (serving,) = by_message["serving"]
+    assert serving["scan"] == "numba" and serving["models"] == "tiny" and serving["max_sessions"] == 1024
+    (loaded,) = by_message["model loaded"]
+    assert (loaded["model"], loaded["version"], loaded["device"]) == ("tiny", 1, "cpu")
+    (started,) = by_message["session started"]
+    assert started["target_return"] == 100.0 and started["mode"] == "window"
+    (ended,) = by_message["session ended"]
+    assert (ended["steps"], ended["episode_return"], ended["reason"]) == (3, 5.0, "completed")
+    (refused,) = by_message["request refused"]
+    assert refused["code"] == "NOT_FOUND" and refused["level"] == "warning" and "'nope'" in refused["details"]
+    assert "shutting down" in by_message
+    assert all(e["level"] != "info" or "step" not in e["message"] for e in entries)  # nothing per step
