@@ -110,6 +110,13 @@ def bind_mounts(service: dict) -> list[tuple[str, str]]:
 # docker-compose.yml
 
 
+def test_docker_compose_up_works_from_the_repository_root():
+    """`docker compose up` at the root includes the deployment, whose paths stay relative to deploy/."""
+    root_file = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    assert root_file == {"include": [str(COMPOSE.relative_to(ROOT))]}
+    assert not (ROOT / "docker-compose.yml").exists()  # one root file: compose would pick either
+
+
 def test_compose_has_the_services_and_profiles(compose):
     services = compose["services"]
     assert {"bootstrap", "server", "prometheus", "grafana", "trainer"} <= set(services)
@@ -238,9 +245,22 @@ def test_dockerfile_healthcheck_uses_the_grpc_health_service():
     healthcheck = dict(instructions)["HEALTHCHECK"]
     command = json.loads(healthcheck.split("CMD", 1)[1])
     assert command[0] == "python" and command[1] == "/opt/dmm/healthcheck.py"
-    env = dict(instructions)["ENV"]
-    grpc_port, _ = serve_ports(json.loads(dict(instructions)["CMD"]))
-    assert f"DMM_HEALTH_TARGET=127.0.0.1:{grpc_port}" in env
+    assert "DMM_HEALTH_TARGET" not in dict(instructions)["ENV"]  # it follows the server's --port
+
+
+def test_healthcheck_follows_the_port_the_server_was_started_with(tmp_path, monkeypatch):
+    healthcheck = load_module("healthcheck")
+    monkeypatch.delenv("DMM_HEALTH_TARGET", raising=False)
+    cmdline = tmp_path / "cmdline"
+    entry = ["/opt/venv/bin/python", "/opt/venv/bin/dmm", "serve", "--store", "/models"]
+    for extra, port in ((["--port", "6000"], 6000), (["--port=7000"], 7000), ([], 50051)):
+        cmdline.write_bytes(b"\0".join(a.encode() for a in entry + extra) + b"\0")
+        assert healthcheck.default_target(str(cmdline)) == f"127.0.0.1:{port}"
+    cmdline.write_bytes(b"bash\0-c\0sleep 1\0")
+    assert healthcheck.default_target(str(cmdline)) == "127.0.0.1:50051"  # not a server: the default
+    assert healthcheck.default_target(str(tmp_path / "missing")) == "127.0.0.1:50051"
+    monkeypatch.setenv("DMM_HEALTH_TARGET", "10.0.0.1:1234")
+    assert healthcheck.default_target(str(cmdline)) == "10.0.0.1:1234"
 
 
 def test_dockerfile_copies_only_files_that_exist_and_are_not_ignored():
