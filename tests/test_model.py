@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -258,8 +260,20 @@ def test_runner_rejects_bad_shapes_and_attention_recurrent():
     runner.reset([0])
     with pytest.raises(ValueError, match="expected states"):
         runner.step([0], np.zeros((1, 4)), np.zeros(1))
-    with pytest.raises(ValueError, match="window mode only"):
+    with pytest.raises(ValueError, match=r"\(DMM, dsm local mixer, attention global mixer\) supports window"):
         PolicyRunner(_loaded(_policy(global_mixer="attention").float()), "recurrent")
+    with pytest.raises(ValueError, match=r"\(Decision Transformer\) supports window mode only"):
+        PolicyRunner(_loaded(_policy(architecture="dt").float()), "recurrent")
+
+
+def test_the_dt_baseline_has_no_dmm_mixers_and_a_dmm_always_has_both():
+    dt = DMMConfig(architecture="dt", state_dim=3, act_dim=2)
+    assert (dt.local_mixer, dt.global_mixer) == (None, None)
+    assert "mixer" not in json.dumps({k: v for k, v in dt.model_dump().items() if v is not None})
+    dmm = DMMConfig(state_dim=3, act_dim=2, global_mixer="attention")
+    assert (dmm.local_mixer, dmm.global_mixer) == ("dsm", "attention")
+    with pytest.raises(ValueError, match="the DT baseline has neither"):
+        DMMConfig(architecture="dt", state_dim=3, act_dim=2, global_mixer="mamba")
 
 
 def test_every_layer_owns_its_parameters():
@@ -326,8 +340,10 @@ def test_configs_written_before_the_residual_and_timestep_options_load_as_they_w
     meta["target_return"] = 1.0
     for architecture, expected in (("dmm", False), ("dt", True)):
         model = {"architecture": architecture, "state_dim": 1, "act_dim": 1}
+        model |= {"local_mixer": "dsm", "global_mixer": "mamba"}  # what DT configs carried then
         config, _ = policy_from_config({"format": 1, "model": model, "meta": meta})
         assert config.timestep_embedding is expected and config.residual == "normalized"
+        assert config.global_mixer == (None if architecture == "dt" else "mamba")
 
 
 @pytest.mark.cuda

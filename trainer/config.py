@@ -26,8 +26,8 @@ class ModelSettings(BaseModel):
     d_state: int = Field(16, gt=0)
     expand: int = Field(2, gt=0)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    local_mixer: Literal["dsm", "conv"] = "dsm"
-    global_mixer: Literal["mamba", "attention"] = "mamba"
+    local_mixer: Literal["dsm", "conv"] | None = None  # None: dsm for DMM, none for DT
+    global_mixer: Literal["mamba", "attention"] | None = None  # None: mamba for DMM, none for DT
     n_head: int = Field(1, gt=0)
     residual: Literal["stream", "normalized"] = "stream"
     timestep_embedding: bool = True

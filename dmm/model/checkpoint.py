@@ -60,6 +60,9 @@ def policy_from_config(config: dict[str, Any]) -> tuple[DMMConfig, PolicyMeta]:
         # Written before these options existed: eq. 3's residual, and only DT embedded timesteps.
         model.setdefault("residual", "normalized")
         model.setdefault("timestep_embedding", model.get("architecture") == "dt")
+        if model.get("architecture") == "dt":  # once written with DMM's mixer names it never had
+            model.pop("local_mixer", None)
+            model.pop("global_mixer", None)
         return DMMConfig(**model), PolicyMeta(**config["meta"])
     except (KeyError, TypeError, ValidationError) as err:
         raise ValueError(f"invalid policy config: {err}") from err

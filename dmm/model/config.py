@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -32,8 +32,12 @@ class DMMConfig(BaseModel):
     expand: int = Field(2, gt=0)
     dt_rank: int | None = Field(None, description="defaults to ceil(d_model / 16)")
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    local_mixer: Literal["dsm", "conv"] = "dsm"
-    global_mixer: Literal["mamba", "attention"] = "mamba"
+    local_mixer: Literal["dsm", "conv"] | None = Field(
+        None, description="DMM's local mixer (dsm unless given; conv is the ablation); none for DT"
+    )
+    global_mixer: Literal["mamba", "attention"] | None = Field(
+        None, description="DMM's global mixer (mamba unless given; attention is the ablation); none for DT"
+    )
     n_head: int = Field(1, gt=0, description="attention heads (attention global mixer, DT)")
     residual: Literal["stream", "normalized"] = Field(
         "stream",
@@ -47,9 +51,18 @@ class DMMConfig(BaseModel):
     )
     max_ep_len: int = Field(1000, gt=0, description="size of the timestep embedding table")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _dmm_mixers(cls, data: Any) -> Any:
+        """A DMM has both mixers (the paper's unless an ablation is named); the DT baseline neither."""
+        if isinstance(data, dict) and data.get("architecture", "dmm") == "dmm":
+            data = {**data, "local_mixer": data.get("local_mixer") or "dsm"}
+            data["global_mixer"] = data.get("global_mixer") or "mamba"
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> DMMConfig:
-        if self.architecture == "dt" and (self.local_mixer, self.global_mixer) != ("dsm", "mamba"):
+        if self.architecture == "dt" and (self.local_mixer, self.global_mixer) != (None, None):
             raise ValueError("local_mixer and global_mixer select DMM ablations; the DT baseline has neither")
         if (self.global_mixer == "attention" or self.architecture == "dt") and self.d_model % self.n_head:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
@@ -62,6 +75,11 @@ class DMMConfig(BaseModel):
     @property
     def d_inner(self) -> int:
         return self.expand * self.d_model
+
+    def describe_architecture(self) -> str:
+        if self.architecture == "dt":
+            return "Decision Transformer"
+        return f"DMM, {self.local_mixer} local mixer, {self.global_mixer} global mixer"
 
     @property
     def supports_recurrent(self) -> bool:

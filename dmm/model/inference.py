@@ -33,9 +33,7 @@ class PolicyRunner:
             raise ValueError(f"unknown inference mode {mode!r}; expected 'window' or 'recurrent'")
         if mode == "recurrent" and not policy.config.supports_recurrent:
             cfg = policy.config
-            raise ValueError(
-                f"model {policy.name} ({cfg.architecture}, {cfg.global_mixer}) supports window mode only"
-            )
+            raise ValueError(f"model {policy.name} ({cfg.describe_architecture()}) supports window mode only")
         self.policy = policy
         self.mode = mode
         self.model = policy.model
