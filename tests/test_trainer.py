@@ -189,3 +189,16 @@ def test_the_stored_default_target_is_the_one_that_played_best_at_the_end(small_
     best = max(final, key=final.get)
     assert set(final) == {300.0, 3600.0} and best == 300.0
     assert load_policy(store, "m").meta.target_return == best == result.metrics["default_target_return"]
+
+
+def test_every_architecture_setting_of_the_model_can_be_configured_for_training():
+    """The trainer's model settings are DMMConfig's own (dims aside), so none can be missing or drift."""
+    from dmm.model import DMMConfig
+    from dmm.trainer.config import ModelSettings
+
+    assert set(ModelSettings.model_fields) == set(DMMConfig.model_fields) - {"state_dim", "act_dim"}
+    cfg = load_train_config("hopper-medium-v2", overrides={"model": {"dt_rank": 8}})
+    config = DMMConfig(state_dim=11, act_dim=3, **cfg.model.model_dump())
+    assert config.resolved_dt_rank == 8
+    with pytest.raises(ConfigError, match="state_dim"):
+        load_train_config("hopper-medium-v2", overrides={"model": {"state_dim": 3}})

@@ -2,41 +2,36 @@
 
 from __future__ import annotations
 
+import copy
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from dmm.errors import ConfigError
 from dmm.model.config import DMMConfig, InferenceMode
 
 
-class ModelSettings(BaseModel):
-    """Architecture settings that do not depend on the data (dims come from the dataset)."""
+def _architecture_checks(settings: BaseModel) -> BaseModel:
+    DMMConfig(state_dim=1, act_dim=1, **settings.model_dump())  # the architecture's own checks
+    return settings
 
-    model_config = ConfigDict(extra="forbid")
 
-    architecture: Literal["dmm", "dt"] = "dmm"
-    d_model: int = Field(64, gt=0)
-    n_layer: int = Field(3, gt=0)
-    context: int = Field(8, gt=0)
-    dsm_window: int = Field(6, gt=0)
-    d_state: int = Field(16, gt=0)
-    expand: int = Field(2, gt=0)
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    local_mixer: Literal["dsm", "conv"] | None = None  # None: dsm for DMM, none for DT
-    global_mixer: Literal["mamba", "attention"] | None = None  # None: mamba for DMM, none for DT
-    n_head: int = Field(1, gt=0)
-    residual: Literal["stream", "normalized"] = "stream"
-    timestep_embedding: bool = True
-    max_ep_len: int = Field(1000, gt=0)
-
-    @model_validator(mode="after")
-    def _valid_architecture(self) -> ModelSettings:
-        DMMConfig(state_dim=1, act_dim=1, **self.model_dump())  # the architecture's own checks
-        return self
+# Every DMMConfig field but the dimensions, which come from the dataset: one definition of each
+# architecture setting, its default and its bounds.
+ModelSettings = create_model(
+    "ModelSettings",
+    __doc__="Architecture settings that do not depend on the data (dims come from the dataset).",
+    __config__=ConfigDict(extra="forbid"),
+    __validators__={"_architecture": model_validator(mode="after")(_architecture_checks)},
+    **{
+        name: (field.annotation, copy.copy(field))
+        for name, field in DMMConfig.model_fields.items()
+        if name not in ("state_dim", "act_dim")
+    },
+)
 
 
 class TrainConfig(BaseModel):
