@@ -182,9 +182,9 @@ async def run_row(
     import grpc
 
     from dmm.v1 import policy_pb2, policy_pb2_grpc
+    from dmm.v1.modes import MODE_ENUM
 
-    modes = {"window": policy_pb2.INFERENCE_MODE_WINDOW, "recurrent": policy_pb2.INFERENCE_MODE_RECURRENT}
-    start = policy_pb2.ActRequest(start=policy_pb2.Start(model=model, mode=modes[mode]))
+    start = policy_pb2.ActRequest(start=policy_pb2.Start(model=model, mode=MODE_ENUM[mode]))
     timeout_s = args.startup_timeout + args.duration + 60.0  # every stream's gRPC deadline
     channels = [grpc.aio.insecure_channel(target) for _ in range(math.ceil(sessions / SESSIONS_PER_CHANNEL))]
     phase = _Phase(sessions, args.duration)

@@ -20,13 +20,9 @@ import numpy as np
 from dmm.envs import env_spec, make_env, normalized_score
 from dmm.errors import DMMError
 from dmm.v1 import policy_pb2, policy_pb2_grpc
+from dmm.v1.modes import MODE_ENUM, MODE_NAME
 
-_MODES = {
-    None: policy_pb2.INFERENCE_MODE_UNSPECIFIED,
-    "window": policy_pb2.INFERENCE_MODE_WINDOW,
-    "recurrent": policy_pb2.INFERENCE_MODE_RECURRENT,
-}
-_MODE_NAMES = {v: k for k, v in _MODES.items() if k}
+_MODES = {None: policy_pb2.INFERENCE_MODE_UNSPECIFIED, **MODE_ENUM}
 
 
 class PolicyServiceError(DMMError):
@@ -291,4 +287,4 @@ class PolicyClient:
             stream.cancel()
             raise
         stream.finish()
-        return _Episode(total, length, started.version, _MODE_NAMES[started.mode], started.target_return)
+        return _Episode(total, length, started.version, MODE_NAME[started.mode], started.target_return)

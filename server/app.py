@@ -5,80 +5,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from dmm.errors import ConfigError
-from dmm.model import InferenceMode
 from dmm.model.scan import default_backend, set_default_backend
 from dmm.server import logs
 from dmm.server.metrics import ServerMetrics
+from dmm.server.options import ServeOptions
 from dmm.server.pool import ModelPool
 from dmm.server.service import SERVICE_NAME, PolicyService, add_to_server
 from dmm.store import ModelStore
 
 READY_PREFIX = "dmm serve: ready"
-
-
-@dataclass(frozen=True)
-class ServeOptions:
-    store: Path
-    host: str = "0.0.0.0"
-    port: int = 50051
-    metrics_port: int = 9090
-    device: str = "auto"
-    mode: InferenceMode = "window"
-    max_sessions: int = 1024
-    idle_timeout_s: float = 120.0
-    max_batch: int = 64
-    max_delay_ms: float = 2.0
-    max_message_bytes: int = 1 << 20
-    grace_s: float = 10.0
-    scan_backend: str | None = None  # None: $DMM_SCAN_BACKEND, else auto
-    log_level: str = "info"
-    log_format: str = "text"
-
-    def validate(self) -> None:
-        """Refuse option values the server cannot run with, with a one-line reason."""
-        checks = (
-            (0 <= self.port <= 65535, f"--port {self.port} is not a TCP port"),
-            (0 <= self.metrics_port <= 65535, f"--metrics-port {self.metrics_port} is not a TCP port"),
-            (self.mode in ("window", "recurrent"), f"--mode {self.mode!r}: use window or recurrent"),
-            (self.max_sessions > 0, f"--max-sessions must be > 0, got {self.max_sessions}"),
-            (self.idle_timeout_s > 0, f"--idle-timeout must be > 0, got {self.idle_timeout_s}"),
-            (self.max_batch > 0, f"--max-batch must be > 0, got {self.max_batch}"),
-            (self.max_delay_ms >= 0, f"--max-delay-ms must be >= 0, got {self.max_delay_ms}"),
-            (
-                self.max_message_bytes >= 1024,
-                f"--max-message-bytes must be >= 1024, got {self.max_message_bytes}",
-            ),
-            (self.grace_s >= 0, f"--grace must be >= 0, got {self.grace_s}"),
-            (self.log_level in logs.LEVELS, f"--log-level {self.log_level!r}: use {', '.join(logs.LEVELS)}"),
-            (self.log_format in logs.FORMATS, f"--log-format {self.log_format!r}: use text or json"),
-        )
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ConfigError(f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
-        if self.device.startswith("cuda"):
-            import torch
-
-            if not torch.cuda.is_available():
-                raise ConfigError(f"--device {self.device}: CUDA is not available on this machine")
-
-    @property
-    def resolved_device(self) -> str:
-        """``auto`` is the GPU when torch sees one, else the CPU."""
-        if self.device != "auto":
-            return self.device
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class PolicyServer:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 from dmm.cli import add_scan_backend_option
+from dmm.server.logs import FORMATS, LEVELS
+from dmm.server.options import ServeOptions, default
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,49 +18,74 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "reflection and Prometheus metrics. New versions in the store serve new sessions without a restart.",
     )
     p.add_argument("--store", required=True, help="model store folder")
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0)")
-    p.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one (default: 50051)")
-    p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (default: 9090)")
+    p.add_argument("--host", default=default("host"), help="address to listen on (default: %(default)s)")
+    p.add_argument(
+        "--port",
+        type=int,
+        default=default("port"),
+        help="gRPC port; 0 picks a free one (default: %(default)s)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=default("metrics_port"),
+        help="Prometheus /metrics port (default: %(default)s)",
+    )
     p.add_argument(
         "--device",
-        default="auto",
-        help="auto (the GPU when there is one), cpu, cuda or cuda:N (default: auto)",
+        default=default("device"),
+        help="auto (the GPU when there is one), cpu, cuda or cuda:N (default: %(default)s)",
     )
     p.add_argument(
         "--mode",
         choices=("window", "recurrent"),
-        default="window",
-        help="inference mode of sessions that do not ask for one (default: window)",
+        default=default("mode"),
+        help="inference mode of sessions that do not ask for one (default: %(default)s)",
     )
-    p.add_argument("--max-sessions", type=int, default=1024, help="open sessions at most (default: 1024)")
+    p.add_argument(
+        "--max-sessions",
+        type=int,
+        default=default("max_sessions"),
+        help="open sessions at most (default: %(default)s)",
+    )
     p.add_argument(
         "--idle-timeout",
         type=float,
-        default=120.0,
-        help="seconds before an idle session is evicted (default: 120)",
+        default=default("idle_timeout_s"),
+        help="seconds before an idle session is evicted (default: %(default)s)",
     )
     p.add_argument(
-        "--max-batch", type=int, default=64, help="steps per batched forward at most (default: 64)"
+        "--max-batch",
+        type=int,
+        default=default("max_batch"),
+        help="steps per batched forward at most (default: %(default)s)",
     )
     p.add_argument(
         "--max-delay-ms",
         type=float,
-        default=2.0,
-        help="longest wait for a batch to fill, in ms (default: 2; a batch that holds a step of every "
-        "session runs at once)",
+        default=default("max_delay_ms"),
+        help="longest wait for a batch to fill, in ms (default: %(default)s; a batch that holds a step "
+        "of every session runs at once)",
     )
     p.add_argument(
-        "--max-message-bytes", type=int, default=1 << 20, help="largest gRPC message (default: 1 MiB)"
+        "--max-message-bytes",
+        type=int,
+        default=default("max_message_bytes"),
+        help="largest gRPC message in bytes (default: %(default)s)",
     )
     p.add_argument(
-        "--grace", type=float, default=10.0, help="seconds sessions get to finish on SIGTERM (default: 10)"
+        "--grace",
+        type=float,
+        default=default("grace_s"),
+        help="seconds sessions get to finish on SIGTERM (default: %(default)s)",
     )
     add_scan_backend_option(p)
+    p.add_argument("--log-level", default=default("log_level"), choices=LEVELS, help="default: %(default)s")
     p.add_argument(
-        "--log-level", default="info", choices=("debug", "info", "warning", "error"), help="default: info"
-    )
-    p.add_argument(
-        "--log-format", default="text", choices=("text", "json"), help="stderr log lines (default: text)"
+        "--log-format",
+        default=default("log_format"),
+        choices=FORMATS,
+        help="stderr log lines (default: %(default)s)",
     )
     p.set_defaults(handler=_serve)
 
@@ -67,7 +94,7 @@ def _serve(args: argparse.Namespace) -> int:
     import asyncio
     from pathlib import Path
 
-    from dmm.server.app import ServeOptions, serve
+    from dmm.server.app import serve
 
     options = ServeOptions(
         store=Path(args.store),

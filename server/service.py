@@ -10,6 +10,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import grpc
 import numpy as np
@@ -23,12 +24,8 @@ from dmm.server.pool import Lease, ModelPool
 from dmm.server.sessions import Session, SessionTable
 from dmm.store import CorruptVersionError, ModelNotFoundError, StoreError, VersionNotFoundError
 from dmm.v1 import policy_pb2, policy_pb2_grpc
+from dmm.v1.modes import MODE_ENUM, MODE_NAME
 
-_MODES: dict[int, InferenceMode] = {
-    policy_pb2.INFERENCE_MODE_WINDOW: "window",
-    policy_pb2.INFERENCE_MODE_RECURRENT: "recurrent",
-}
-_MODE_ENUM = {name: value for value, name in _MODES.items()}
 # How long a handler waits after EOF for grpc to report a client cancellation (end-of-session only).
 _CANCEL_WINDOW_S = 0.005
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -197,9 +194,9 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
             raise _Abort(grpc.StatusCode.UNAVAILABLE, "server shutting down; no new sessions")
         if not start.model:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "start.model is empty: name the model to run")
-        if start.mode != policy_pb2.INFERENCE_MODE_UNSPECIFIED and start.mode not in _MODES:
+        if start.mode != policy_pb2.INFERENCE_MODE_UNSPECIFIED and start.mode not in MODE_NAME:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown inference mode {start.mode}")
-        mode = _MODES.get(start.mode, self.default_mode)
+        mode = cast(InferenceMode, MODE_NAME.get(start.mode, self.default_mode))
         if start.HasField("target_return"):
             _check_float32("target_return", start.target_return)
         if not self.sessions.reserve():
@@ -257,7 +254,7 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
             started=policy_pb2.SessionStarted(
                 model=session.model,
                 version=session.version,
-                mode=_MODE_ENUM[session.lease.mode],
+                mode=MODE_ENUM[session.lease.mode],
                 target_return=session.rtg,
                 state_dim=cfg.state_dim,
                 act_dim=cfg.act_dim,

@@ -177,3 +177,21 @@ def test_bad_arguments_exit_2_with_one_line(workdir, trained, args, command, pat
     result = dmm(*args, cwd=workdir)
     assert_one_line_error(result, command, pattern)
     assert not (workdir / "s").exists()
+
+
+def test_serve_flags_default_to_the_server_options_and_import_no_torch():
+    from dataclasses import fields
+
+    from dmm.cli import build_parser
+    from dmm.server.options import ServeOptions
+
+    args = build_parser().parse_args(["serve", "--store", "s"])
+    flag_of = {"idle_timeout_s": "idle_timeout", "grace_s": "grace"}
+    for field in fields(ServeOptions):
+        if field.name != "store":
+            assert getattr(args, flag_of.get(field.name, field.name)) == field.default, field.name
+    probe = "import sys, dmm.cli; dmm.cli.build_parser(); print('torch' in sys.modules)"
+    assert (
+        subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip()
+        == "False"
+    )

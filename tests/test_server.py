@@ -23,8 +23,9 @@ from serving_fixtures import (
 from dmm.server.testing import ServerProcess, metric_value
 from dmm.store import ModelStore
 from dmm.v1 import policy_pb2
+from dmm.v1.modes import MODE_ENUM
 
-MODES = {"window": policy_pb2.INFERENCE_MODE_WINDOW, "recurrent": policy_pb2.INFERENCE_MODE_RECURRENT}
+MODES = MODE_ENUM
 STEPS = 20  # > context K=8, so window and recurrent differ
 
 
