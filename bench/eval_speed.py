@@ -128,10 +128,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     target = args.target_return if args.target_return is not None else policy.meta.target_return
 
     backend = resolve_backend(args.scan_backend, torch.device(args.device))
+    scans = {"batched": backend, "batched-torch": "torch", "sequential": backend}
+    if backend == "torch":
+        del scans["batched-torch"]  # the batched run is the torch reference itself
     runs = {}
-    for key, scan in [("batched", backend), ("batched-torch", "torch"), ("sequential", backend)]:
-        if key == "batched-torch" and backend == "torch":
-            continue
+    for key, scan in scans.items():
         print(f"{key}: {args.episodes} episodes, {scan} scan...", file=sys.stderr, flush=True)
         policy.model.set_scan_backend(scan)
         t0 = time.perf_counter()
@@ -145,11 +146,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs[key] = (returns, lengths, time.perf_counter() - t0)
     batched_s, sequential_s = runs["batched"][2], runs["sequential"][2]
     (batched_returns, _, _), (seq_returns, _, _) = runs["batched"], runs["sequential"]
-    backends = {"batched": backend, "batched-torch": "torch", "sequential": backend}
     results: dict[str, dict[str, Any]] = {}
     for key, (returns, lengths, wall) in runs.items():
         results[key] = {
-            "scan_backend": backends[key],
+            "scan_backend": scans[key],
             "wall_seconds": wall,
             "episodes_per_second": len(returns) / wall,
             "env_steps": int(lengths.sum()),

@@ -10,7 +10,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import cast
+from typing import NoReturn, cast
 
 import grpc
 import numpy as np
@@ -122,6 +122,14 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
         self.sessions = SessionTable(max_sessions)
         self.shutting_down = False
 
+    async def _refuse(
+        self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str, model: str | None = None
+    ) -> NoReturn:
+        """End the RPC with ``code``: counted in dmm_errors_total and logged."""
+        self.metrics.errors.labels(code.name).inc()
+        logs.event(logging.WARNING, "request refused", code=code.name, model=model, details=details)
+        await context.abort(code, details)
+
     # ------------------------------------------------------------------ Act
 
     async def Act(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
@@ -172,12 +180,7 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
                     raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "empty ActRequest: set start or step")
         except _Abort as abort:
             reason = abort.reason
-            self.metrics.errors.labels(abort.code.name).inc()
-            model = session.model if session else None
-            logs.event(
-                logging.WARNING, "request refused", code=abort.code.name, model=model, details=abort.details
-            )
-            await context.abort(abort.code, abort.details)
+            await self._refuse(context, abort.code, abort.details, session.model if session else None)
         except asyncio.CancelledError:
             # The client went away (or its deadline passed), or shutdown ended the session.
             reason = session.end_reason if session and session.end_reason else "cancelled"
@@ -360,8 +363,7 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
 
     async def ListModels(self, request, context: grpc.aio.ServicerContext) -> policy_pb2.ListModelsResponse:
         if isinstance(request, Undecodable):
-            self.metrics.errors.labels(grpc.StatusCode.INVALID_ARGUMENT.name).inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, request.details)
         store = self.pool.store
 
         def _list() -> list[policy_pb2.ModelVersions]:
@@ -375,19 +377,15 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
         try:
             models = await asyncio.get_running_loop().run_in_executor(None, _list)
         except Exception as err:
-            code, details = _store_status(err, self.pool.store.root)
-            self.metrics.errors.labels(code.name).inc()
-            await context.abort(code, details)
+            await self._refuse(context, *_store_status(err, self.pool.store.root))
         return policy_pb2.ListModelsResponse(models=models)
 
     async def Describe(self, request, context: grpc.aio.ServicerContext) -> policy_pb2.DescribeResponse:
         if isinstance(request, Undecodable):
-            self.metrics.errors.labels(grpc.StatusCode.INVALID_ARGUMENT.name).inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, request.details)
         if not request.model:
-            self.metrics.errors.labels(grpc.StatusCode.INVALID_ARGUMENT.name).inc()
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "model is empty: name the model to describe"
+            await self._refuse(
+                context, grpc.StatusCode.INVALID_ARGUMENT, "model is empty: name the model to describe"
             )
         try:
             policy = await self.pool.describe(
@@ -397,9 +395,7 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
                 None, self.pool.store.versions, request.model
             )
         except Exception as err:
-            code, details = _store_status(err, self.pool.store.root)
-            self.metrics.errors.labels(code.name).inc()
-            await context.abort(code, details)
+            await self._refuse(context, *_store_status(err, self.pool.store.root), request.model)
         return policy_pb2.DescribeResponse(
             model=policy.name,
             version=policy.version,

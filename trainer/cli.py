@@ -121,15 +121,8 @@ def use_scan_backend(name: str | None, device: str) -> str:
     return set_default_backend(name or default_backend(), device)
 
 
-# The options that define a training run (what --resume restores and refuses to change).
-RUN_OPTIONS = (
-    "dataset",
-    "store",
-    "name",
-    "config",
-    "model",
-    "local_mixer",
-    "global_mixer",
+# Options that override TrainConfig fields of the same name.
+CONFIG_OPTIONS = (
     "updates",
     "seed",
     "eval_every",
@@ -141,6 +134,8 @@ RUN_OPTIONS = (
     "device",
     "compile",
 )
+# The options that define a training run (what --resume restores and refuses to change).
+RUN_OPTIONS = ("dataset", "store", "name", "config", "model", "local_mixer", "global_mixer", *CONFIG_OPTIONS)
 
 
 def _run_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -161,8 +156,7 @@ def _resumed_options(args: argparse.Namespace, saved: dict[str, Any]) -> None:
 def _train_config(args: argparse.Namespace) -> Any:
     from dmm.trainer.config import load_train_config
 
-    keys = ("updates", "seed", "eval_every", "eval_episodes", "eval_num_envs", "eval_mode", "target_returns")
-    overrides = {key: getattr(args, key) for key in (*keys, "publish_every_eval", "device", "compile")}
+    overrides = {key: getattr(args, key) for key in CONFIG_OPTIONS}
     overrides["model"] = {"local_mixer": args.local_mixer, "global_mixer": args.global_mixer}
     return load_train_config(args.dataset, args.config, overrides, architecture=args.model or "dmm")
 

@@ -201,9 +201,13 @@ def selective_scan_op(
     h0: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """y [b, L, d] and the last state [b, d, n] from h0 [b, d, n] (see :func:`forward_into`)."""
+    return _scan_from(u, delta, A, B, C, D, h0)
+
+
+def _scan_from(u, delta, A, B, C, D, h0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scan of a batch from its own initial states: a fresh copy of h0 becomes the last state."""
     state = h0.detach().clone(memory_format=torch.contiguous_format)
-    slots = torch.arange(u.shape[0])
-    return forward_into(u, delta, A, B, C, D, state, slots), state
+    return forward_into(u, delta, A, B, C, D, state, torch.arange(u.shape[0])), state
 
 
 @selective_scan_op.register_fake
@@ -291,5 +295,4 @@ def selective_scan_numba(
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C, D, h0))
     if needs_grad or torch.compiler.is_compiling():
         return selective_scan_op(u, delta, A, B, C, D, h0)
-    state = h0.clone(memory_format=torch.contiguous_format)  # the op's own path, minus dispatch cost
-    return forward_into(u, delta, A, B, C, D, state, torch.arange(u.shape[0])), state
+    return _scan_from(u, delta, A, B, C, D, h0)  # the op's own path, minus its dispatch cost
