@@ -33,6 +33,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -226,12 +227,18 @@ class ModelStore:
     # ----------------------------------------------------------------- listing
 
     def _check_root(self) -> bool:
-        """True if the root folder exists; a root that is a file is an error."""
-        if self.root.is_dir():
-            return True
-        if self.root.exists():
+        """True if the root folder exists; a root that is a file is an error.
+
+        One ``stat`` answers both questions, so a root another process creates between two checks
+        is never mistaken for a file.
+        """
+        try:
+            mode = self.root.stat().st_mode
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISDIR(mode):
             raise StoreError(f"store root {self.root} exists and is not a folder")
-        return False
+        return True
 
     def _version_dirs(self, name: str) -> list[int]:
         """Integer-named entries under the model folder, complete or not."""
