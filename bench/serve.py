@@ -2,8 +2,9 @@
 
 Starts ``dmm serve`` as a subprocess on free ports (once with dynamic batching as configured, once
 with ``--max-batch 1``) and drives 1/16/64/256 concurrent sessions (and 1024 with ``--device
-cuda``) in window and recurrent mode. All sessions are grpc.aio streams of this one process:
-each sends a step, waits for its action and records the round trip (closed loop). Every session
+cuda``) in window and recurrent mode. The sessions are grpc.aio streams spread over
+``--client-procs`` client processes (``bench/serve_clients.py``): each sends a step, waits for its
+action and records the round trip (closed loop). Every session
 first takes ``--warmup`` untimed steps; then all are released at once and run until
 ``--duration`` seconds have passed or ``--steps`` timed steps are done, whichever comes first.
 
@@ -19,14 +20,10 @@ reported (cores busy = CPU seconds / wall seconds).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import itertools
-import math
 import os
-import resource
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,12 +42,11 @@ from bench.common import (
     now_utc,
     write_report,
 )
+from bench.serve_clients import Load, run_sessions
 
 SCRIPT = "serve"
 MODULE = f"bench.{SCRIPT}"
 FRESH_NAME = "bench-dmm"
-SESSIONS_PER_CHANNEL = 64  # streams share an HTTP/2 connection; a few connections spread the load
-STATE_POOL = 32  # distinct random states each session cycles through (messages built in advance)
 
 
 @dataclass
@@ -86,90 +82,7 @@ class Row:
         }
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU of all threads of ``pid`` so far (from /proc/<pid>/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def self_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-class _Phase:
-    """Coordinates the sessions of one row: all warm up, then the timed phase starts together."""
-
-    def __init__(self, sessions: int, duration_s: float) -> None:
-        self.waiting = sessions
-        self.duration_s = duration_s
-        self.all_ready = asyncio.Event()
-        self.go = asyncio.Event()
-        self.deadline = math.inf
-
-    def ready(self) -> None:
-        self.waiting -= 1
-        if self.waiting == 0:
-            self.all_ready.set()
-
-
-async def _session(
-    stub: Any,
-    start: Any,
-    requests: list[Any],
-    warmup: int,
-    max_steps: int,
-    phase: _Phase,
-    timeout_s: float,
-) -> tuple[np.ndarray, float]:
-    """One closed-loop Act stream; returns its timed round trips and when its timed phase ended."""
-    import grpc
-
-    call = stub.Act(timeout=timeout_s)
-    try:
-        await call.write(start)
-        await call.read()
-        step = 0
-
-        async def round_trip() -> None:
-            nonlocal step
-            await call.write(requests[0] if step == 0 else requests[1 + (step - 1) % (len(requests) - 1)])
-            reply = await call.read()
-            if reply is grpc.aio.EOF:
-                raise RuntimeError("the server closed the stream")
-            step += 1
-
-        for _ in range(warmup):
-            await round_trip()
-    finally:
-        phase.ready()  # a failed session must not hold the others back
-    await phase.go.wait()
-    lat = np.empty(max_steps)
-    n = 0
-    clock = time.perf_counter
-    while n < max_steps and clock() < phase.deadline:
-        t0 = clock()
-        await round_trip()
-        lat[n] = clock() - t0
-        n += 1
-    ended = clock()
-    await call.done_writing()
-    while await call.read() is not grpc.aio.EOF:
-        pass
-    return lat[:n], ended
-
-
-def _requests(state_dim: int, seed: int) -> list[Any]:
-    """The first step (no reward) and a pool of later steps with random states, built once."""
-    from dmm.v1 import policy_pb2
-
-    states = np.random.default_rng(seed).normal(size=(STATE_POOL, state_dim)).tolist()
-    first = policy_pb2.ActRequest(step=policy_pb2.Step(state=states[0]))
-    later = [policy_pb2.ActRequest(step=policy_pb2.Step(state=s, reward=1.0)) for s in states[1:]]
-    return [first, *later]
-
-
-async def run_row(
+def run_row(
     target: str,
     model: str,
     state_dim: int,
@@ -179,74 +92,19 @@ async def run_row(
     args: argparse.Namespace,
     server_pid: int,
 ) -> Row:
-    import grpc
-
-    from dmm.v1 import policy_pb2, policy_pb2_grpc
-    from dmm.v1.modes import MODE_ENUM
-
-    start = policy_pb2.ActRequest(start=policy_pb2.Start(model=model, mode=MODE_ENUM[mode]))
-    timeout_s = args.startup_timeout + args.duration + 60.0  # every stream's gRPC deadline
-    channels = [grpc.aio.insecure_channel(target) for _ in range(math.ceil(sessions / SESSIONS_PER_CHANNEL))]
-    phase = _Phase(sessions, args.duration)
-    try:
-        stubs = [policy_pb2_grpc.PolicyServiceStub(c) for c in channels]
-        tasks = [
-            asyncio.create_task(
-                _session(
-                    stubs[i // SESSIONS_PER_CHANNEL],
-                    start,
-                    _requests(state_dim, i),
-                    args.warmup,
-                    args.steps,
-                    phase,
-                    timeout_s,
-                )
-            )
-            for i in range(sessions)
-        ]
-        stage = f"did not all start and warm up within {args.startup_timeout:g} s"
-        try:
-            await asyncio.wait_for(phase.all_ready.wait(), args.startup_timeout)
-            cpu0, server_cpu0 = self_cpu_seconds(), process_cpu_seconds(server_pid)
-            t0 = time.perf_counter()
-            phase.deadline = t0 + args.duration
-            phase.go.set()
-            stage = f"did not finish within {args.duration + 60.0:g} s"
-            gathered = asyncio.gather(*tasks, return_exceptions=True)
-            done = await asyncio.wait_for(gathered, args.duration + 60.0)
-            cpu1, server_cpu1 = self_cpu_seconds(), process_cpu_seconds(server_pid)
-        except asyncio.TimeoutError:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            return Row(batching, mode, sessions, np.empty(0), 0.0, 0.0, 0.0, sessions, [f"sessions {stage}"])
-    finally:
-        for c in channels:
-            await c.close()
-    ok = [d for d in done if not isinstance(d, BaseException)]
-    errors = [_describe(d) for d in done if isinstance(d, BaseException)]
-    wall = max((ended for _, ended in ok), default=t0) - t0
-    latencies = np.concatenate([lat for lat, _ in ok]) if ok else np.empty(0)
+    load = Load(target, model, mode, state_dim, args.warmup, args.steps, args.startup_timeout, args.duration)
+    out = run_sessions(load, sessions, args.client_procs, server_pid)
     return Row(
         batching,
         mode,
         sessions,
-        latencies,
-        wall,
-        cpu1 - cpu0,
-        server_cpu1 - server_cpu0,
-        len(errors),
-        errors,
+        out.latencies_s,
+        out.wall_s,
+        out.client_cpu_s,
+        out.server_cpu_s,
+        out.failed,
+        out.errors,
     )
-
-
-def _describe(err: BaseException) -> str:
-    """One line: a gRPC status code and its details, or the exception's type and message."""
-    import grpc
-
-    if isinstance(err, grpc.aio.AioRpcError):
-        return f"{err.code().name}: {err.details()}"
-    return f"{type(err).__name__}: {err}"
 
 
 def split_cores(client_cores: int) -> tuple[list[int], list[int]]:
@@ -272,7 +130,7 @@ def prepare_store(args: argparse.Namespace, tmp: Path) -> tuple[Path, str, int, 
     return tmp, FRESH_NAME, policy.config.state_dim, "freshly initialized paper-size DMM (d=64, K=8)"
 
 
-async def run_all(
+def run_all(
     args: argparse.Namespace, server_cores: list[int], client_cores: list[int]
 ) -> tuple[list[Row], dict[str, list[str]]]:
     """Every row: one server per scan backend and batching setting, each driven through all modes and
@@ -311,7 +169,7 @@ async def run_all(
                 for mode in args.modes:
                     for n in args.sessions:
                         print(f"{config}, {mode}, {n} sessions...", file=sys.stderr, flush=True)
-                        row = await run_row(
+                        row = run_row(
                             server.target, model, state_dim, batching, mode, n, args, server.proc.pid
                         )
                         row.scan = scan
@@ -351,6 +209,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=1,
         help="cores reserved for this client; the server gets the others (0: share all; default 1)",
     )
+    p.add_argument(
+        "--client-procs",
+        type=int,
+        help="client processes the sessions are spread over (default: one per client core)",
+    )
     p.add_argument("--startup-timeout", type=float, default=120.0, help="seconds for server start / warm-up")
     p.add_argument("--out", type=Path, default=default_out(SCRIPT))
     p.add_argument("--quick", action="store_true", help="tiny smoke configuration")
@@ -376,7 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     info = machine(args.device)
     server_cores, client_cores = split_cores(args.client_cores)
-    rows, server_args = asyncio.run(run_all(args, server_cores, client_cores))
+    args.client_procs = args.client_procs or (1 if server_cores == client_cores else len(client_cores))
+    rows, server_args = run_all(args, server_cores, client_cores)
     summaries = [r.summary() for r in rows]
     by_key = {(s["scan"], s["batching"], s["mode"], s["sessions"]): s for s in summaries}
     table_rows = []
@@ -459,7 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "server_cores": server_cores,
         "client_cores": client_cores,
         "server_args": server_args,
-        "settings": {k: getattr(args, k) for k in ("duration", "steps", "warmup", "sessions", "modes")},
+        "settings": {
+            k: getattr(args, k) for k in ("duration", "steps", "warmup", "sessions", "modes", "client_procs")
+        },
         "rows": summaries,
     }
     shared = server_cores == client_cores
@@ -468,7 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         + "; ".join(f"{k}: `{' '.join(v)}`" for k, v in server_args.items()),
         f"cores: server {server_cores}, client {client_cores}"
         + (" (shared)" if shared else " (disjoint, pinned)")
-        + "; client = one process, one asyncio loop, all sessions as grpc.aio streams",
+        + f"; client = {args.client_procs} process(es), each an asyncio loop driving its share of the "
+        "sessions as grpc.aio streams",
         f"latency = client-side round trip of one step (send state, receive action); {args.warmup} untimed "
         f"steps per session, then up to {args.duration:g} s or {args.steps} steps; percentiles over all "
         "timed steps of all sessions; actions/s = timed steps / wall time",
