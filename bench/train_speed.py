@@ -1,4 +1,5 @@
-"""Training speed: updates/s of DMM and the Decision Transformer baseline, eager and torch.compile.
+"""Training speed: updates/s of DMM and the Decision Transformer baseline, eager, torch.compile and
+(on a GPU) torch.compile with CUDA graphs (``mode="reduce-overhead"``).
 
 Each row (variant x compile mode x scan backend x torch threads) runs in a fresh subprocess. DMM
 rows run once per ``--backends`` entry: a scan backend (torch, numba) or ``floor``, the same model
@@ -47,7 +48,8 @@ from bench.common import (
 SCRIPT = "train_speed"
 MODULE = f"bench.{SCRIPT}"
 DEFAULT_VARIANTS = ("dmm", "dt", "dt-k8")
-DEFAULT_BACKENDS = ("torch", "numba", "floor")
+DEFAULT_BACKENDS = {"cpu": ("torch", "numba", "floor"), "cuda": ("torch", "cuda", "floor")}
+COMPILE_MODES = {"eager": None, "compile": "default", "cudagraphs": "reduce-overhead"}
 
 
 def scan_free(u, delta, A, B, C, D, h0=None, backend=None):
@@ -75,7 +77,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     cfg = train_config(
         variant,
         dataset.env or dataset.name,
-        {"batch_size": spec["batch_size"], "device": spec["device"], "compile": spec["compile"]},
+        {"batch_size": spec["batch_size"], "device": spec["device"], "compile": spec["compile"] is not None},
     )
     model, meta = build_policy(cfg, dataset)
     model.to(device).train()
@@ -87,6 +89,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         model.set_scan_backend(spec["backend"])
     sampler = WindowSampler(dataset, cfg.model.context, cfg.batch_size, meta.rtg_scale, seed=cfg.seed)
     step = TrainStep(model, cfg, device)
+    if spec["compile"] not in (None, "default"):
+        step.forward = torch.compile(model, mode=spec["compile"])
 
     def update() -> float:
         return step(sampler.sample())
@@ -128,12 +132,18 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument(
         "--variants", nargs="+", choices=tuple(VARIANTS), help=f"default: {' '.join(DEFAULT_VARIANTS)}"
     )
-    p.add_argument("--modes", nargs="+", choices=("eager", "compile"), help="default: eager compile")
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        choices=tuple(COMPILE_MODES),
+        help="default: eager compile (+cudagraphs on cuda)",
+    )
     p.add_argument(
         "--backends",
         nargs="+",
-        choices=("torch", "numba", "floor"),
-        help=f"scan backends of DMM rows; floor: no scan (default: {' '.join(DEFAULT_BACKENDS)})",
+        choices=("torch", "numba", "cuda", "floor"),
+        help="scan backends of DMM rows; floor: no scan (default: torch numba floor; on cuda torch cuda "
+        "floor, cuda where mamba_ssm is installed)",
     )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--warmup", type=int, help="untimed updates first (default 50; 5 with --quick)")
@@ -157,8 +167,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     q = args.quick
     args.variants = args.variants or list(DEFAULT_VARIANTS)
-    args.modes = args.modes or (["eager"] if q else ["eager", "compile"])
-    args.backends = args.backends or list(DEFAULT_BACKENDS)
+    args.modes = args.modes or (["eager"] if q else ["eager", "compile"]) + (
+        ["cudagraphs"] if args.device == "cuda" and not q else []
+    )
+    args.backends = args.backends or _default_backends(args.device)
     args.threads = args.threads or ([1] if q else [None])
     args.warmup = args.warmup if args.warmup is not None else (5 if q else 50)
     args.chunk = args.chunk or (5 if q else 100)
@@ -177,7 +189,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
         if not torch.cuda.is_available():
             p.error("--device cuda: torch sees no CUDA GPU")
+    elif "cudagraphs" in args.modes:
+        p.error("--modes cudagraphs needs --device cuda")
     return args
+
+
+def _default_backends(device: str) -> list[str]:
+    from dmm.model.scan import cuda_backend_available
+
+    return [b for b in DEFAULT_BACKENDS[device] if b != "cuda" or cuda_backend_available()]
 
 
 def run_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -189,7 +209,7 @@ def run_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
         for mode, backend, threads in itertools.product(args.modes, backends, args.threads):
             spec = {
                 "variant": key,
-                "compile": mode == "compile",
+                "compile": COMPILE_MODES[mode],
                 "backend": backend,
                 "dataset": None if args.dataset == "synthetic" else args.dataset,
                 "device": args.device,
