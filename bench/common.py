@@ -30,6 +30,7 @@ RESULTS_ROOT = REPO_ROOT / "bench" / "results"
 SHARED_HOPPER = REPO_ROOT.parent / "shared" / "data" / "hopper-medium-sim-v4.hdf5"
 WORKER_PREFIX = "BENCH-RESULT "
 FRESH_POLICY_ENV = "hopper-medium-sim-v4"
+STOP_GRACE_S = 60.0  # a timed-out worker's time between SIGTERM and SIGKILL
 
 
 @dataclass(frozen=True)
@@ -265,21 +266,28 @@ def run_worker(
     """Run ``python -m module --worker JSON`` in a fresh process and return the JSON it reported.
 
     A worker that fails, times out or reports nothing yields ``{"error": "..."}`` instead of raising,
-    so one broken row does not lose the others. ``stream_stderr`` passes the worker's progress lines
-    through instead of keeping them for the error message.
+    so one broken row does not lose the others. A timed-out worker gets SIGTERM first (and SIGKILL
+    ``STOP_GRACE_S`` later), so a resumable training run can save where it stopped.
+    ``stream_stderr`` passes the worker's progress lines through instead of keeping them for the
+    error message.
     """
     cmd = [sys.executable, "-m", module, "--worker", json.dumps(spec)]
     stderr = None if stream_stderr else subprocess.PIPE
-    try:
-        proc = subprocess.run(
-            cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True, timeout=timeout_s
-        )
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout_s:g} s"}
-    for line in reversed(proc.stdout.splitlines()):
+    with subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True) as proc:
+        try:
+            stdout, err_text = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.terminate()  # SIGTERM: a resumable training run saves its state before it exits
+            try:
+                proc.communicate(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+            return {"error": f"timed out after {timeout_s:g} s"}
+    for line in reversed(stdout.splitlines()):
         if line.startswith(WORKER_PREFIX):
             return json.loads(line[len(WORKER_PREFIX) :])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+    tail = (err_text or stdout).strip().splitlines()[-5:]
     return {"error": f"worker exited with status {proc.returncode}: " + " / ".join(tail)}
 
 

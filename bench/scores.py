@@ -12,6 +12,7 @@ stopped and reuses finished ones.
     python -m bench.scores --seeds 0 1 2                # 100k updates, shared hopper data
     python -m bench.scores --run-root runs/scores       # resumable: run it again to continue
     python -m bench.scores --ablations --updates 100000
+    python -m bench.scores --device cuda --jobs 6        # every run at once on one GPU
     python -m bench.scores --quick
 """
 
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +164,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument(
         "--checkpoint-every", type=int, default=5000, help="updates between saved states with --run-root"
     )
+    p.add_argument(
+        "--jobs", type=int, default=1, help="runs trained at once, each in its own process (default 1)"
+    )
     p.add_argument("--run-timeout", type=float, default=24 * 3600.0, help="seconds per run at most")
     p.add_argument("--out", type=Path, default=default_out(SCRIPT))
     p.add_argument("--quick", action="store_true", help="tiny smoke configuration")
@@ -176,8 +181,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args.eval_every = args.eval_every if args.eval_every is not None else (10 if q else 10_000)
     args.threads = args.threads if args.threads is not None else (1 if q else None)
     args.compile = args.compile if args.compile is not None else not q
-    if min(args.updates, args.episodes, args.num_envs) < 1 or (args.threads is not None and args.threads < 1):
-        p.error("--updates, --episodes, --num-envs and --threads must be positive")
+    if min(args.updates, args.episodes, args.num_envs, args.jobs) < 1 or (
+        args.threads is not None and args.threads < 1
+    ):
+        p.error("--updates, --episodes, --num-envs, --jobs and --threads must be positive")
     if not args.seeds or len(set(args.seeds)) != len(args.seeds):
         p.error("--seeds must be distinct")
     if args.dataset == str(SHARED_HOPPER) and not SHARED_HOPPER.is_file():
@@ -198,28 +205,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     dataset = load_dataset(args.dataset)  # fail early on bad data, and name it for the table
     spec_env = dataset.spec
     label = data_label(dataset.name, spec_env.env_id)
-    runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="dmm-bench-scores-") as tmp:
         store = args.store or (args.run_root / "store" if args.run_root else Path(tmp))
-        for key in args.variants:
-            for seed in args.seeds:
-                spec = {
-                    "variant": key,
-                    "seed": seed,
-                    "dataset": args.dataset,
-                    "store": str(store),
-                    "name": f"{dataset.name}-{key}-seed{seed}",
-                    **{
-                        k: getattr(args, k)
-                        for k in ("updates", "episodes", "num_envs", "mode", "device", "eval_every")
-                    },
-                    "compile": args.compile,
-                    "threads": args.threads,
-                    "run_root": str(args.run_root) if args.run_root else None,
-                    "checkpoint_every": args.checkpoint_every,
-                }
-                print(f"{VARIANTS[key].label}, seed {seed}: training...", file=sys.stderr, flush=True)
-                runs.append({"variant": key, "seed": seed, **run_worker(MODULE, spec, args.run_timeout)})
+        specs = [
+            {
+                "variant": key,
+                "seed": seed,
+                "dataset": args.dataset,
+                "store": str(store),
+                "name": f"{dataset.name}-{key}-seed{seed}",
+                **{
+                    k: getattr(args, k)
+                    for k in ("updates", "episodes", "num_envs", "mode", "device", "eval_every")
+                },
+                "compile": args.compile,
+                "threads": args.threads,
+                "run_root": str(args.run_root) if args.run_root else None,
+                "checkpoint_every": args.checkpoint_every,
+            }
+            for key in args.variants
+            for seed in args.seeds
+        ]
+
+        def run(spec: dict[str, Any]) -> dict[str, Any]:
+            print(
+                f"{VARIANTS[spec['variant']].label}, seed {spec['seed']}: training...",
+                file=sys.stderr,
+                flush=True,
+            )
+            return {
+                "variant": spec["variant"],
+                "seed": spec["seed"],
+                **run_worker(MODULE, spec, args.run_timeout),
+            }
+
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            runs = list(pool.map(run, specs))
 
     models = []
     table_rows = []
