@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -61,6 +62,7 @@ class Row:
     failed: int
     errors: list[str]
     scan: str = "auto"  # the server's --scan-backend
+    server_gpu_mib: float | None = None  # the server process's GPU memory after the row (cuda only)
 
     def summary(self) -> dict[str, Any]:
         lat = self.latencies_s
@@ -77,6 +79,7 @@ class Row:
             "actions_per_second": lat.size / self.wall_s if self.wall_s > 0 else 0.0,
             "client_cores_busy": self.client_cpu_s / self.wall_s if self.wall_s > 0 else None,
             "server_cores_busy": self.server_cpu_s / self.wall_s if self.wall_s > 0 else None,
+            "server_gpu_mib": self.server_gpu_mib,
             "failed_sessions": self.failed,
             "errors": self.errors[:5],
         }
@@ -105,6 +108,25 @@ def run_row(
         out.failed,
         out.errors,
     )
+
+
+def gpu_memory_mib(pid: int) -> float | None:
+    """GPU memory ``nvidia-smi`` reports for process ``pid`` (its CUDA context included); None if unknown."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) == 2 and fields[0] == str(pid) and fields[1].isdigit():
+            return float(fields[1])
+    return None
 
 
 def split_cores(client_cores: int) -> tuple[list[int], list[int]]:
@@ -173,6 +195,8 @@ def run_all(
                             server.target, model, state_dim, batching, mode, n, args, server.proc.pid
                         )
                         row.scan = scan
+                        if args.device == "cuda":
+                            row.server_gpu_mib = gpu_memory_mib(server.proc.pid)
                         rows.append(row)
             finally:
                 server.terminate()
@@ -244,6 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summaries = [r.summary() for r in rows]
     by_key = {(s["scan"], s["batching"], s["mode"], s["sessions"]): s for s in summaries}
     table_rows = []
+    on_gpu = args.device == "cuda"
     for s in summaries:
         off = by_key.get((s["scan"], "off", s["mode"], s["sessions"]))
         ratio = "-"
@@ -268,6 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 vs_torch,
                 f"{s['client_cores_busy']:.2f}" if s["client_cores_busy"] is not None else "-",
                 f"{s['server_cores_busy']:.2f}" if s["server_cores_busy"] is not None else "-",
+                *([f"{s['server_gpu_mib']:.0f}" if s["server_gpu_mib"] else "-"] if on_gpu else []),
                 s["failed_sessions"],
             ]
         )
@@ -285,6 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "x torch scan",
             "client cores busy",
             "server cores busy",
+            *(["server GPU MiB"] if on_gpu else []),
             "failed",
         ],
         table_rows,
