@@ -227,3 +227,25 @@ def test_scan_speed_times_each_backend_on_the_model_shapes(tmp_path):
     assert keys == {(s, d, b) for s, d in directions for b in ("torch", "numba")}
     assert all(r["median_ms"] >= r["min_ms"] > 0 for r in payload["rows"])
     assert "| training | 64 x 24 | forward+backward | numba |" in md
+
+
+def test_device_dry_run_rehearses_every_step(tmp_path):
+    """The GPU host's one command, every step at tiny sizes on the CPU: it must not rot."""
+    out = tmp_path / "device"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.device", "--dry-run", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "device.json").read_text())
+    steps = {s["name"]: s for s in report["steps"]}
+    assert list(steps) == ["env", "tests", "train", "serve", "scores"]
+    assert all(s["status"] == "ok" for s in steps.values()), steps
+    assert all(v.startswith("ok") for v in steps["env"]["details"]["modules"].values())
+    assert steps["scores"]["details"]["data"]["digest"]  # collected in the background, then used
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and {"device.md", "train_speed.json", "serve.json", "scores.json"} <= set(files)
+    assert "### serve" in (out / "device.md").read_text()

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Gather what a bare GPU host lacks for `python -m bench.device` into .whl/ (git-ignored): the
+# wheels below and the behaviour policy the score data are re-collected with (the data, 82 MB, are
+# too large to carry).
+#
+# The host (Python 3.12, x86_64, no network) already has torch, triton, numba, numpy, h5py,
+# safetensors, tqdm, matplotlib, prometheus-client, pyyaml, absl-py, etils and imageio. It lacks
+# pydantic, gymnasium, mujoco and the grpc health/reflection packages, and its grpcio/protobuf may be
+# older than the versions dmm/v1's generated code was made with, so those travel too. bench.device
+# installs them with `pip install --no-index --no-deps --target`.
+#
+#   bash bench/device_wheels.sh            # then: python -m bench.device (on the GPU host)
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+DEST=.whl
+LIMIT_MIB=64
+WHEELS=(
+    pydantic==2.14.4
+    pydantic-core==2.50.5
+    annotated-types==0.8.0
+    typing-inspection==0.4.5
+    typing-extensions==4.16.0
+    gymnasium==1.4.0
+    farama-notifications==0.0.6
+    cloudpickle==3.1.3
+    mujoco==3.11.0
+    glfw==2.11.0
+    grpcio==1.85.3
+    grpcio-health-checking==1.85.1
+    grpcio-reflection==1.85.1
+    protobuf==7.36.2
+)
+
+PLATFORMS=()
+for tag in manylinux_2_28 manylinux_2_27 manylinux_2_17 manylinux2014 manylinux1 manylinux_2_34 manylinux_2_35; do
+    PLATFORMS+=(--platform "${tag}_x86_64")
+done
+
+rm -rf "$DEST"
+mkdir -p "$DEST"
+python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    "${PLATFORMS[@]}" --platform any -d "$DEST" "${WHEELS[@]}"
+
+POLICY=../shared/policies/hopper_online_5.npz
+if [[ -f "$POLICY" ]]; then
+    cp "$POLICY" "$DEST/"
+else
+    echo "device_wheels.sh: $POLICY is absent; the GPU host will use the shared data only if they travel" >&2
+fi
+
+size_mib=$(du -sm "$DEST" | cut -f1)
+echo "$(ls "$DEST"/*.whl | wc -l) wheels, ${size_mib} MiB in $DEST"
+if (( size_mib > LIMIT_MIB )); then
+    echo "device_wheels.sh: $DEST is ${size_mib} MiB, over the ${LIMIT_MIB} MiB a device call may carry" >&2
+    exit 1
+fi
