@@ -203,36 +203,9 @@ def _cuda(device: Device) -> bool:
 
 
 def step_env(device: Device, step: Step) -> None:
-    """Versions, GPU, wheels installed into the site folder, every dependency importable."""
-    if WHEELS.is_dir() and any(WHEELS.glob("*.whl")) and not device.args.dry_run:
-        wheels = sorted(str(p) for p in WHEELS.glob("*.whl"))
-        rc, out = device.python(
-            "pip",
-            "install",
-            "-q",
-            "--no-index",
-            "--no-deps",
-            "--no-build-isolation",
-            "--no-compile",
-            "--upgrade",
-            "--target",
-            str(SITE),
-            *wheels,
-            str(REPO_ROOT),
-            timeout_s=180,
-        )
-        step.details["install"] = {
-            "wheels": [Path(w).name for w in wheels],
-            "status": rc,
-            "output": out[-1500:],
-        }
-        if rc == 0:
-            device.env["PYTHONPATH"] = os.pathsep.join(
-                filter(None, [str(SITE), device.env.get("PYTHONPATH")])
-            )
-    else:
-        step.details["install"] = {"skipped": "dry run" if device.args.dry_run else f"no wheels in {WHEELS}"}
-    rc, out = device.python("bench.device", "--probe", timeout_s=120)
+    """Versions, GPU, wheels and the project installed into the site folder, every dependency importable."""
+    _install(device, step)
+    _, out = device.python("bench.device", "--probe", timeout_s=120)
     try:
         probe = json.loads(out.strip().splitlines()[-1])
     except (ValueError, IndexError):
@@ -251,6 +224,27 @@ def step_env(device: Device, step: Step) -> None:
     else:
         step.status = "ok"
     _start_collect(device, step)
+
+
+def _install(device: Device, step: Step) -> None:
+    """pip-install the carried wheels (not in a dry run: they are for the host's Python) and the
+    project into a site folder that every later subprocess imports first.
+
+    ``PYTHONSAFEPATH`` keeps the working directory off ``sys.path``: from the repository root, its
+    ``dmm/`` folder would otherwise shadow the installed package, which alone has ``dmm.trainer``,
+    ``dmm.server`` and ``dmm.client`` mapped in (setuptools ``package-dir``). The repository root
+    comes after the site folder, for ``bench`` and ``tests``.
+    """
+    site = device.work / "site" if device.args.dry_run else SITE
+    wheels = [] if device.args.dry_run else sorted(str(p) for p in WHEELS.glob("*.whl"))
+    pip = ["pip", "install", "-q", "--no-index", "--no-deps", "--no-build-isolation", "--no-compile"]
+    rc, out = device.python(*pip, "--upgrade", "--target", str(site), *wheels, str(REPO_ROOT), timeout_s=180)
+    step.details["install"] = {"site": str(site), "wheels": [Path(w).name for w in wheels], "status": rc}
+    if rc != 0:
+        step.details["install"]["output"] = out[-1500:]
+        return
+    path = [str(site), str(REPO_ROOT), device.env.get("PYTHONPATH")]
+    device.env.update(PYTHONPATH=os.pathsep.join(filter(None, path)), PYTHONSAFEPATH="1")
 
 
 def probe() -> dict[str, Any]:
@@ -288,6 +282,7 @@ def probe() -> dict[str, Any]:
     from dmm.model.scan import cuda_backend_available
 
     info["mamba_ssm"] = cuda_backend_available()
+    info["dmm_from"] = str(Path(importlib.import_module("dmm").__file__).parent)
     try:
         info["nvidia_smi"] = subprocess.run(
             ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30

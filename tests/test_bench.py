@@ -244,7 +244,9 @@ def test_device_dry_run_rehearses_every_step(tmp_path):
     steps = {s["name"]: s for s in report["steps"]}
     assert list(steps) == ["env", "tests", "train", "serve", "scores"]
     assert all(s["status"] == "ok" for s in steps.values()), steps
-    assert all(v.startswith("ok") for v in steps["env"]["details"]["modules"].values())
+    env = steps["env"]["details"]
+    assert all(v.startswith("ok") for v in env["modules"].values())
+    assert env["dmm_from"].startswith(env["install"]["site"])  # the installed project, as on the host
     assert steps["scores"]["details"]["data"]["digest"]  # collected in the background, then used
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8 and {"device.md", "train_speed.json", "serve.json", "scores.json"} <= set(files)
