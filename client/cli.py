@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+
+TOKEN_ENV = "DMM_TOKEN"  # the bearer token when --token-file is not given
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,13 +27,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=("window", "recurrent"), default=None, help="default: the server's")
     p.add_argument("--max-episode-steps", type=int, default=None, help="default: the env's limit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    security = p.add_argument_group("security")
+    security.add_argument("--tls-ca", help="PEM CA certificate of the server's certificate: connect with TLS")
+    security.add_argument("--tls-cert", help="PEM client certificate, for a server that wants mutual TLS")
+    security.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    security.add_argument(
+        "--token-file", help=f"file whose first line is the bearer token (default: ${TOKEN_ENV}, if set)"
+    )
     p.set_defaults(handler=_rollout)
 
 
 def _rollout(args: argparse.Namespace) -> int:
     from dmm.client import PolicyClient
+    from dmm.client.channel import read_token
 
-    with PolicyClient(args.target) as client:
+    token = read_token(args.token_file) if args.token_file else os.environ.get(TOKEN_ENV) or None
+    tls = {"tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key}
+    with PolicyClient(args.target, token=token, **tls) as client:
         result = client.rollout(
             env=args.env,
             episodes=args.episodes,

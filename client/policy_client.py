@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import queue
 import threading
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from typing import Any, Literal
 import grpc
 import numpy as np
 
+from dmm.client.channel import open_channel
 from dmm.envs import env_spec, make_env, normalized_score
 from dmm.errors import DMMError
 from dmm.v1 import policy_pb2, policy_pb2_grpc
@@ -142,12 +144,29 @@ class _Stream:
 
 
 class PolicyClient:
-    """``with PolicyClient("localhost:50051") as client: client.rollout(env="hopper-medium-v2")``."""
+    """``with PolicyClient("localhost:50051") as client: client.rollout(env="hopper-medium-v2")``.
 
-    def __init__(self, target: str, *, timeout: float = 30.0, options: list[tuple[str, Any]] | None = None):
+    ``tls_ca`` (the CA of the server's certificate) makes the channel TLS, ``tls_cert``/``tls_key``
+    add the client's certificate for a server that wants mutual TLS, and ``token`` is sent as
+    ``authorization: Bearer <token>`` on every call.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = 30.0,
+        options: list[tuple[str, Any]] | None = None,
+        tls_ca: str | os.PathLike[str] | None = None,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
+        token: str | None = None,
+    ):
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(target, options=options or [])
+        self._channel = open_channel(
+            target, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token, options=options or []
+        )
         self._stub = policy_pb2_grpc.PolicyServiceStub(self._channel)
 
     def close(self) -> None:

@@ -16,6 +16,7 @@ from dmm.server import logs
 from dmm.server.metrics import ServerMetrics
 from dmm.server.options import ServeOptions
 from dmm.server.pool import ModelPool
+from dmm.server.security import TokenAuth, load_tokens, server_credentials
 from dmm.server.service import SERVICE_NAME, PolicyService, add_to_server
 from dmm.store import ModelStore
 
@@ -53,12 +54,16 @@ class PolicyServer:
             max_sessions=o.max_sessions,
             idle_timeout_s=o.idle_timeout_s,
         )
+        interceptors = []
+        if o.auth_token_file is not None:
+            interceptors.append(TokenAuth(load_tokens(o.auth_token_file), self.metrics))
         self.server = grpc.aio.server(
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", o.max_message_bytes),
                 ("grpc.max_send_message_length", o.max_message_bytes),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         add_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -67,7 +72,11 @@ class PolicyServer:
         )
         address = f"[{o.host}]:{o.port}" if ":" in o.host else f"{o.host}:{o.port}"
         try:
-            self.port = self.server.add_insecure_port(address)
+            if o.tls:
+                credentials = server_credentials(o.tls_cert, o.tls_key, o.tls_client_ca)
+                self.port = self.server.add_secure_port(address, credentials)
+            else:
+                self.port = self.server.add_insecure_port(address)
         except RuntimeError as err:
             raise ConfigError(f"cannot listen on {address}: {err}") from None
         try:
@@ -109,7 +118,9 @@ async def serve(options: ServeOptions) -> int:
         loop.add_signal_handler(sig, stop.set)
     print(
         f"{READY_PREFIX} grpc={options.host}:{server.port} metrics={options.host}:{server.metrics_port} "
-        f"store={server.store.root} device={options.resolved_device} mode={options.mode} scan={scan_backend}",
+        f"store={server.store.root} device={options.resolved_device} mode={options.mode} scan={scan_backend} "
+        f"tls={'mutual' if options.tls_client_ca else 'on' if options.tls else 'off'} "
+        f"auth={'token' if options.auth_token_file else 'none'}",
         flush=True,
     )
     logs.event(
@@ -122,6 +133,8 @@ async def serve(options: ServeOptions) -> int:
         device=options.resolved_device,
         scan=scan_backend,
         mode=options.mode,
+        tls="mutual" if options.tls_client_ca else "on" if options.tls else "off",
+        auth="token" if options.auth_token_file else "none",
         max_sessions=options.max_sessions,
         max_batch=options.max_batch,
         max_delay_ms=options.max_delay_ms,

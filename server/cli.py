@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from dmm.cli import add_scan_backend_option
 from dmm.server.logs import FORMATS, LEVELS
@@ -80,6 +81,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="seconds sessions get to finish on SIGTERM (default: %(default)s)",
     )
     add_scan_backend_option(p)
+    security = p.add_argument_group("security")
+    security.add_argument("--tls-cert", type=Path, help="PEM certificate (chain) of the server: serve TLS")
+    security.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    security.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        help="PEM CA certificate: clients must present a certificate it signed (mutual TLS)",
+    )
+    security.add_argument(
+        "--auth-token-file",
+        type=Path,
+        help="bearer tokens, one per line: every call but health must send 'authorization: Bearer <token>'",
+    )
     p.add_argument("--log-level", default=default("log_level"), choices=LEVELS, help="default: %(default)s")
     p.add_argument(
         "--log-format",
@@ -92,7 +106,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
-    from pathlib import Path
 
     from dmm.server.app import serve
 
@@ -112,5 +125,9 @@ def _serve(args: argparse.Namespace) -> int:
         scan_backend=args.scan_backend,
         log_level=args.log_level,
         log_format=args.log_format,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        auth_token_file=args.auth_token_file,
     )
     return asyncio.run(serve(options))

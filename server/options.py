@@ -33,6 +33,14 @@ class ServeOptions:
     scan_backend: str | None = None  # None: $DMM_SCAN_BACKEND, else auto
     log_level: str = "info"
     log_format: str = "text"
+    tls_cert: Path | None = None  # with tls_key: serve TLS
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # mutual TLS: clients need a certificate this CA signed
+    auth_token_file: Path | None = None  # bearer tokens, one per line
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
     def validate(self) -> None:
         """Refuse option values the server cannot run with, with a one-line reason."""
@@ -55,6 +63,10 @@ class ServeOptions:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and not self.tls:
+            raise ConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
         if self.device.startswith("cuda"):

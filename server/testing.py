@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from dmm.server.app import READY_PREFIX
 
@@ -32,12 +33,14 @@ class ServerProcess:
         host: str = "127.0.0.1",
         startup_timeout_s: float = 60.0,
         env: dict[str, str] | None = None,
+        channel: dict[str, Any] | None = None,
     ) -> None:
         self.store = Path(store)
         self.args = list(args)
         self.host = host
         self.startup_timeout_s = startup_timeout_s
         self.env = env
+        self.channel = channel or {}  # open_channel's TLS arguments, for the health probe
         self.proc: subprocess.Popen[str] | None = None
         self.port = 0
         self.metrics_port = 0
@@ -99,8 +102,10 @@ class ServerProcess:
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+        from dmm.client.channel import open_channel
+
         end = time.monotonic() + deadline_s
-        with grpc.insecure_channel(self.target) as channel:
+        with open_channel(self.target, **self.channel) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 try:
