@@ -59,8 +59,7 @@ MODULE = f"bench.{SCRIPT}"
 STEPS = ("env", "tests", "train", "serve", "scores")
 WHEELS = REPO_ROOT / ".whl"
 SITE = REPO_ROOT / ".device-site"
-BEHAVIOUR_POLICY = WHEELS / "hopper_online_5.npz"  # carried with the wheels (device_wheels.sh)
-SHARED_POLICY = REPO_ROOT.parent / "shared" / "policies" / BEHAVIOUR_POLICY.name
+BEHAVIOUR_POLICY = REPO_ROOT / "deploy" / "policies" / "hopper_online_5.npz"  # D4RL's, bundled
 COLLECT_STEPS = 1_000_000  # the shared file's recipe (../shared/data/README.md)
 DRY_RUN_COLLECT_STEPS = 3_000
 DATA = REPO_ROOT / "runs" / "device-data" / SHARED_HOPPER.name  # ignored, so kept on a warm host
@@ -302,14 +301,22 @@ def _start_collect(device: Device, step: Step) -> None:
     if not device.args.dry_run and (SHARED_HOPPER.is_file() or DATA.is_file()):
         step.details["data"] = str(SHARED_HOPPER if SHARED_HOPPER.is_file() else DATA)
         return
-    policy = next((p for p in (BEHAVIOUR_POLICY, SHARED_POLICY) if p.is_file()), None)
-    if policy is None:
+    if not BEHAVIOUR_POLICY.is_file():
         step.details["data"] = f"absent, and no behaviour policy at {BEHAVIOUR_POLICY} to collect them"
         return
     device.data = device.work / DATA.name if device.args.dry_run else DATA
     device.data.parent.mkdir(parents=True, exist_ok=True)
     steps = DRY_RUN_COLLECT_STEPS if device.args.dry_run else COLLECT_STEPS
-    cmd = [sys.executable, "-m", "dmm.cli", "collect", "--env", "Hopper-v4", "--policy", str(policy)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dmm.cli",
+        "collect",
+        "--env",
+        "Hopper-v4",
+        "--policy",
+        str(BEHAVIOUR_POLICY),
+    ]
     cmd += ["--steps", str(steps), "--seed", "0", "--out", str(device.data)]
     log = open(device.out / "collect.log", "w")  # noqa: SIM115 (the collector outlives this function)
     device.collector = subprocess.Popen(

@@ -1,7 +1,5 @@
 #!/usr/bin/env bash
-# Gather what a bare GPU host lacks for `python -m bench.device` into .whl/ (git-ignored): the
-# wheels below and the behaviour policy the score data are re-collected with (the data, 82 MB, are
-# too large to carry).
+# Download the wheels a bare GPU host lacks for `python -m bench.device` into .whl/ (git-ignored).
 #
 # The host (Python 3.12, x86_64, no network) already has torch, triton, numba, numpy, h5py,
 # safetensors, tqdm, matplotlib, prometheus-client, pyyaml, absl-py, etils and imageio. It lacks
@@ -41,13 +39,6 @@ rm -rf "$DEST"
 mkdir -p "$DEST"
 python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     "${PLATFORMS[@]}" --platform any -d "$DEST" "${WHEELS[@]}"
-
-POLICY=../shared/policies/hopper_online_5.npz
-if [[ -f "$POLICY" ]]; then
-    cp "$POLICY" "$DEST/"
-else
-    echo "device_wheels.sh: $POLICY is absent; the GPU host will use the shared data only if they travel" >&2
-fi
 
 size_mib=$(du -sm "$DEST" | cut -f1)
 echo "$(ls "$DEST"/*.whl | wc -l) wheels, ${size_mib} MiB in $DEST"
