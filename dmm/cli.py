@@ -15,7 +15,23 @@ from typing import NoReturn
 
 from dmm.errors import DMMError
 
-APP_CLIS = ("dmm.trainer.cli", "dmm.server.cli", "dmm.client.cli")
+# Each application's CLI module and the install extra its commands need (None: the base install).
+APP_CLIS = {"dmm.trainer.cli": "train", "dmm.server.cli": "serve", "dmm.client.cli": None}
+# Top-level modules that only an extra installs: a command that misses one names the extra.
+EXTRA_MODULES = frozenset(
+    [
+        "torch",
+        "numba",
+        "safetensors",
+        "pydantic",
+        "yaml",
+        "prometheus_client",
+        "grpc_health",
+        "grpc_reflection",
+        "h5py",
+        "matplotlib",
+    ]
+)
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -42,8 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=OneLineErrorParser
     )
-    for module in APP_CLIS:
+    for module, extra in APP_CLIS.items():
+        known = set(subparsers.choices)
         importlib.import_module(module).register(subparsers)
+        for name in set(subparsers.choices) - known:
+            subparsers.choices[name].set_defaults(extra=extra)
     return parser
 
 
@@ -54,6 +73,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except DMMError as err:
         print(f"dmm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:
+        top = (err.name or "").split(".")[0]
+        if args.extra is None or top not in EXTRA_MODULES:
+            raise
+        print(
+            f"dmm {args.command}: error: {top} is not installed; dmm {args.command} needs the "
+            f"'{args.extra}' extra: pip install 'decision-metamamba[{args.extra}]'",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print(f"dmm {args.command}: interrupted", file=sys.stderr)
