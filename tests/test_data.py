@@ -27,6 +27,7 @@ from dmm.data import (
     rewards_from_cumulative,
     state_stats,
 )
+from dmm.envs import reference_table
 from dmm.errors import DatasetError
 
 # ---------------------------------------------------------------- loaders
@@ -388,3 +389,13 @@ def test_sampler_on_the_shared_dataset_is_fast(shared_hopper_hdf5):
     per_batch = (time.perf_counter() - start) / 200
     assert batch.states.shape == (64, 8, 11)
     assert per_batch < 0.01, f"{per_batch * 1e3:.2f} ms per batch"
+
+
+def test_a_d4rl_mirror_keeps_the_official_paths(monkeypatch):
+    official = dataset_url("hopper-medium-v2")
+    assert official == "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/hopper_medium-v2.hdf5"
+    monkeypatch.setenv("D4RL_BASE_URL", "https://mirror.example/d4rl/")
+    assert (
+        dataset_url("hopper-medium-v2") == "https://mirror.example/d4rl/gym_mujoco_v2/hopper_medium-v2.hdf5"
+    )
+    assert all(e["dataset_url"].startswith(download.OFFICIAL_BASE_URL) for e in reference_table().values())

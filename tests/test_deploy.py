@@ -415,8 +415,13 @@ def publish_tiny(store: Path, name: str) -> None:
 
 
 @pytest.fixture()
-def recorded_cli(monkeypatch):
-    """Replace dmm.cli.main: record each command; `train` publishes a version like the real one."""
+def recorded_cli(monkeypatch, tmp_path):
+    """Replace dmm.cli.main: record each command; `train` publishes a version like the real one.
+
+    D4RL is unreachable here (its mirror is a closed local port), as on a machine without internet.
+    """
+    monkeypatch.setenv("D4RL_BASE_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "d4rl-cache"))
     calls: list[list[str]] = []
     behaviour = {"collect": 0, "train": 0, "train_publishes": True}
 
@@ -529,3 +534,79 @@ def test_bootstrap_for_real_serves_a_trained_model(tmp_path):
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "nothing to do" in again.stdout
     assert ModelStore(store).versions("hopper-medium-sim-v4") == [1]
+
+
+def test_bootstrap_offline_falls_back_and_prints_the_rollout_that_works(tmp_path, recorded_cli, capsys):
+    calls, _ = recorded_cli
+    assert load_module("bootstrap").main(["--store", str(tmp_path / "store"), "--eval-episodes", "0"]) == 0
+    assert [c[0] for c in calls] == ["collect", "train"]
+    out, err = capsys.readouterr()
+    assert "cannot download hopper_medium-v2.hdf5" in err and "falling back to collected data" in err
+    assert "dmm rollout --target localhost:50051 --env hopper-medium-sim-v4" in out
+    assert 'rollout(env="hopper-medium-sim-v4")' in out
+
+
+def test_bootstrap_refuses_an_unknown_d4rl_dataset(tmp_path, recorded_cli, capsys):
+    calls, _ = recorded_cli
+    assert load_module("bootstrap").main(["--store", str(tmp_path), "--dataset", "hopper-mediun-v2"]) == 2
+    assert "'hopper-mediun-v2' is not a D4RL dataset name" in capsys.readouterr().err
+    assert calls == []
+
+
+@pytest.fixture
+def d4rl_mirror(tmp_path, d4rl_hopper_file):
+    """A local HTTP server laid out as D4RL's, holding a small hopper-medium-v2 file."""
+    import http.server
+    import threading
+    from functools import partial
+
+    root = tmp_path / "mirror"
+    (root / "gym_mujoco_v2").mkdir(parents=True)
+    shutil.copy(d4rl_hopper_file, root / "gym_mujoco_v2" / "hopper_medium-v2.hdf5")
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def d4rl_hopper_file(tmp_path):
+    """A small file in D4RL's layout with Hopper's dimensions (random values)."""
+    import numpy as np
+    from conftest import write_hdf5
+
+    rng = np.random.default_rng(0)
+    n = 600
+    terminals, timeouts = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+    terminals[[150, 420]], timeouts[-1] = True, True
+    arrays = {
+        "observations": rng.normal(size=(n, 11)).astype(np.float32),
+        "actions": rng.uniform(-1, 1, size=(n, 3)).astype(np.float32),
+        "rewards": rng.uniform(0, 3, size=n).astype(np.float32),
+        "terminals": terminals,
+        "timeouts": timeouts,
+    }
+    return write_hdf5(tmp_path / "source.hdf5", arrays)
+
+
+def test_bootstrap_downloads_d4rl_and_serves_the_model_the_client_asks_for(
+    tmp_path, d4rl_mirror, monkeypatch
+):
+    """The promised pair: bootstrap an empty store, serve it, rollout(env="hopper-medium-v2")."""
+    from dmm.client import PolicyClient
+    from dmm.server.testing import ServerProcess
+
+    monkeypatch.setenv("D4RL_BASE_URL", d4rl_mirror)
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "d4rl-cache"))
+    store = tmp_path / "store"
+    argv = ["--store", str(store), "--updates", "3", "--eval-episodes", "0", "--no-compile"]
+    assert load_module("bootstrap").main(argv) == 0
+    assert (tmp_path / "d4rl-cache" / "hopper_medium-v2.hdf5").is_file()
+    with ServerProcess(store) as server, PolicyClient(server.target) as client:
+        result = client.rollout(
+            env="hopper-medium-v2", episodes=1, num_envs=1, max_episode_steps=5, progress=False
+        )
+    assert result.model == "hopper-medium-v2" and result.lengths == [5]

@@ -13,6 +13,8 @@ from dmm.envs import reference_table
 from dmm.errors import DatasetError
 
 CACHE_ENV_VAR = "D4RL_DATASET_DIR"
+BASE_URL_ENV_VAR = "D4RL_BASE_URL"  # a mirror of D4RL's files, laid out as the official server
+OFFICIAL_BASE_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl"
 DOWNLOAD_TIMEOUT_S = 30.0
 
 
@@ -23,11 +25,16 @@ def default_cache_dir() -> Path:
 
 
 def dataset_url(name: str) -> str:
-    """The official download URL of a D4RL dataset name such as ``hopper-medium-v2``."""
+    """The download URL of a D4RL dataset name such as ``hopper-medium-v2``: the official one, or the
+    same path under ``$D4RL_BASE_URL`` when that names a mirror."""
     entry = reference_table().get(name)
     if entry is None:
         raise DatasetError(f"{name!r} is not a D4RL dataset name; known: {', '.join(reference_table())}")
-    return entry["dataset_url"]
+    official: str = entry["dataset_url"]
+    mirror = os.environ.get(BASE_URL_ENV_VAR, "").strip()
+    if not mirror:
+        return official
+    return mirror.rstrip("/") + official.removeprefix(OFFICIAL_BASE_URL)
 
 
 def cache_path(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -78,6 +85,7 @@ def fetch_dataset(name: str, cache_dir: str | os.PathLike | None = None) -> Path
         reason = getattr(err, "reason", None) or err
         raise DatasetError(
             f"cannot download {dest.name} for {name} from {url} ({reason}); download it elsewhere and "
-            f"place it at {dest} (or point ${CACHE_ENV_VAR} at the folder that holds it)"
+            f"place it at {dest} (or point ${CACHE_ENV_VAR} at the folder that holds it, or "
+            f"${BASE_URL_ENV_VAR} at a mirror)"
         ) from err
     return dest
