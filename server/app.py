@@ -21,6 +21,7 @@ from dmm.server.service import SERVICE_NAME, PolicyService, add_to_server
 from dmm.store import ModelStore
 
 READY_PREFIX = "dmm serve: ready"
+TRANSPORT_LIMIT_FACTOR = 4  # grpc's own receive limit, in --max-message-bytes
 
 
 class PolicyServer:
@@ -60,12 +61,14 @@ class PolicyServer:
         self.server = grpc.aio.server(
             interceptors=interceptors,
             options=[
-                ("grpc.max_receive_message_length", o.max_message_bytes),
+                # the service refuses what is over the limit (counted, logged); the transport only
+                # drops what is far over it, before it is read into memory
+                ("grpc.max_receive_message_length", o.max_message_bytes * TRANSPORT_LIMIT_FACTOR),
                 ("grpc.max_send_message_length", o.max_message_bytes),
                 ("grpc.so_reuseport", 0),
             ],
         )
-        add_to_server(self.service, self.server)
+        add_to_server(self.service, self.server, o.max_message_bytes)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server

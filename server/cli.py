@@ -72,7 +72,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-message-bytes",
         type=int,
         default=default("max_message_bytes"),
-        help="largest gRPC message in bytes (default: %(default)s)",
+        help="largest request message in bytes: larger ones are RESOURCE_EXHAUSTED, and gRPC drops those "
+        "over 4x before reading them (default: %(default)s)",
     )
     p.add_argument(
         "--grace",

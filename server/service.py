@@ -59,39 +59,52 @@ def _store_status(err: Exception, root: Path) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}"
 
 
-class Undecodable:
-    """What a request that is not a valid protobuf message decodes to (the RPC answers INVALID_ARGUMENT)."""
+class Unreadable:
+    """What a request that cannot be read decodes to: not a valid protobuf message (INVALID_ARGUMENT)
+    or larger than ``--max-message-bytes`` (RESOURCE_EXHAUSTED). The handler refuses it like any bad
+    input, counted and logged, and a session it ends is recorded with reason "error"."""
 
-    def __init__(self, kind: str, error: Exception) -> None:
-        self.details = f"undecodable {kind}: {error}"
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self.code = code
+        self.details = details
 
 
-def _lenient(message_type: type) -> Callable[[bytes], object]:
-    """A request deserializer that turns a decode error into :class:`Undecodable` instead of raising,
-    which grpc would answer with UNKNOWN and an internal class name, uncounted."""
+def _lenient(message_type: type, max_bytes: int) -> Callable[[bytes], object]:
+    """A request deserializer that turns a decode error or an over-size message into
+    :class:`Unreadable` instead of raising, which grpc would answer with UNKNOWN and an internal class
+    name, uncounted, or (over-size, caught by the transport) leave the server to see a cancellation."""
 
     def parse(data: bytes) -> object:
+        if len(data) > max_bytes:
+            return Unreadable(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{message_type.__name__} of {len(data)} bytes is over the server's limit of {max_bytes}",
+            )
         try:
             return message_type.FromString(data)
         except DecodeError as err:
-            return Undecodable(message_type.__name__, err)
+            return Unreadable(grpc.StatusCode.INVALID_ARGUMENT, f"undecodable {message_type.__name__}: {err}")
 
     return parse
 
 
-def add_to_server(service: PolicyService, server: grpc.aio.Server) -> None:
+def add_to_server(service: PolicyService, server: grpc.aio.Server, max_message_bytes: int) -> None:
     """Register ``service`` like the generated ``add_PolicyServiceServicer_to_server``, but with
-    lenient request deserializers."""
+    lenient request deserializers that enforce ``max_message_bytes``."""
     pb = policy_pb2
+
+    def parse(message_type: type) -> Callable[[bytes], object]:
+        return _lenient(message_type, max_message_bytes)
+
     handlers = {
         "Act": grpc.stream_stream_rpc_method_handler(
-            service.Act, _lenient(pb.ActRequest), pb.ActResponse.SerializeToString
+            service.Act, parse(pb.ActRequest), pb.ActResponse.SerializeToString
         ),
         "ListModels": grpc.unary_unary_rpc_method_handler(
-            service.ListModels, _lenient(pb.ListModelsRequest), pb.ListModelsResponse.SerializeToString
+            service.ListModels, parse(pb.ListModelsRequest), pb.ListModelsResponse.SerializeToString
         ),
         "Describe": grpc.unary_unary_rpc_method_handler(
-            service.Describe, _lenient(pb.DescribeRequest), pb.DescribeResponse.SerializeToString
+            service.Describe, parse(pb.DescribeRequest), pb.DescribeResponse.SerializeToString
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
@@ -146,8 +159,8 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
                         f"session evicted: no message for {self.idle_timeout_s:g} s (idle timeout)",
                         "evicted",
                     ) from None
-                if isinstance(request, Undecodable):
-                    raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
+                if isinstance(request, Unreadable):
+                    raise _Abort(request.code, request.details)
                 if request is grpc.aio.EOF:
                     # A half-close ends the episode normally. A client that cancels also ends the
                     # read with EOF, and grpc cancels this task shortly after: free the slot now,
@@ -362,8 +375,8 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
     # ------------------------------------------------------------------ unary
 
     async def ListModels(self, request, context: grpc.aio.ServicerContext) -> policy_pb2.ListModelsResponse:
-        if isinstance(request, Undecodable):
-            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, request.details)
+        if isinstance(request, Unreadable):
+            await self._refuse(context, request.code, request.details)
         store = self.pool.store
 
         def _list() -> list[policy_pb2.ModelVersions]:
@@ -381,8 +394,8 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
         return policy_pb2.ListModelsResponse(models=models)
 
     async def Describe(self, request, context: grpc.aio.ServicerContext) -> policy_pb2.DescribeResponse:
-        if isinstance(request, Undecodable):
-            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, request.details)
+        if isinstance(request, Unreadable):
+            await self._refuse(context, request.code, request.details)
         if not request.model:
             await self._refuse(
                 context, grpc.StatusCode.INVALID_ARGUMENT, "model is empty: name the model to describe"

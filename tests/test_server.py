@@ -163,7 +163,11 @@ def test_concurrent_sessions_are_batched_and_exact(
         ("reward on step 0", grpc.StatusCode.INVALID_ARGUMENT, ["no previous action"]),
         ("second start", grpc.StatusCode.FAILED_PRECONDITION, ["second start"]),
         ("wrong env dims", grpc.StatusCode.INVALID_ARGUMENT, ["start.state_dim=17", "state_dim=11"]),
-        ("oversized message", grpc.StatusCode.RESOURCE_EXHAUSTED, []),
+        (
+            "oversized message",
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            ["ActRequest of", "over the server's limit of 4096"],
+        ),
     ],
 )
 def test_bad_input_gets_precise_status_and_others_continue(
@@ -220,8 +224,7 @@ def test_bad_input_gets_precise_status_and_others_continue(
     rtgs = TARGET_RETURN - np.concatenate([[0.0], np.cumsum(rewards[:-1])])
     got = np.array([r.action for r in replies])
     np.testing.assert_allclose(got, expected_actions(store_root, "window", states, rtgs), atol=1e-5)
-    if code != grpc.StatusCode.RESOURCE_EXHAUSTED:  # grpc itself rejects oversized messages
-        assert metric_value(server.scrape(), "dmm_errors_total", {"code": code.name}) >= 1
+    assert metric_value(server.scrape(), "dmm_errors_total", {"code": code.name}) >= 1
 
 
 def test_new_version_serves_new_sessions_only(
@@ -324,6 +327,24 @@ def test_undecodable_requests_are_invalid_argument_and_counted(
     if where == "mid-session":
         ended = metric_value(text, "dmm_sessions_ended_total", {"model": "tiny", "reason": "error"})
         assert ended == ended_before + 1
+
+
+def test_an_oversized_message_ends_the_session_as_an_error_and_far_oversized_ones_still_fail(
+    server: ServerProcess, channel: grpc.Channel
+) -> None:
+    """Over --max-message-bytes (4096 here): RESOURCE_EXHAUSTED from the service, counted, reason
+    "error". Over 4x that, the transport drops the message before it is read: still RESOURCE_EXHAUSTED."""
+    start = policy_pb2.ActRequest(start=policy_pb2.Start(model="tiny")).SerializeToString()
+    step = policy_pb2.ActRequest(step=policy_pb2.Step(state=[0.0] * STATE_DIM)).SerializeToString()
+    text = server.scrape()
+    ended_before = metric_value(text, "dmm_sessions_ended_total", {"model": "tiny", "reason": "error"}) or 0.0
+    for size, words in ((5000, "over the server's limit of 4096"), (20000, "larger than max")):
+        big = policy_pb2.ActRequest(step=policy_pb2.Step(state=[0.5] * (size // 9), reward=1.0))
+        replies, err = _raw_act(channel, [start, step, big.SerializeToString()])
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and words in err.details(), err.details()
+        assert len(replies) == 2
+    ended = metric_value(server.scrape(), "dmm_sessions_ended_total", {"model": "tiny", "reason": "error"})
+    assert ended == ended_before + 1
 
 
 def test_an_undecodable_describe_is_invalid_argument(channel: grpc.Channel) -> None:
