@@ -251,3 +251,15 @@ def test_device_dry_run_rehearses_every_step(tmp_path):
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8 and {"device.md", "train_speed.json", "serve.json", "scores.json"} <= set(files)
     assert "### serve" in (out / "device.md").read_text()
+
+
+def test_soak_counts_every_episode_ending_and_frees_every_slot(tmp_path):
+    code, payload, md = run_bench(
+        "soak", tmp_path, "--sessions", "12", "--duration", "4", "--max-steps", "40",
+        "--cancel", "0.2", "--vanish", "0.1", "--idle-timeout", "1",
+    )  # fmt: skip
+    assert code == 0, md
+    summary = payload["summary"]
+    assert summary["unexpected_errors"] == 0 and summary["active_sessions_after"] == 0
+    assert summary["server_agrees"] and summary["completed"] > 0 and summary["steps"] > 0
+    assert summary["episodes"] == summary["completed"] + summary["cancelled"] + summary["vanished"]
