@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from dmm.data import Dataset
+    from dmm.model import Policy
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_ROOT = REPO_ROOT / "bench" / "results"
@@ -103,12 +104,12 @@ def train_config(variant: Variant, dataset: str, overrides: dict[str, Any] | Non
     return load_train_config(dataset, None, settings, architecture=variant.architecture)
 
 
-def fresh_policy(variant: str, env: str, seed: int, device: str) -> Any:
+def fresh_policy(variant: str, env: str, seed: int, device: str) -> Policy:
     """An untrained policy with the paper's settings for ``env``'s family (identity normalization)."""
     import torch
 
     from dmm.envs import env_spec
-    from dmm.model import DMMConfig, DMMPolicy, LoadedPolicy, PolicyMeta
+    from dmm.model import DMMConfig, DMMPolicy, Policy, PolicyMeta
 
     spec = env_spec(env)
     cfg = train_config(VARIANTS[variant], env)
@@ -123,7 +124,7 @@ def fresh_policy(variant: str, env: str, seed: int, device: str) -> Any:
         rtg_scale=spec.rtg_scale,
         target_return=spec.target_returns[0],
     )
-    return LoadedPolicy(f"fresh-{variant}", 0, model, config, meta, torch.device(device), {})
+    return Policy(model, meta)
 
 
 def cpu_model() -> str:

@@ -94,7 +94,7 @@ def train_and_measure(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from dmm.data import WindowSampler, load_dataset
-    from dmm.model import LoadedPolicy
+    from dmm.model import Policy
     from dmm.trainer.evaluate import evaluate
     from dmm.trainer.train import TrainStep
 
@@ -117,7 +117,7 @@ def train_and_measure(spec: dict[str, Any]) -> dict[str, Any]:
     train_seconds = time.perf_counter() - start
     model.eval()
     torch.save(model.state_dict(), Path(spec["weights"]))
-    live = LoadedPolicy(spec["variant"], 0, model, model.config, meta, torch.device("cpu"), {})
+    live = Policy(model, meta)
     evals = []
     for target in spec["targets"]:
         result = evaluate(

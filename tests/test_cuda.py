@@ -15,7 +15,7 @@ import pytest
 import torch
 from serving_fixtures import STATE_DIM, Stream, publish_tiny
 
-from dmm.model import DMMConfig, DMMPolicy, LoadedPolicy, PolicyMeta, PolicyRunner
+from dmm.model import DMMConfig, DMMPolicy, Policy, PolicyMeta, PolicyRunner
 from dmm.server.testing import ServerProcess
 
 pytestmark = [
@@ -25,7 +25,7 @@ pytestmark = [
 TOLERANCE = 1e-4
 
 
-def _loaded(model: DMMPolicy, device: str) -> LoadedPolicy:
+def _loaded(model: DMMPolicy, device: str) -> Policy:
     S = model.config.state_dim
     meta = PolicyMeta(
         env="test",
@@ -35,8 +35,7 @@ def _loaded(model: DMMPolicy, device: str) -> LoadedPolicy:
         rtg_scale=10.0,
         target_return=1.0,
     )
-    on_device = model.to(device)
-    return LoadedPolicy("test", 1, on_device, model.config, meta, torch.device(device), {})
+    return Policy(model.to(device), meta)
 
 
 def _episodes(runner: PolicyRunner, states: np.ndarray, rtgs: np.ndarray) -> np.ndarray:

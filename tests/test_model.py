@@ -10,7 +10,7 @@ import torch
 from scan_reference import naive_scan
 
 from dmm.errors import ConfigError
-from dmm.model import DMMConfig, DMMPolicy, LoadedPolicy, PolicyMeta, PolicyRunner, scan
+from dmm.model import DMMConfig, DMMPolicy, Policy, PolicyMeta, PolicyRunner, scan
 from dmm.model.local_mixer import DenseSequenceMixer
 from dmm.model.mamba import ModifiedMamba
 from dmm.model.scan import resolve_backend, selective_scan_torch
@@ -152,7 +152,7 @@ def test_left_padding_with_mask_equals_unpadded_prefix(overrides):
     )
 
 
-def _loaded(model: DMMPolicy) -> LoadedPolicy:
+def _loaded(model: DMMPolicy) -> Policy:
     S = model.config.state_dim
     meta = PolicyMeta(
         env="test",
@@ -162,7 +162,7 @@ def _loaded(model: DMMPolicy) -> LoadedPolicy:
         rtg_scale=10.0,
         target_return=1.0,
     )
-    return LoadedPolicy("test", 1, model.float(), model.config, meta, torch.device("cpu"), {})
+    return Policy(model.float(), meta)
 
 
 def _run(runner: PolicyRunner, slot: int, states: np.ndarray, rtgs: np.ndarray) -> np.ndarray:

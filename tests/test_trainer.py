@@ -12,7 +12,7 @@ from conftest import random_sac_policy
 
 from dmm.data import load_dataset
 from dmm.errors import ConfigError
-from dmm.model import DMMConfig, DMMPolicy, LoadedPolicy, PolicyMeta, load_policy
+from dmm.model import DMMConfig, DMMPolicy, Policy, PolicyMeta, load_policy
 from dmm.store import ModelStore
 from dmm.trainer.collect import collect
 from dmm.trainer.config import load_train_config
@@ -106,10 +106,10 @@ def small_hopper(tmp_path_factory) -> Path:
     return collect("Hopper-v4", policy, 600, folder / "hopper-small.hdf5", seed=0)
 
 
-def _tiny_policy(dataset) -> LoadedPolicy:
+def _tiny_policy(dataset) -> Policy:
     cfg = load_train_config(dataset.name, overrides={"model": TINY})
     model, meta = build_policy(cfg, dataset)
-    return LoadedPolicy("tiny", 0, model.eval(), model.config, meta, torch.device("cpu"), {})
+    return Policy(model.eval(), meta)
 
 
 @pytest.mark.parametrize("mode", ["window", "recurrent"])

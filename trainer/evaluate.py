@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from dmm.envs import env_spec, make_vector_env, normalized_score
 from dmm.errors import ConfigError
-from dmm.model import LoadedPolicy, PolicyRunner
+from dmm.model import Policy, PolicyRunner
 from dmm.model.config import InferenceMode
 
 
@@ -46,17 +46,17 @@ class EvalResult:
         )
 
 
-def check_compatible(policy: LoadedPolicy, env: str) -> None:
+def check_compatible(policy: Policy, env: str) -> None:
     spec = env_spec(env)
     if (spec.obs_dim, spec.act_dim) != (policy.config.state_dim, policy.config.act_dim):
         raise ConfigError(
-            f"{policy.name} v{policy.version} takes states of {policy.config.state_dim} and acts in "
+            f"{policy.label} takes states of {policy.config.state_dim} and acts in "
             f"{policy.config.act_dim} dims, but {env} ({spec.env_id}) has {spec.obs_dim} and {spec.act_dim}"
         )
 
 
 def evaluate(
-    policy: LoadedPolicy,
+    policy: Policy,
     episodes: int,
     target_return: float,
     env: str | None = None,

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from dmm.data import Dataset, WindowBatch, WindowSampler
 from dmm.errors import ConfigError
-from dmm.model import DMMConfig, DMMPolicy, LoadedPolicy, PolicyMeta, publish_policy
+from dmm.model import DMMConfig, DMMPolicy, Policy, PolicyMeta, publish_policy
 from dmm.model.scan import resolve_backend
 from dmm.store import ModelStore
 from dmm.trainer.config import TrainConfig
@@ -157,7 +157,7 @@ def train(
         if cfg.eval_episodes == 0:
             return
         model.eval()
-        live = LoadedPolicy(name, 0, model, model.config, meta, device, {})
+        live = Policy(model, meta)
         for target in targets:
             result = evaluate(
                 live,

@@ -1,6 +1,6 @@
 """Decision MetaMamba: DSM, selective scan, modified Mamba, the policy and its inference."""
 
-from dmm.model.checkpoint import LoadedPolicy, load_policy, publish_policy
+from dmm.model.checkpoint import LoadedPolicy, Policy, load_policy, publish_policy
 from dmm.model.config import DMMConfig, InferenceMode, PolicyMeta
 from dmm.model.inference import PolicyRunner
 from dmm.model.policy import DMMPolicy
@@ -10,6 +10,7 @@ __all__ = [
     "DMMPolicy",
     "InferenceMode",
     "LoadedPolicy",
+    "Policy",
     "PolicyMeta",
     "PolicyRunner",
     "load_policy",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -16,17 +16,39 @@ from dmm.store import CorruptVersionError, ModelStore
 FORMAT_VERSION = 1
 
 
-@dataclass
-class LoadedPolicy:
-    """A policy ready for inference: eval mode, on ``device``."""
+@dataclass(frozen=True)
+class Policy:
+    """A model with what inference needs beside it (state normalization, RTG scale, default target):
+    what training holds, benchmarks build, and the runner and the evaluation take."""
+
+    model: DMMPolicy
+    meta: PolicyMeta
+
+    @property
+    def config(self) -> DMMConfig:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def label(self) -> str:
+        """How messages name it."""
+        return "the policy"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadedPolicy(Policy):
+    """A version from the model store, in eval mode on its device."""
 
     name: str
     version: int
-    model: DMMPolicy
-    config: DMMConfig
-    meta: PolicyMeta
-    device: torch.device
-    metrics: dict[str, Any]
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} v{self.version}"
 
 
 def policy_config(model: DMMPolicy, meta: PolicyMeta) -> dict[str, Any]:
@@ -81,4 +103,4 @@ def load_policy(
     except (ValueError, RuntimeError) as err:
         raise CorruptVersionError(f"{name} version {ckpt.version} is not a valid policy: {err}") from err
     model.to(device).eval()
-    return LoadedPolicy(name, ckpt.version, model, config, meta, device, ckpt.metrics)
+    return LoadedPolicy(model, meta, name=name, version=ckpt.version, metrics=ckpt.metrics)

@@ -24,16 +24,16 @@ from dmm.model.block import BlockState
 from dmm.model.config import InferenceMode
 
 if TYPE_CHECKING:
-    from dmm.model.checkpoint import LoadedPolicy
+    from dmm.model.checkpoint import Policy
 
 
 class PolicyRunner:
-    def __init__(self, policy: LoadedPolicy, mode: InferenceMode = "window", capacity: int = 64) -> None:
+    def __init__(self, policy: Policy, mode: InferenceMode = "window", capacity: int = 64) -> None:
         if mode not in ("window", "recurrent"):
             raise ValueError(f"unknown inference mode {mode!r}; expected 'window' or 'recurrent'")
         if mode == "recurrent" and not policy.config.supports_recurrent:
             cfg = policy.config
-            raise ValueError(f"model {policy.name} ({cfg.describe_architecture()}) supports window mode only")
+            raise ValueError(f"{policy.label} ({cfg.describe_architecture()}) supports window mode only")
         self.policy = policy
         self.mode = mode
         self.model = policy.model
