@@ -1,4 +1,4 @@
-"""``dmm collect``: write a D4RL-layout hdf5 by rolling out a behaviour policy in gymnasium envs.
+"""Write a D4RL-layout hdf5 by rolling out a behaviour policy in gymnasium envs (`dmm collect`).
 
 The behaviour policies are D4RL's reference SAC policies (``fc0``, ``fc1``, ``last_fc``,
 ``last_fc_log_std`` in an npz): two ReLU layers of 256 and a tanh-Gaussian head, evaluated in
@@ -9,7 +9,6 @@ same arguments give the same file. Episodes are written whole and in the order t
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 from typing import Any
@@ -24,42 +23,6 @@ POLICY_KEYS = (
     "last_fc_log_std.weight",
     "last_fc_log_std.bias",
 )
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``dmm collect``."""
-    parser = subparsers.add_parser(
-        "collect",
-        help="roll out a behaviour policy and write a D4RL-layout hdf5 dataset",
-        description="Roll out a D4RL reference SAC policy (npz) in gymnasium and write exactly --steps "
-        "transitions in D4RL's hdf5 layout.",
-    )
-    parser.add_argument(
-        "--env", required=True, help="gymnasium id (Hopper-v4) or dataset name (hopper-medium-v2)"
-    )
-    parser.add_argument("--policy", required=True, type=Path, help="behaviour policy .npz")
-    parser.add_argument("--steps", required=True, type=int, help="number of transitions to write")
-    parser.add_argument("--out", required=True, type=Path, help="output .hdf5 file")
-    parser.add_argument("--seed", type=int, default=0, help="seed of resets and action noise (default 0)")
-    parser.add_argument("--num-envs", type=int, default=1, help="environments stepped together (default 1)")
-    parser.add_argument(
-        "--deterministic", action="store_true", help="take the policy's mean action instead of sampling"
-    )
-    parser.set_defaults(handler=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    path = collect(
-        env=args.env,
-        policy_path=args.policy,
-        steps=args.steps,
-        out=args.out,
-        seed=args.seed,
-        num_envs=args.num_envs,
-        deterministic=args.deterministic,
-    )
-    print(f"wrote {args.steps} transitions to {path}")
-    return 0
 
 
 class SACPolicy:
