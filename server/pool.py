@@ -60,13 +60,6 @@ class ModelPool:
         self._locks: dict[tuple[str, int], asyncio.Lock] = {}
         self._newest: dict[str, int] = {}  # newest complete version seen per model
 
-    def loaded_versions(self) -> list[tuple[str, int]]:
-        return sorted(self._loaded)
-
-    def loaded_policy(self, name: str, version: int) -> LoadedPolicy | None:
-        served = self._loaded.get((name, version))
-        return served.policy if served else None
-
     async def resolve(self, name: str, version: int | None) -> int:
         """The version a new session of ``name`` gets (StoreError subclasses if there is none)."""
 

@@ -375,3 +375,27 @@ def test_the_default_block_passes_its_input_through_a_residual_stream():
     x = 5.0 * torch.randn(2, 6, 64) + 3.0
     y, _ = block(x)
     torch.testing.assert_close(y, x)
+
+
+def test_stepping_the_model_from_its_initial_state_equals_the_full_forward_on_every_prefix():
+    """The model's own recurrent API (what PolicyRunner's recurrent mode builds on), without the runner."""
+    model = _policy(seed=4)
+    T, S, A = 7, model.config.state_dim, model.config.act_dim
+    torch.manual_seed(1)
+    rtg, states, actions = (
+        torch.randn(1, T, 1).double(),
+        torch.randn(1, T, S).double(),
+        torch.randn(1, T, A).double(),
+    )
+    timesteps = torch.arange(T).unsqueeze(0)
+    state = model.initial_state(1)
+    with torch.no_grad():
+        for t in range(T):
+            prev = actions[:, t - 1] if t else torch.zeros(1, A, dtype=torch.float64)
+            action, state = model.step(
+                state, rtg[:, t], states[:, t], prev, torch.tensor([t > 0]), timesteps[:, t]
+            )
+            full = model(
+                rtg[:, : t + 1], states[:, : t + 1], actions[:, : t + 1], timesteps=timesteps[:, : t + 1]
+            )
+            torch.testing.assert_close(action, full[:, -1], rtol=1e-9, atol=1e-9)
