@@ -610,3 +610,34 @@ def test_bootstrap_downloads_d4rl_and_serves_the_model_the_client_asks_for(
             env="hopper-medium-v2", episodes=1, num_envs=1, max_episode_steps=5, progress=False
         )
     assert result.model == "hopper-medium-v2" and result.lengths == [5]
+
+
+def test_healthcheck_probes_a_tls_server_with_its_ca_and_a_client_certificate(tmp_path):
+    from pki import make_pki
+
+    from dmm.server.testing import ServerProcess
+
+    (tmp_path / "pki").mkdir()
+    pki = make_pki(tmp_path / "pki")
+    publish_tiny(tmp_path / "store", "tiny")
+    tls = ["--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key")]
+    client = {"tls_cert": pki / "client.pem", "tls_key": pki / "client.key"}
+    args = [*tls, "--tls-client-ca", str(pki / "ca.pem"), "--auth-token-file", str(_tokens(tmp_path))]
+    with ServerProcess(tmp_path / "store", args, channel={"tls_ca": pki / "ca.pem", **client}) as server:
+        healthcheck = load_module("healthcheck")
+        target = f"127.0.0.1:{server.port}"
+        probe = ["--target", target, "--tls-ca", str(pki / "ca.pem")]
+        assert (
+            healthcheck.main(
+                [*probe, "--tls-cert", str(client["tls_cert"]), "--tls-key", str(client["tls_key"])]
+            )
+            == 0
+        )
+        assert healthcheck.main(probe) == 1  # mutual TLS: no client certificate, no answer
+        assert healthcheck.main(["--target", target]) == 1  # plaintext against TLS
+
+
+def _tokens(folder: Path) -> Path:
+    path = folder / "tokens"
+    path.write_text("a-token\n")
+    return path
