@@ -398,13 +398,21 @@ def step_serve(device: Device, step: Step) -> None:
 
 
 def _serve_summary(payload: dict) -> str:
+    """p50, p99 and actions/s at the fewest and most sessions; GPU memory per added session."""
     parts = []
-    for r in payload["rows"]:
-        if r["sessions"] in (1, max(payload["settings"]["sessions"])) and r["p50_us"] is not None:
-            parts.append(
-                f"{r['mode']} x{r['sessions']}: p50 {r['p50_us'] / 1e3:.2f} ms, "
-                f"p99 {r['p99_us'] / 1e3:.2f} ms, {r['actions_per_second']:.0f}/s"
+    for mode in payload["settings"]["modes"]:
+        rows = sorted((r for r in payload["rows"] if r["mode"] == mode), key=lambda r: r["sessions"])
+        for r in (rows[0], rows[-1]) if rows else ():
+            if r["p50_us"] is not None:
+                parts.append(
+                    f"{mode} x{r['sessions']}: p50 {r['p50_us'] / 1e3:.2f} ms, "
+                    f"p99 {r['p99_us'] / 1e3:.2f} ms, {r['actions_per_second']:.0f}/s"
+                )
+        if len(rows) > 1 and rows[0].get("server_gpu_mib") and rows[-1].get("server_gpu_mib"):
+            per = (rows[-1]["server_gpu_mib"] - rows[0]["server_gpu_mib"]) / (
+                rows[-1]["sessions"] - rows[0]["sessions"]
             )
+            parts.append(f"{mode}: {per * 1024:.0f} KiB of GPU memory per session")
     return "; ".join(parts) or "no rows"
 
 
