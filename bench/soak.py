@@ -28,7 +28,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,18 @@ SETTINGS = (
 )
 
 
+@dataclass
+class Latencies:
+    """A client process's round trips: each step's, and each session start's (Start to Started)."""
+
+    step: list[float] = field(default_factory=list)
+    start: list[float] = field(default_factory=list)
+
+
+def _ms(seconds: np.ndarray, q: float) -> float | None:
+    return float(np.percentile(seconds, q) * 1e3) if seconds.size else None
+
+
 @dataclass(frozen=True)
 class Plan:
     """What every client process runs."""
@@ -68,7 +80,7 @@ class Plan:
     idle_timeout_s: float
 
 
-async def _episode(stub: Any, plan: Plan, rng: random.Random, tally: Counter, latencies: list[float]) -> None:
+async def _episode(stub: Any, plan: Plan, rng: random.Random, tally: Counter, latencies: Latencies) -> None:
     """One episode; counts its ending as expected (by kind) or as an unexpected error."""
     import grpc
 
@@ -81,9 +93,13 @@ async def _episode(stub: Any, plan: Plan, rng: random.Random, tally: Counter, la
     )
     stop_at = rng.randint(1, length) if kind != "completed" else length
     call = stub.Act(timeout=plan.idle_timeout_s * 3 + plan.max_steps)
+    phase = "at start"
     try:
+        t0 = time.perf_counter()
         await call.write(policy_pb2.ActRequest(start=policy_pb2.Start(model=plan.model)))
         await call.read()
+        latencies.start.append(time.perf_counter() - t0)
+        phase = "mid-episode"
         for t in range(stop_at):
             state = [rng.gauss(0.0, 1.0) for _ in range(plan.state_dim)]
             step = policy_pb2.Step(state=state, **({"reward": 1.0} if t else {}))
@@ -91,7 +107,8 @@ async def _episode(stub: Any, plan: Plan, rng: random.Random, tally: Counter, la
             await call.write(policy_pb2.ActRequest(step=step))
             if await call.read() is grpc.aio.EOF:
                 raise RuntimeError("the server closed the stream mid-episode")
-            latencies.append(time.perf_counter() - t0)
+            latencies.step.append(time.perf_counter() - t0)
+        phase = "at the end"
         if kind == "cancelled":
             call.cancel()
         elif kind == "vanished":
@@ -105,12 +122,14 @@ async def _episode(stub: Any, plan: Plan, rng: random.Random, tally: Counter, la
         raise
     except grpc.aio.AioRpcError as err:
         expected = kind == "vanished" and err.code() == grpc.StatusCode.ABORTED
-        tally["vanished" if expected else f"unexpected {_describe(err)}"] += 1
+        tally["vanished" if expected else f"unexpected {phase}: {_describe(err)}"] += 1
     except Exception as err:
-        tally[f"unexpected {_describe(err)}"] += 1
+        tally[f"unexpected {phase}: {_describe(err)}"] += 1
 
 
-async def _loop(stub: Any, plan: Plan, seed: int, deadline: float, tally: Counter, latencies: list) -> None:
+async def _loop(
+    stub: Any, plan: Plan, seed: int, deadline: float, tally: Counter, latencies: Latencies
+) -> None:
     rng = random.Random(seed)
     while time.monotonic() < deadline:
         await _episode(stub, plan, rng, tally, latencies)
@@ -126,7 +145,7 @@ async def _client(plan: Plan, seeds: list[int]) -> dict[str, Any]:
     ]
     stubs = [policy_pb2_grpc.PolicyServiceStub(c) for c in channels]
     tally: Counter = Counter()
-    latencies: list[float] = []
+    latencies = Latencies()
     deadline = time.monotonic() + plan.duration_s
     try:
         await asyncio.gather(
@@ -138,14 +157,19 @@ async def _client(plan: Plan, seeds: list[int]) -> dict[str, Any]:
     finally:
         for c in channels:
             await c.close()
-    return {"tally": dict(tally), "latencies": np.asarray(latencies)}
+    return {
+        "tally": dict(tally),
+        "latencies": np.asarray(latencies.step),
+        "starts": np.asarray(latencies.start),
+    }
 
 
 def _client_process(plan: Plan, seeds: list[int], results: Any) -> None:
     try:
         results.put(asyncio.run(_client(plan, seeds)))
     except BaseException as err:
-        results.put({"tally": {f"unexpected client failure {_describe(err)}": 1}, "latencies": np.empty(0)})
+        failure = {f"unexpected client failure {_describe(err)}": 1}
+        results.put({"tally": failure, "latencies": np.empty(0), "starts": np.empty(0)})
 
 
 def _sample_rss(pid: int, stop: threading.Event, samples: list[tuple[float, float]]) -> None:
@@ -190,9 +214,8 @@ def soak(args: argparse.Namespace, store: Path, model: str, state_dim: int) -> d
             try:
                 reports.append(results.get(timeout=args.duration + 3 * args.idle_timeout + 600))
             except queue.Empty:
-                reports.append(
-                    {"tally": {"unexpected: a client process never reported": 1}, "latencies": np.empty(0)}
-                )
+                missing = {"unexpected: a client process never reported": 1}
+                reports.append({"tally": missing, "latencies": np.empty(0), "starts": np.empty(0)})
         wall_s = time.monotonic() - start
         for p in procs:
             p.join(timeout=30)
@@ -210,6 +233,7 @@ def soak(args: argparse.Namespace, store: Path, model: str, state_dim: int) -> d
     return {
         "tally": dict(tally),
         "latencies": np.concatenate([r["latencies"] for r in reports]),
+        "starts": np.concatenate([r["starts"] for r in reports]),
         "rss_mib": rss,
         "wall_s": wall_s,
         "active_sessions_after": active,
@@ -261,8 +285,10 @@ def _report(args: argparse.Namespace, argv: Sequence[str], result: dict[str, Any
         **{k: tally.get(k, 0) for k in ("completed", "cancelled", "vanished")},
         "unexpected_errors": sum(unexpected.values()),
         "steps": int(lat.size),
-        "p50_ms": float(np.percentile(lat, 50) * 1e3) if lat.size else None,
-        "p99_ms": float(np.percentile(lat, 99) * 1e3) if lat.size else None,
+        "p50_ms": _ms(lat, 50),
+        "p99_ms": _ms(lat, 99),
+        "start_p50_ms": _ms(result["starts"], 50),
+        "start_p99_ms": _ms(result["starts"], 99),
         "actions_per_second": lat.size / result["wall_s"],
         "rss_first_minute_mib": float(np.median(first)) if first else None,
         "rss_last_minute_mib": float(np.median(last)) if last else None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import signal
 
 import grpc
@@ -22,6 +23,9 @@ from dmm.store import ModelStore
 
 READY_PREFIX = "dmm serve: ready"
 TRANSPORT_LIMIT_FACTOR = 4  # grpc's own receive limit, in --max-message-bytes
+UNACCEPTED_STREAM_MAX_S = 24 * 3600
+LOOP_PROBE_S = 0.5  # how often the event loop's lag is measured
+LOOP_LAG_WARNING_S = 1.0  # a lag above this is logged (at most once a minute)
 
 
 class PolicyServer:
@@ -38,6 +42,7 @@ class PolicyServer:
         self.port = 0
         self.metrics_port = 0
         self._metrics_http = None
+        self._lag_watch: asyncio.Task | None = None
 
     async def start(self) -> None:
         o = self.options
@@ -66,6 +71,10 @@ class PolicyServer:
                 ("grpc.max_receive_message_length", o.max_message_bytes * TRANSPORT_LIMIT_FACTOR),
                 ("grpc.max_send_message_length", o.max_message_bytes),
                 ("grpc.so_reuseport", 0),
+                # a new stream waits in grpc's queue until the event loop accepts it; grpc's default
+                # (30 s) cancels it silently when the server is saturated, so it is left to the
+                # client's deadline instead
+                ("grpc.server_max_unrequested_time_in_server", UNACCEPTED_STREAM_MAX_S),
             ],
         )
         add_to_server(self.service, self.server, o.max_message_bytes)
@@ -87,8 +96,26 @@ class PolicyServer:
         except OSError as err:
             raise ConfigError(f"cannot serve metrics on {o.host}:{o.metrics_port}: {err}") from None
         await self.server.start()
+        self._lag_watch = asyncio.create_task(self._watch_event_loop())
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def _watch_event_loop(self) -> None:
+        """Measure how late the event loop runs (dmm_event_loop_lag_seconds) and say when it is
+        saturated: every step, and every new stream before it reaches the service, waits on it."""
+        loop = asyncio.get_running_loop()
+        warned = -math.inf
+        while True:
+            before = loop.time()
+            await asyncio.sleep(LOOP_PROBE_S)
+            lag = loop.time() - before - LOOP_PROBE_S
+            self.metrics.loop_lag.observe(lag)
+            if lag > LOOP_LAG_WARNING_S and loop.time() - warned > 60.0:
+                warned = loop.time()
+                sessions = len(self.service.sessions) if self.service else 0
+                logs.event(
+                    logging.WARNING, "server saturated", event_loop_lag_s=round(lag, 2), sessions=sessions
+                )
 
     async def shutdown(self) -> None:
         """Health NOT_SERVING, refuse new RPCs, let sessions finish for the grace period, end the rest."""
@@ -102,6 +129,8 @@ class PolicyServer:
         if self.service.end_all_sessions():
             await asyncio.sleep(0.05)  # let the handlers send their UNAVAILABLE status
         await stop
+        if self._lag_watch is not None:
+            self._lag_watch.cancel()
         self.pool.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()

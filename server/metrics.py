@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 LATENCY_BUCKETS = (50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2, 0.5, 1.0)
+LAG_BUCKETS = (1e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 END_REASONS = ("completed", "cancelled", "error", "evicted", "shutdown")
 
@@ -40,6 +41,13 @@ class ServerMetrics:
             "dmm_sessions_ended", "Act sessions ended, by reason.", ("model", "reason"), registry=r
         )
         self.errors = Counter("dmm_errors", "Requests answered with an error status.", ("code",), registry=r)
+        self.loop_lag = Histogram(
+            "dmm_event_loop_lag_seconds",
+            "How late the server's event loop runs a timer: when it grows, the server is saturated and new "
+            "streams and steps wait.",
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
         self.model_loads = Counter("dmm_model_loads", "Model versions loaded.", ("model",), registry=r)
         self.versions_loaded = Gauge(
             "dmm_model_versions_loaded",

@@ -33,7 +33,13 @@ DASHBOARDS = DEPLOY / "grafana" / "dashboards"
 PROVISIONING = DEPLOY / "grafana" / "provisioning"
 
 # The metric families of the contract (notes: "Metrics"), with the series names they expose.
-HISTOGRAMS = ("dmm_act_latency_seconds", "dmm_queue_wait_seconds", "dmm_batch_size")
+SERVER_WIDE = ("dmm_errors_total", "dmm_event_loop_lag_seconds")  # no model label
+HISTOGRAMS = (
+    "dmm_act_latency_seconds",
+    "dmm_queue_wait_seconds",
+    "dmm_batch_size",
+    "dmm_event_loop_lag_seconds",
+)
 GAUGES = ("dmm_active_sessions", "dmm_model_versions_loaded")
 COUNTERS = (
     "dmm_sessions_started_total",
@@ -357,7 +363,7 @@ def test_dashboard_model_variable_filters_every_model_labelled_query(dashboard):
     assert variables["model"]["allValue"] == ".*" and variables["model"]["includeAll"]
     for expr in dashboard_exprs(dashboard):
         for selector in re.findall(r"\b(dmm_\w+)(\{[^}]*\})?", expr):
-            if not selector[0].startswith("dmm_errors_total"):  # labelled by code only
+            if not selector[0].startswith(SERVER_WIDE):
                 assert 'model=~"$model"' in selector[1], f"{selector[0]} not filtered by $model in {expr!r}"
 
 

@@ -290,6 +290,7 @@ def test_metrics_after_traffic(server: ServerProcess, channel: grpc.Channel) -> 
     assert metric_value(text, "dmm_sessions_started_total", {"model": "tiny"}) >= 1
     assert metric_value(text, "dmm_sessions_ended_total", {"model": "tiny", "reason": "completed"}) >= 1
     assert metric_value(text, "dmm_active_sessions", {"model": "tiny"}) == 0
+    assert metric_value(text, "dmm_event_loop_lag_seconds_count") >= 1  # probed twice a second
 
 
 def _raw_act(channel: grpc.Channel, messages: list[bytes]) -> tuple[list[bytes], grpc.RpcError]:
