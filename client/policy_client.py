@@ -129,8 +129,11 @@ class _Stream:
         except StopIteration:
             raise PolicyServiceError(grpc.StatusCode.UNKNOWN, "the server ended the stream early") from None
 
-    def finish(self) -> None:
-        """Half-close the stream and wait for the server's OK (the session ends as completed)."""
+    def finish(self, last_reward: float | None = None) -> None:
+        """Half-close the stream and wait for the server's OK (the session ends as completed); with
+        ``last_reward`` the stream first says the episode is over (End), so the server counts it."""
+        if last_reward is not None:
+            self._requests.put(policy_pb2.ActRequest(end=policy_pb2.End(reward=last_reward)))
         self._requests.put(self._END)
         try:
             for _ in self._call:
@@ -305,5 +308,5 @@ class PolicyClient:
         except BaseException:
             stream.cancel()
             raise
-        stream.finish()
+        stream.finish(last_reward=float(reward))
         return _Episode(total, length, started.version, MODE_NAME[started.mode], started.target_return)

@@ -5,6 +5,9 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 LATENCY_BUCKETS = (50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2, 0.5, 1.0)
+RETURN_BUCKETS = (0, 250, 500, 750, 1000, 1500, 2000, 2500, 3000, 3500, 4000, 5000, 6000, 8000, 10000, 12000)
+SCORE_BUCKETS = (0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 110, 120)
+LENGTH_BUCKETS = (10, 25, 50, 100, 200, 300, 500, 750, 1000)
 LAG_BUCKETS = (1e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 END_REASONS = ("completed", "cancelled", "error", "evicted", "shutdown")
@@ -46,6 +49,29 @@ class ServerMetrics:
             "How late the server's event loop runs a timer: when it grows, the server is saturated and new "
             "streams and steps wait.",
             buckets=LAG_BUCKETS,
+            registry=r,
+        )
+        # Episodes a client completed with End, per model version: live policy quality.
+        per_version = ("model", "version")
+        self.episode_return = Histogram(
+            "dmm_episode_return",
+            "Return of completed episodes.",
+            per_version,
+            buckets=RETURN_BUCKETS,
+            registry=r,
+        )
+        self.episode_normalized_score = Histogram(
+            "dmm_episode_normalized_score",
+            "D4RL-normalized score of completed episodes.",
+            per_version,
+            buckets=SCORE_BUCKETS,
+            registry=r,
+        )
+        self.episode_length = Histogram(
+            "dmm_episode_length",
+            "Steps of completed episodes.",
+            per_version,
+            buckets=LENGTH_BUCKETS,
             registry=r,
         )
         self.model_loads = Counter("dmm_model_loads", "Model versions loaded.", ("model",), registry=r)

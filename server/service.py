@@ -16,6 +16,7 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from dmm.envs import normalized_score
 from dmm.errors import DMMError
 from dmm.model import InferenceMode
 from dmm.server import logs
@@ -180,6 +181,11 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
                     action = await self._step(session, request.step)
                     await context.write(action)
                     session.lease.latency.observe(time.perf_counter() - arrived)
+                elif kind == "end":
+                    if session is None:
+                        raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, "end before start")
+                    self._record_episode(session, request.end.reward)
+                    break
                 elif kind == "start":
                     if session is not None:
                         raise _Abort(
@@ -306,6 +312,8 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
         if which == "rtg":
             _check_float32("rtg", step.rtg, session.steps)
             session.rtg = step.rtg
+            if session.steps > 0:  # the last action's reward is not known
+                session.episode_return = None
         elif which == "reward":
             if session.steps == 0:
                 raise _Abort(
@@ -316,6 +324,8 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
             _check_float32("reward", step.reward, session.steps)
             _check_float32("the return-to-go after this reward", session.rtg - step.reward, session.steps)
             session.rtg -= step.reward
+            if session.episode_return is not None:
+                session.episode_return += step.reward
         elif session.steps > 0:
             raise _Abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -345,6 +355,25 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
             )
         )
 
+    def _record_episode(self, session: Session, reward: float) -> None:
+        """The client's End: the episode is complete; its return, length and score go to the metrics."""
+        if session.steps == 0:
+            raise _Abort(
+                grpc.StatusCode.FAILED_PRECONDITION, "end before the first step: no action was taken"
+            )
+        _check_float32("end.reward", reward, session.steps)
+        if session.episode_return is None:
+            return  # explicit rtgs: the return is not known
+        session.episode_return += reward
+        labels = (session.model, str(session.version))
+        self.metrics.episode_return.labels(*labels).observe(session.episode_return)
+        self.metrics.episode_length.labels(*labels).observe(session.steps)
+        try:
+            score = normalized_score(session.lease.policy.meta.env, session.episode_return)
+        except DMMError:  # an environment without D4RL reference scores
+            return
+        self.metrics.episode_normalized_score.labels(*labels).observe(score)
+
     def _end(self, session: Session, reason: str) -> None:
         logs.event(
             logging.INFO,
@@ -353,7 +382,7 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
             version=session.version,
             mode=session.lease.mode,
             steps=session.steps,
-            episode_return=round(session.target_return - session.rtg, 6),
+            episode_return="unknown" if session.episode_return is None else round(session.episode_return, 6),
             reason=reason,
             seconds=round(time.monotonic() - session.started_at, 3),
         )

@@ -21,6 +21,8 @@ class Session:
     started_at: float = field(default_factory=time.monotonic)
     # Why the session ended when another party (shutdown) ended it; None while it runs.
     end_reason: str | None = field(default=None)
+    # The sum of the rewards the client reported; None once a step gave an explicit rtg instead.
+    episode_return: float | None = 0.0
 
     @property
     def model(self) -> str:

@@ -60,6 +60,10 @@ class Stream:
         state = np.asarray(state, dtype=np.float64).tolist()
         return self.send(policy_pb2.ActRequest(step=policy_pb2.Step(state=state, **fields))).action
 
+    def end(self, reward: float) -> None:
+        """The episode is over (End, no reply); then :meth:`finish`."""
+        self._requests.put(policy_pb2.ActRequest(end=policy_pb2.End(reward=reward)))
+
     def finish(self) -> grpc.StatusCode:
         """Half-close and wait for the final status."""
         self._requests.put(self._END)

@@ -48,6 +48,15 @@ def test_rollout_returns_normalized_scores(server: ServerProcess) -> None:
     assert metric_value(text, "dmm_act_latency_seconds_count", {"model": ENV, "mode": "window"}) == sum(
         result.lengths
     )
+    # live policy quality: the server's episode metrics agree with the returns the client computed
+    per_version = {"model": ENV, "version": "1"}
+    assert metric_value(text, "dmm_episode_return_count", per_version) == 3
+    assert metric_value(text, "dmm_episode_return_sum", per_version) == pytest.approx(
+        sum(result.returns), rel=1e-12
+    )
+    assert metric_value(text, "dmm_episode_length_sum", per_version) == sum(result.lengths)
+    score_sum = metric_value(text, "dmm_episode_normalized_score_sum", per_version)
+    assert score_sum == pytest.approx(sum(result.normalized_scores), rel=1e-9)
 
 
 def test_rollouts_are_reproducible_per_seed(server: ServerProcess) -> None:

@@ -39,6 +39,9 @@ HISTOGRAMS = (
     "dmm_queue_wait_seconds",
     "dmm_batch_size",
     "dmm_event_loop_lag_seconds",
+    "dmm_episode_return",
+    "dmm_episode_normalized_score",
+    "dmm_episode_length",
 )
 GAUGES = ("dmm_active_sessions", "dmm_model_versions_loaded")
 COUNTERS = (

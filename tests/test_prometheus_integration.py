@@ -254,6 +254,10 @@ def expected_series(traffic: Traffic) -> dict[str, float]:
         "sum(dmm_errors_total)": traffic.errors,
         f'dmm_model_versions_loaded{{{m},version="1"}}': 1,
         f"sum(dmm_model_loads_total{{{m}}})": 1,
+        # every rollout episode ends with End: the live quality metrics count them all
+        f"sum(dmm_episode_return_count{{{m}}})": traffic.episodes,
+        f"sum(dmm_episode_length_sum{{{m}}})": traffic.steps,
+        f"sum(dmm_episode_normalized_score_count{{{m}}})": traffic.episodes,
     }
 
 

@@ -353,3 +353,51 @@ def test_an_undecodable_describe_is_invalid_argument(channel: grpc.Channel) -> N
         channel.unary_unary("/dmm.v1.PolicyService/Describe")(b"\xff\xff\xff", timeout=10)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert info.value.details().startswith("undecodable DescribeRequest")
+
+
+def _episode_metrics(server: ServerProcess) -> tuple[float, float]:
+    text = server.scrape()
+    labels = {"model": "tiny", "version": "1"}
+    return (
+        metric_value(text, "dmm_episode_return_count", labels) or 0.0,
+        metric_value(text, "dmm_episode_return_sum", labels) or 0.0,
+    )
+
+
+def test_end_completes_the_episode_and_records_its_return(
+    server: ServerProcess, channel: grpc.Channel
+) -> None:
+    count, total = _episode_metrics(server)
+    states, rewards = episode_inputs(4, seed=3)
+    stream = Stream(channel)
+    stream.start()
+    stream.step(states[0])
+    for state, reward in zip(states[1:], rewards[:-1], strict=True):
+        stream.step(state, reward=reward)
+    stream.end(float(rewards[-1]))
+    assert stream.finish() == grpc.StatusCode.OK
+    new_count, new_total = _episode_metrics(server)
+    assert new_count == count + 1 and new_total == pytest.approx(total + float(np.sum(rewards)), abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("before", "words"), [([], "end before start"), (["start"], "end before the first step")]
+)
+def test_an_end_too_early_is_refused(channel: grpc.Channel, before: list[str], words: str) -> None:
+    messages = (
+        [policy_pb2.ActRequest(start=policy_pb2.Start(model="tiny")).SerializeToString()] if before else []
+    )
+    messages.append(policy_pb2.ActRequest(end=policy_pb2.End(reward=1.0)).SerializeToString())
+    _, err = _raw_act(channel, messages)
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and words in err.details(), err.details()
+
+
+def test_an_episode_with_explicit_rtgs_is_not_counted(server: ServerProcess, channel: grpc.Channel) -> None:
+    count, _ = _episode_metrics(server)
+    stream = Stream(channel)
+    stream.start()
+    stream.step(np.zeros(STATE_DIM))
+    stream.step(np.zeros(STATE_DIM), rtg=100.0)  # the last action's reward is unknown to the server
+    stream.end(1.0)
+    assert stream.finish() == grpc.StatusCode.OK
+    assert _episode_metrics(server)[0] == count

@@ -42,13 +42,21 @@ class Step(_message.Message):
     rtg: float
     def __init__(self, state: _Optional[_Iterable[float]] = ..., reward: _Optional[float] = ..., rtg: _Optional[float] = ...) -> None: ...
 
+class End(_message.Message):
+    __slots__ = ("reward",)
+    REWARD_FIELD_NUMBER: _ClassVar[int]
+    reward: float
+    def __init__(self, reward: _Optional[float] = ...) -> None: ...
+
 class ActRequest(_message.Message):
-    __slots__ = ("start", "step")
+    __slots__ = ("start", "step", "end")
     START_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
     start: Start
     step: Step
-    def __init__(self, start: _Optional[_Union[Start, _Mapping]] = ..., step: _Optional[_Union[Step, _Mapping]] = ...) -> None: ...
+    end: End
+    def __init__(self, start: _Optional[_Union[Start, _Mapping]] = ..., step: _Optional[_Union[Step, _Mapping]] = ..., end: _Optional[_Union[End, _Mapping]] = ...) -> None: ...
 
 class SessionStarted(_message.Message):
     __slots__ = ("model", "version", "mode", "target_return", "state_dim", "act_dim")

@@ -55,7 +55,7 @@ class PolicyServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Act(self, request_iterator, context):
-        """One stream per episode: Start, then Step messages; one ActResponse per request.
+        """One stream per episode: Start, then Step messages (one ActResponse each), then optionally End.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
