@@ -17,6 +17,7 @@ from dmm.server import logs
 from dmm.server.metrics import ServerMetrics
 from dmm.server.options import ServeOptions
 from dmm.server.pool import ModelPool
+from dmm.server.routes import Router
 from dmm.server.security import TokenAuth, load_tokens, server_credentials
 from dmm.server.service import SERVICE_NAME, PolicyService, add_to_server
 from dmm.store import ModelStore
@@ -52,6 +53,7 @@ class PolicyServer:
             device=o.resolved_device,
             max_batch=o.max_batch,
             max_delay_s=o.max_delay_ms / 1e3,
+            router=Router(self.store.root, o.parsed_routes()),
         )
         self.service = PolicyService(
             self.pool,
@@ -167,6 +169,7 @@ async def serve(options: ServeOptions) -> int:
         mode=options.mode,
         tls="mutual" if options.tls_client_ca else "on" if options.tls else "off",
         auth="token" if options.auth_token_file else "none",
+        routes="; ".join(f"{m}={r.describe()}" for m, r in options.parsed_routes().items()) or "none",
         max_sessions=options.max_sessions,
         max_batch=options.max_batch,
         max_delay_ms=options.max_delay_ms,

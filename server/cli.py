@@ -81,6 +81,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=default("grace_s"),
         help="seconds sessions get to finish on SIGTERM (default: %(default)s)",
     )
+    p.add_argument(
+        "--route",
+        action="append",
+        default=[],
+        metavar="NAME=V1:W1,V2:W2",
+        help="send new sessions of NAME that ask for no version to these versions with these weights "
+        "(repeatable; the store's routes.json overrides it and is read again when it changes)",
+    )
     add_scan_backend_option(p)
     security = p.add_argument_group("security")
     security.add_argument("--tls-cert", type=Path, help="PEM certificate (chain) of the server: serve TLS")
@@ -130,5 +138,6 @@ def _serve(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
         auth_token_file=args.auth_token_file,
+        routes=tuple(args.route),
     )
     return asyncio.run(serve(options))

@@ -14,6 +14,7 @@ from dmm.server import logs
 
 if TYPE_CHECKING:
     from dmm.model import InferenceMode
+    from dmm.server.routes import Route
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class ServeOptions:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # mutual TLS: clients need a certificate this CA signed
     auth_token_file: Path | None = None  # bearer tokens, one per line
+    routes: tuple[str, ...] = ()  # NAME=V1:W1,V2:W2: weighted versions for new sessions naming none
 
     @property
     def tls(self) -> bool:
@@ -67,6 +69,19 @@ class ServeOptions:
             raise ConfigError("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and not self.tls:
             raise ConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        self.parsed_routes()
+
+    def parsed_routes(self) -> dict[str, Route]:
+        """``--route`` by model (ConfigError on a malformed one or a model routed twice)."""
+        from dmm.server.routes import parse_route
+
+        routes: dict[str, Route] = {}
+        for text in self.routes:
+            name, route = parse_route(text)
+            if name in routes:
+                raise ConfigError(f"--route: {name!r} is routed twice")
+            routes[name] = route
+        return routes
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
         if self.device.startswith("cuda"):

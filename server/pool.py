@@ -19,6 +19,7 @@ from dmm.model import InferenceMode, LoadedPolicy, PolicyRunner, load_policy
 from dmm.server import logs
 from dmm.server.batcher import Batcher
 from dmm.server.metrics import ServerMetrics
+from dmm.server.routes import Router
 from dmm.store import ModelStore
 
 
@@ -50,8 +51,10 @@ class ModelPool:
         device: str,
         max_batch: int,
         max_delay_s: float,
+        router: Router | None = None,
     ) -> None:
         self.store = store
+        self.router = router
         self.metrics = metrics
         self.device = device
         self.max_batch = max_batch
@@ -61,10 +64,12 @@ class ModelPool:
         self._newest: dict[str, int] = {}  # newest complete version seen per model
 
     async def resolve(self, name: str, version: int | None) -> int:
-        """The version a new session of ``name`` gets (StoreError subclasses if there is none)."""
+        """The version a new session of ``name`` gets: the one it names, else its route's draw, else the
+        latest (StoreError subclasses if there is none)."""
 
         def _resolve() -> tuple[int, int]:
-            return self.store.resolve(name, version), self.store.latest(name)
+            routed = version if version is not None or self.router is None else self.router.pick(name)
+            return self.store.resolve(name, routed), self.store.latest(name)
 
         number, newest = await asyncio.get_running_loop().run_in_executor(None, _resolve)
         if newest > self._newest.get(name, 0):
