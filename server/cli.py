@@ -83,8 +83,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--route",
+        dest="routes",
         action="append",
-        default=[],
+        default=list(default("routes")),
         metavar="NAME=V1:W1,V2:W2",
         help="send new sessions of NAME that ask for no version to these versions with these weights "
         "(repeatable; the store's routes.json overrides it and is read again when it changes)",
@@ -138,6 +139,6 @@ def _serve(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
         auth_token_file=args.auth_token_file,
-        routes=tuple(args.route),
+        routes=tuple(args.routes),
     )
     return asyncio.run(serve(options))

@@ -189,7 +189,10 @@ def test_serve_flags_default_to_the_server_options_and_import_no_torch():
     flag_of = {"idle_timeout_s": "idle_timeout", "grace_s": "grace"}
     for field in fields(ServeOptions):
         if field.name != "store":
-            assert getattr(args, flag_of.get(field.name, field.name)) == field.default, field.name
+            value = getattr(args, flag_of.get(field.name, field.name))
+            if isinstance(field.default, tuple):  # a repeatable flag collects a list
+                value = tuple(value)
+            assert value == field.default, field.name
     probe = "import sys, dmm.cli; dmm.cli.build_parser(); print('torch' in sys.modules)"
     assert (
         subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip()
