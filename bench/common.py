@@ -172,6 +172,16 @@ def now_utc() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def report_header(script: str, argv: Sequence[str], machine_info: dict[str, Any]) -> dict[str, Any]:
+    """What every benchmark's results.json starts with (and :func:`write_report` needs)."""
+    return {
+        "script": script,
+        "machine": machine_info,
+        "date": now_utc(),
+        "command": command_line(f"bench.{script}", argv),
+    }
+
+
 def default_out(script: str) -> Path:
     return RESULTS_ROOT / script
 

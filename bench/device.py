@@ -49,6 +49,7 @@ from bench.common import (
     SHARED_HOPPER,
     command_line,
     cpu_model,
+    default_out,
     markdown_table,
     now_utc,
     usable_cores,
@@ -513,7 +514,7 @@ STEP_FUNCTIONS: dict[str, Callable[[Device, Step], None]] = {
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=MODULE, description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / SCRIPT)
+    p.add_argument("--out", type=Path, default=default_out(SCRIPT))
     p.add_argument("--dry-run", action="store_true", help="every step at tiny sizes on the CPU")
     p.add_argument("--budget", type=float, default=540.0, help="wall seconds for all steps (default 540)")
     p.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS), help="env always runs first")

@@ -27,13 +27,12 @@ import numpy as np
 from bench.common import (
     FRESH_POLICY_ENV,
     VARIANTS,
-    command_line,
     default_out,
     fresh_policy,
     machine,
     markdown_table,
     new_figure,
-    now_utc,
+    report_header,
     write_report,
 )
 
@@ -221,10 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
     ax.set(xlabel="sequential return", ylabel="batched return", title="same seeds, per episode")
     payload = {
-        "script": SCRIPT,
-        "machine": info,
-        "date": now_utc(),
-        "command": command_line(MODULE, argv),
+        **report_header(SCRIPT, argv, info),
         "policy": source,
         "num_parameters": policy.model.num_parameters(),
         "env": env,

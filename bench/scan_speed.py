@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    command_line,
     default_out,
     machine,
     markdown_table,
     median,
     new_figure,
-    now_utc,
+    report_header,
     write_report,
 )
 
@@ -172,10 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ax.tick_params(axis="x", labelsize=7)
     payload = {
-        "script": SCRIPT,
-        "machine": machine("cpu"),
-        "date": now_utc(),
-        "command": command_line(MODULE, argv),
+        **report_header(SCRIPT, argv, machine("cpu")),
         "settings": {
             k: getattr(args, k) for k in ("shapes", "backends", "d_inner", "d_state", "reps", "threads")
         },

@@ -34,14 +34,13 @@ from bench.common import (
     ABLATIONS,
     SHARED_HOPPER,
     VARIANTS,
-    command_line,
     data_label,
     default_out,
     machine,
     markdown_table,
     median,
     new_figure,
-    now_utc,
+    report_header,
     run_worker,
     serve_worker,
     train_config,
@@ -305,10 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ax.set_xticks(x, [m["label"] for m in shown], fontsize=7)
     ax.set(ylabel="normalized score (final checkpoint)", title=f"{dataset.name}, {args.updates} updates")
     payload = {
-        "script": SCRIPT,
-        "machine": machine(args.device),
-        "date": now_utc(),
-        "command": command_line(MODULE, argv),
+        **report_header(SCRIPT, argv, machine(args.device)),
         "data": label,
         "dataset": args.dataset,
         "target_return": spec_env.target_returns[0],

@@ -34,13 +34,12 @@ import numpy as np
 
 from bench.common import (
     FRESH_POLICY_ENV,
-    command_line,
     default_out,
     fresh_policy,
     machine,
     markdown_table,
     new_figure,
-    now_utc,
+    report_header,
     write_report,
 )
 from bench.serve_clients import Load, run_sessions
@@ -342,10 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     payload = {
-        "script": SCRIPT,
-        "machine": info,
-        "date": now_utc(),
-        "command": command_line(MODULE, argv),
+        **report_header(SCRIPT, argv, info),
         "model": args.source,
         "server_cores": server_cores,
         "client_cores": client_cores,

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import command_line, default_out, machine, markdown_table, new_figure, now_utc, write_report
+from bench.common import default_out, machine, markdown_table, new_figure, report_header, write_report
 from bench.serve import prepare_store
 from bench.serve_clients import SESSIONS_PER_CHANNEL, _describe
 
@@ -301,10 +301,7 @@ def _report(args: argparse.Namespace, argv: Sequence[str], result: dict[str, Any
     axes[0][0].plot([t for t, _ in rss], [m for _, m in rss], marker=".")
     axes[0][0].set(xlabel="seconds", ylabel="server RSS (MiB)", title=f"soak: {args.sessions} sessions")
     payload = {
-        "script": SCRIPT,
-        "machine": machine("cpu"),
-        "date": now_utc(),
-        "command": command_line(MODULE, argv),
+        **report_header(SCRIPT, argv, machine("cpu")),
         "model": source,
         "settings": {k: getattr(args, k) for k in SETTINGS},
         "summary": summary,

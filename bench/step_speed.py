@@ -25,14 +25,13 @@ import numpy as np
 
 from bench.common import (
     FRESH_POLICY_ENV,
-    command_line,
     default_out,
     fresh_policy,
     machine,
     markdown_table,
     median,
     new_figure,
-    now_utc,
+    report_header,
     write_report,
 )
 
@@ -171,10 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for r in rows:
         del r["actions"]
     payload = {
-        "script": SCRIPT,
-        "machine": machine("cpu"),
-        "date": now_utc(),
-        "command": command_line(MODULE, argv),
+        **report_header(SCRIPT, argv, machine("cpu")),
         "model": source,
         "settings": {
             k: getattr(args, k) for k in ("batches", "modes", "backends", "steps", "warmup", "threads")

@@ -31,13 +31,12 @@ from typing import Any
 from bench.common import (
     SHARED_HOPPER,
     VARIANTS,
-    command_line,
     default_out,
     machine,
     markdown_table,
     median,
     new_figure,
-    now_utc,
+    report_header,
     run_worker,
     serve_worker,
     synthetic_dataset,
@@ -306,10 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ax.tick_params(axis="x", labelsize=7)
     payload = {
-        "script": SCRIPT,
-        "machine": info,
-        "date": now_utc(),
-        "command": command_line(MODULE, argv),
+        **report_header(SCRIPT, argv, info),
         "settings": {
             k: getattr(args, k)
             for k in ("device", "batch_size", "warmup", "chunk", "chunks", "dataset", "threads", "backends")
