@@ -169,7 +169,7 @@ async def serve(options: ServeOptions) -> int:
         mode=options.mode,
         tls="mutual" if options.tls_client_ca else "on" if options.tls else "off",
         auth="token" if options.auth_token_file else "none",
-        routes="; ".join(f"{m}={r.describe()}" for m, r in options.parsed_routes().items()) or "none",
+        routes=server.pool.router.describe(),
         max_sessions=options.max_sessions,
         max_batch=options.max_batch,
         max_delay_ms=options.max_delay_ms,

@@ -32,6 +32,11 @@ class Route:
         return ",".join(f"{v}:{w:g}" for v, w in zip(self.versions, self.weights, strict=True))
 
 
+def describe_routes(routes: dict[str, Route]) -> str:
+    """``hopper=3:90,4:10; other=1:1`` (or ``none``), for the log."""
+    return "; ".join(f"{model}={route.describe()}" for model, route in routes.items()) or "none"
+
+
 def _route(model: str, shares: dict[str, object]) -> Route:
     """A route from {version: weight}; ConfigError naming what is wrong."""
     if not shares:
@@ -76,6 +81,10 @@ class Router:
         self._rng = rng or random.Random()
         self._lock = threading.Lock()  # picks run in executor threads
 
+    def describe(self) -> str:
+        """The ``--route`` routes (the file's are logged when it is read)."""
+        return describe_routes(self._cli)
+
     def pick(self, model: str) -> int | None:
         """A version for a new session of ``model`` that names none; None: no route (the latest)."""
         with self._lock:
@@ -104,5 +113,4 @@ class Router:
             logs.event(logging.WARNING, "routes file refused", path=self.path, error=str(err))
             return
         self._file = routes
-        described = "; ".join(f"{m}={r.describe()}" for m, r in routes.items()) or "none"
-        logs.event(logging.INFO, "routes loaded", path=self.path, routes=described)
+        logs.event(logging.INFO, "routes loaded", path=self.path, routes=describe_routes(routes))
