@@ -48,6 +48,23 @@ def d4rl_hdf5(tmp_path: Path, d4rl_arrays: dict[str, np.ndarray]) -> Path:
     return write_hdf5(tmp_path / "tiny.hdf5", d4rl_arrays)
 
 
+def policy_of(model):
+    """``model`` with the tests' fixed normalization (state mean 0.1, std 2, RTG scale 10), ready for a
+    ``PolicyRunner``; references that recompute a forward by hand use the same constants."""
+    from dmm.model import Policy, PolicyMeta
+
+    S = model.config.state_dim
+    meta = PolicyMeta(
+        env="test",
+        env_id="Test-v0",
+        state_mean=[0.1] * S,
+        state_std=[2.0] * S,
+        rtg_scale=10.0,
+        target_return=1.0,
+    )
+    return Policy(model, meta)
+
+
 def random_sac_policy(path: Path, obs_dim: int, act_dim: int, hidden: int = 32, seed: int = 0) -> Path:
     """A D4RL-layout SAC policy npz with random weights."""
     rng = np.random.default_rng(seed)

@@ -76,6 +76,16 @@ class Stream:
         self._requests.put(self._END)
 
 
+def play_episode(channel: grpc.Channel, states: np.ndarray, **start: object) -> np.ndarray:
+    """A whole episode on a new Act stream: start, one step per state (reward 1 after the first),
+    half-close with OK; returns the actions [steps, act_dim]."""
+    stream = Stream(channel)
+    stream.start(**start)
+    actions = [list(stream.step(s, **({"reward": 1.0} if t else {})).action) for t, s in enumerate(states)]
+    assert stream.finish() == grpc.StatusCode.OK
+    return np.asarray(actions)
+
+
 def expect_status(stream: Stream, request: policy_pb2.ActRequest) -> grpc.RpcError:
     """Send ``request`` and return the error that ends the stream (AssertionError if none does)."""
     try:

@@ -13,9 +13,10 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from serving_fixtures import STATE_DIM, Stream, publish_tiny
+from conftest import policy_of
+from serving_fixtures import STATE_DIM, play_episode, publish_tiny
 
-from dmm.model import DMMConfig, DMMPolicy, Policy, PolicyMeta, PolicyRunner
+from dmm.model import DMMConfig, DMMPolicy, PolicyRunner
 from dmm.server.testing import ServerProcess
 
 pytestmark = [
@@ -23,19 +24,6 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 TOLERANCE = 1e-4
-
-
-def _loaded(model: DMMPolicy, device: str) -> Policy:
-    S = model.config.state_dim
-    meta = PolicyMeta(
-        env="test",
-        env_id="Test-v0",
-        state_mean=[0.1] * S,
-        state_std=[2.0] * S,
-        rtg_scale=10.0,
-        target_return=1.0,
-    )
-    return Policy(model.to(device), meta)
 
 
 def _episodes(runner: PolicyRunner, states: np.ndarray, rtgs: np.ndarray) -> np.ndarray:
@@ -65,8 +53,8 @@ def test_gpu_runner_acts_as_the_cpu_runner(mode, overrides):
     n, T = 3, 3 * config.context
     states = rng.normal(size=(n, T, 5)).astype(np.float32)
     rtgs = rng.normal(size=(n, T)).astype(np.float32) * 10
-    on_cpu = _episodes(PolicyRunner(_loaded(cpu_model, "cpu"), mode, capacity=n), states, rtgs)
-    on_gpu = _episodes(PolicyRunner(_loaded(gpu_model, "cuda"), mode, capacity=n), states, rtgs)
+    on_cpu = _episodes(PolicyRunner(policy_of(cpu_model), mode, capacity=n), states, rtgs)
+    on_gpu = _episodes(PolicyRunner(policy_of(gpu_model.to("cuda")), mode, capacity=n), states, rtgs)
     np.testing.assert_allclose(on_gpu, on_cpu, atol=TOLERANCE, rtol=0)
 
 
@@ -74,13 +62,7 @@ def _serve_episode(server: ServerProcess, mode: str, states: np.ndarray) -> np.n
     from dmm.v1.modes import MODE_ENUM
 
     with grpc.insecure_channel(server.target) as channel:
-        stream = Stream(channel)
-        stream.start(mode=MODE_ENUM[mode])
-        actions = [
-            list(stream.step(s, **({} if t == 0 else {"reward": 1.0})).action) for t, s in enumerate(states)
-        ]
-        assert stream.finish() == grpc.StatusCode.OK
-    return np.asarray(actions)
+        return play_episode(channel, states, mode=MODE_ENUM[mode])
 
 
 @pytest.mark.parametrize("mode", ["window", "recurrent"])

@@ -7,10 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import policy_of
 from scan_reference import naive_scan
 
 from dmm.errors import ConfigError
-from dmm.model import DMMConfig, DMMPolicy, Policy, PolicyMeta, PolicyRunner, scan
+from dmm.model import DMMConfig, DMMPolicy, Policy, PolicyRunner, scan
 from dmm.model.local_mixer import DenseSequenceMixer
 from dmm.model.mamba import ModifiedMamba
 from dmm.model.scan import resolve_backend, selective_scan_torch
@@ -153,16 +154,7 @@ def test_left_padding_with_mask_equals_unpadded_prefix(overrides):
 
 
 def _loaded(model: DMMPolicy) -> Policy:
-    S = model.config.state_dim
-    meta = PolicyMeta(
-        env="test",
-        env_id="Test-v0",
-        state_mean=[0.1] * S,
-        state_std=[2.0] * S,
-        rtg_scale=10.0,
-        target_return=1.0,
-    )
-    return Policy(model.float(), meta)
+    return policy_of(model.float())
 
 
 def _run(runner: PolicyRunner, slot: int, states: np.ndarray, rtgs: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pki import make_pki
-from serving_fixtures import STATE_DIM, Stream, publish_tiny
+from serving_fixtures import STATE_DIM, play_episode, publish_tiny
 
 from dmm.client import PolicyClient, PolicyServiceError
 from dmm.client.channel import open_channel
@@ -39,12 +39,7 @@ def _tls_args(pki: Path) -> list[str]:
 
 
 def _episode(channel: grpc.Channel, steps: int = 5) -> np.ndarray:
-    stream = Stream(channel)
-    stream.start()
-    states = np.random.default_rng(0).normal(size=(steps, STATE_DIM))
-    actions = [list(stream.step(s, **({"reward": 1.0} if t else {})).action) for t, s in enumerate(states)]
-    assert stream.finish() == grpc.StatusCode.OK
-    return np.asarray(actions)
+    return play_episode(channel, np.random.default_rng(0).normal(size=(steps, STATE_DIM)))
 
 
 def test_tls_serves_clients_that_trust_its_ca_and_no_plaintext(pki: Path, store: Path) -> None:
