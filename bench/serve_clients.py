@@ -64,7 +64,7 @@ def _self_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _describe(err: BaseException) -> str:
+def describe_error(err: BaseException) -> str:
     """One line: a gRPC status code and its details, or the exception's type and message."""
     import grpc
 
@@ -179,7 +179,7 @@ async def _drive(
         "latencies": np.concatenate([lat for lat, _ in ok]) if ok else np.empty(0),
         "ended": max((ended for _, ended in ok), default=None),
         "cpu_s": cpu,
-        "errors": [_describe(d) for d in done if isinstance(d, BaseException)],
+        "errors": [describe_error(d) for d in done if isinstance(d, BaseException)],
     }
 
 
@@ -191,7 +191,7 @@ def _client_process(load: Load, seeds: list[int], ready: Any, go: Any, deadline:
     except BaseException as err:
         if not signalled:
             ready.put(None)  # never hold the others back
-        results.put({"latencies": np.empty(0), "ended": None, "cpu_s": 0.0, "errors": [_describe(err)]})
+        results.put({"latencies": np.empty(0), "ended": None, "cpu_s": 0.0, "errors": [describe_error(err)]})
 
 
 def _report(results: Any, timeout_s: float) -> dict[str, Any]:

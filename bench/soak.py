@@ -36,7 +36,7 @@ import numpy as np
 
 from bench.common import default_out, machine, markdown_table, new_figure, report_header, write_report
 from bench.serve import prepare_store
-from bench.serve_clients import SESSIONS_PER_CHANNEL, _describe
+from bench.serve_clients import SESSIONS_PER_CHANNEL, describe_error
 
 SCRIPT = "soak"
 MODULE = f"bench.{SCRIPT}"
@@ -122,9 +122,9 @@ async def _episode(stub: Any, plan: Plan, rng: random.Random, tally: Counter, la
         raise
     except grpc.aio.AioRpcError as err:
         expected = kind == "vanished" and err.code() == grpc.StatusCode.ABORTED
-        tally["vanished" if expected else f"unexpected {phase}: {_describe(err)}"] += 1
+        tally["vanished" if expected else f"unexpected {phase}: {describe_error(err)}"] += 1
     except Exception as err:
-        tally[f"unexpected {phase}: {_describe(err)}"] += 1
+        tally[f"unexpected {phase}: {describe_error(err)}"] += 1
 
 
 async def _loop(
@@ -168,7 +168,7 @@ def _client_process(plan: Plan, seeds: list[int], results: Any) -> None:
     try:
         results.put(asyncio.run(_client(plan, seeds)))
     except BaseException as err:
-        failure = {f"unexpected client failure {_describe(err)}": 1}
+        failure = {f"unexpected client failure {describe_error(err)}": 1}
         results.put({"tally": failure, "latencies": np.empty(0), "starts": np.empty(0)})
 
 
