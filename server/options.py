@@ -69,6 +69,13 @@ class ServeOptions:
             raise ConfigError("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and not self.tls:
             raise ConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
+        if self.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError(f"--device {self.device}: CUDA is not available on this machine")
         self.parsed_routes()
 
     def parsed_routes(self) -> dict[str, Route]:
@@ -82,13 +89,6 @@ class ServeOptions:
                 raise ConfigError(f"--route: {name!r} is routed twice")
             routes[name] = route
         return routes
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ConfigError(f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
-        if self.device.startswith("cuda"):
-            import torch
-
-            if not torch.cuda.is_available():
-                raise ConfigError(f"--device {self.device}: CUDA is not available on this machine")
 
     @property
     def resolved_device(self) -> str:

@@ -141,6 +141,7 @@ def test_collect_train_eval_end_to_end(trained):
             r"\(Walker2d-v4\) has 17 and 6",
         ),
         (["eval", "--store", "store", "--name", "hopper-tiny", "--env", "pong-v0"], "eval", "pong-v0"),
+        (["serve", "--store", "store", "--device", "tpu"], "serve", "use auto, cpu, cuda or cuda:N"),
         (
             ["eval", "--store", "store", "--name", "hopper-tiny", "--scan-backend", "cuda"],
             "eval",
@@ -197,4 +198,16 @@ def test_serve_flags_default_to_the_server_options_and_import_no_torch():
     assert (
         subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip()
         == "False"
+    )
+
+
+def test_serve_on_cuda_without_a_gpu_is_refused(workdir, trained):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    assert_one_line_error(
+        dmm("serve", "--store", "store", "--device", "cuda", cwd=workdir),
+        "serve",
+        "CUDA is not available on this machine",
     )
