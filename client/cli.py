@@ -13,8 +13,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "rollout",
         help="evaluate a served policy by rolling out gymnasium episodes against a dmm server",
-        description="Run episodes of a gymnasium env, one Act stream per episode, and print the mean/std "
-        "return and D4RL normalized score.",
+        description="Run episodes of a gymnasium env as a vector env on one ActVector stream (or one Act "
+        "stream per episode with --per-episode-streams), and print the mean/std return and D4RL normalized "
+        "score.",
     )
     p.add_argument("--target", default="localhost:50051", help="server address (default: localhost:50051)")
     p.add_argument("--env", default="hopper-medium-v2", help="dataset / env name (default: hopper-medium-v2)")
@@ -26,6 +27,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--target-return", type=float, default=None, help="default: the model's own")
     p.add_argument("--mode", choices=("window", "recurrent"), default=None, help="default: the server's")
     p.add_argument("--max-episode-steps", type=int, default=None, help="default: the env's limit")
+    p.add_argument(
+        "--per-episode-streams",
+        action="store_true",
+        help="one Act stream per episode, --num-envs in threads, as a robot would (default: one ActVector "
+        "stream for a gymnasium vector env of --num-envs envs)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     security = p.add_argument_group("security")
     security.add_argument("--tls-ca", help="PEM CA certificate of the server's certificate: connect with TLS")
@@ -55,6 +62,7 @@ def _rollout(args: argparse.Namespace) -> int:
             mode=args.mode,
             progress=not args.no_progress,
             max_episode_steps=args.max_episode_steps,
+            vectorized=not args.per_episode_streams,
         )
     print(result)
     return 0

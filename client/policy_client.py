@@ -10,9 +10,10 @@ import math
 import os
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import grpc
@@ -108,19 +109,20 @@ class _Episode:
 
 
 class _Stream:
-    """One Act stream driven step by step from the calling thread."""
+    """One Act or ActVector stream (``rpc``, a stub method) driven step by step from the calling
+    thread."""
 
     _END = object()
 
-    def __init__(self, stub: policy_pb2_grpc.PolicyServiceStub, timeout: float | None) -> None:
+    def __init__(self, rpc: Callable[..., Any], timeout: float | None) -> None:
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
-        self._call = stub.Act(self._iter(), timeout=timeout)
+        self._call = rpc(self._iter(), timeout=timeout)
 
-    def _iter(self) -> Iterator[policy_pb2.ActRequest]:
+    def _iter(self) -> Iterator[Any]:
         while (item := self._requests.get()) is not self._END:
             yield item
 
-    def send(self, request: policy_pb2.ActRequest) -> policy_pb2.ActResponse:
+    def send(self, request: Any) -> Any:
         self._requests.put(request)
         try:
             return next(self._call)
@@ -129,11 +131,11 @@ class _Stream:
         except StopIteration:
             raise PolicyServiceError(grpc.StatusCode.UNKNOWN, "the server ended the stream early") from None
 
-    def finish(self, last_reward: float | None = None) -> None:
-        """Half-close the stream and wait for the server's OK (the session ends as completed); with
-        ``last_reward`` the stream first says the episode is over (End), so the server counts it."""
-        if last_reward is not None:
-            self._requests.put(policy_pb2.ActRequest(end=policy_pb2.End(reward=last_reward)))
+    def finish(self, end: Any = None) -> None:
+        """Half-close the stream and wait for the server's OK (the session ends as completed); an
+        ``end`` message (End, VectorEnd) first says which episodes are over, so the server counts them."""
+        if end is not None:
+            self._requests.put(end)
         self._requests.put(self._END)
         try:
             for _ in self._call:
@@ -224,12 +226,16 @@ class PolicyClient:
         mode: Literal["window", "recurrent"] | None = None,
         progress: bool = True,
         max_episode_steps: int | None = None,
+        vectorized: bool = True,
     ) -> RolloutResult:
-        """Run ``episodes`` episodes of ``env``, ``num_envs`` at a time, one Act stream per episode.
+        """Run ``episodes`` episodes of ``env``, ``num_envs`` at a time.
 
-        Episode ``i`` resets its env with seed ``seed + i``. ``model`` defaults to the env name;
-        ``target_return`` and ``mode`` default to the model's and the server's. ``max_episode_steps``
-        cuts episodes short (default: the env's own limit).
+        ``vectorized`` (the default) steps a gymnasium vector env of ``num_envs`` envs over one
+        ActVector stream: one message per step of all of them. Otherwise each episode is its own Act
+        stream, ``num_envs`` of them in threads (what a robot does). Episode ``i`` resets its env with
+        seed ``seed + i`` either way. ``model`` defaults to the env name; ``target_return`` and
+        ``mode`` default to the model's and the server's. ``max_episode_steps`` cuts episodes short
+        (default: the env's own limit).
         """
         if episodes < 1:
             raise DMMError(f"episodes must be >= 1, got {episodes}")
@@ -247,35 +253,22 @@ class PolicyClient:
             start.version = version
         if target_return is not None:
             start.target_return = target_return
+        make = partial(
+            make_env, env, **({"max_episode_steps": max_episode_steps} if max_episode_steps else {})
+        )
 
         from tqdm.auto import tqdm
 
         bar = tqdm(total=episodes, desc=f"rollout {start.model}", unit="ep", disable=not progress)
-        results: list[_Episode | None] = [None] * episodes
-        next_episode = iter(range(episodes))
-        lock = threading.Lock()
-
-        def worker() -> None:
-            gym_env = make_env(env, **({"max_episode_steps": max_episode_steps} if max_episode_steps else {}))
-            try:
-                while True:
-                    with lock:
-                        index = next(next_episode, None)
-                    if index is None:
-                        return
-                    results[index] = self._episode(gym_env, start, seed + index)
-                    with lock:
-                        bar.update(1)
-            finally:
-                gym_env.close()
-
         try:
-            with ThreadPoolExecutor(min(num_envs, episodes), thread_name_prefix="dmm-rollout") as pool:
-                for future in [pool.submit(worker) for _ in range(min(num_envs, episodes))]:
-                    future.result()
+            if vectorized:
+                done = _VectorRollout(self._stub, make, start, episodes, seed, bar).run(
+                    min(num_envs, episodes)
+                )
+            else:
+                done = self._threaded_rollout(make, start, episodes, num_envs, seed, bar)
         finally:
             bar.close()
-        done = [r for r in results if r is not None]
         returns = [r.ret for r in done]
         return RolloutResult(
             env=env,
@@ -288,8 +281,41 @@ class PolicyClient:
             target_return=done[0].target_return,
         )
 
+    def _threaded_rollout(
+        self,
+        make: Callable[[], Any],
+        start: policy_pb2.Start,
+        episodes: int,
+        num_envs: int,
+        seed: int,
+        bar: Any,
+    ) -> list[_Episode]:
+        """One Act stream per episode, ``num_envs`` threads each with its own env."""
+        results: list[_Episode | None] = [None] * episodes
+        next_episode = iter(range(episodes))
+        lock = threading.Lock()
+
+        def worker() -> None:
+            gym_env = make()
+            try:
+                while True:
+                    with lock:
+                        index = next(next_episode, None)
+                    if index is None:
+                        return
+                    results[index] = self._episode(gym_env, start, seed + index)
+                    with lock:
+                        bar.update(1)
+            finally:
+                gym_env.close()
+
+        with ThreadPoolExecutor(min(num_envs, episodes), thread_name_prefix="dmm-rollout") as pool:
+            for future in [pool.submit(worker) for _ in range(min(num_envs, episodes))]:
+                future.result()
+        return [r for r in results if r is not None]
+
     def _episode(self, gym_env: Any, start: policy_pb2.Start, seed: int) -> _Episode:
-        stream = _Stream(self._stub, timeout=None)
+        stream = _Stream(self._stub.Act, timeout=None)
         try:
             started = stream.send(policy_pb2.ActRequest(start=start)).started
             obs, _info = gym_env.reset(seed=seed)
@@ -308,5 +334,110 @@ class PolicyClient:
         except BaseException:
             stream.cancel()
             raise
-        stream.finish(last_reward=float(reward))
+        stream.finish(policy_pb2.ActRequest(end=policy_pb2.End(reward=float(reward))))
         return _Episode(total, length, started.version, MODE_NAME[started.mode], started.target_return)
+
+
+class _VectorRollout:
+    """``episodes`` episodes over one ActVector stream and one gymnasium vector env whose rows take
+    the next episode as theirs end (the env resets only those rows, with the episode's seed)."""
+
+    def __init__(
+        self,
+        stub: policy_pb2_grpc.PolicyServiceStub,
+        make: Callable[[], Any],
+        start: policy_pb2.Start,
+        episodes: int,
+        seed: int,
+        bar: Any,
+    ) -> None:
+        self.stub, self.make, self.start = stub, make, start
+        self.episodes, self.seed, self.bar = episodes, seed, bar
+        self.results: list[_Episode | None] = [None] * episodes
+
+    def run(self, n: int) -> list[_Episode]:
+        from gymnasium.vector import AutoresetMode, SyncVectorEnv
+
+        venv = SyncVectorEnv([self.make] * n, autoreset_mode=AutoresetMode.DISABLED)
+        stream = _Stream(self.stub.ActVector, timeout=None)
+        try:
+            request = policy_pb2.VectorRequest(start=policy_pb2.VectorStart(start=self.start, episodes=n))
+            started = stream.send(request).started.session
+            end = self._play(venv, stream, started)
+        except BaseException:
+            stream.cancel()
+            raise
+        finally:
+            venv.close()
+        stream.finish(end)
+        return [r for r in self.results if r is not None]
+
+    def _play(
+        self, venv: Any, stream: _Stream, started: policy_pb2.SessionStarted
+    ) -> policy_pb2.VectorRequest:
+        """Step until every episode has ended; returns the VectorEnd of the rows whose last episode
+        ended (it records them on the server)."""
+        n, act_dim = venv.num_envs, started.act_dim
+        episode_of: list[int | None] = list(range(n))  # each row's episode; None once it has none
+        next_episode = n
+        returns, lengths = np.zeros(n), np.zeros(n, dtype=np.int64)
+        last_rewards: dict[
+            int, float
+        ] = {}  # rows whose last episode is over: its final reward, for VectorEnd
+        obs, _ = venv.reset(seed=[self.seed + i for i in range(n)])
+        step = policy_pb2.VectorStep(states=np.asarray(obs, dtype=np.float64).ravel().tolist())
+        while True:
+            reply = stream.send(policy_pb2.VectorRequest(step=step)).actions
+            actions = np.zeros((n, act_dim), dtype=np.float32)
+            actions[list(reply.rows)] = np.asarray(reply.actions, dtype=np.float32).reshape(-1, act_dim)
+            obs, reward, terminated, truncated, _ = venv.step(actions)
+            active = np.array([e is not None for e in episode_of])
+            returns[active] += reward[active]
+            lengths[active] += 1
+            done = np.flatnonzero(terminated | truncated)
+            restart = []
+            for row in done.tolist():
+                if episode_of[row] is not None:
+                    self._record(row, episode_of[row], started, returns, lengths)
+                    if next_episode < self.episodes:
+                        episode_of[row], next_episode = next_episode, next_episode + 1
+                        restart.append(row)
+                    else:
+                        episode_of[row] = None
+                        last_rewards[row] = float(reward[row])
+            if all(e is None for e in episode_of):
+                end = policy_pb2.VectorEnd(rows=list(last_rewards), rewards=list(last_rewards.values()))
+                return policy_pb2.VectorRequest(end=end)
+            if done.size:  # rows with a new episode, and idle rows that a vector env must keep going
+                seeds = [
+                    self.seed + e if r in restart and e is not None else None
+                    for r, e in enumerate(episode_of)
+                ]
+                mask = np.zeros(n, dtype=bool)
+                mask[done] = True
+                obs, _ = venv.reset(seed=seeds, options={"reset_mask": mask})
+            rows = [r for r, e in enumerate(episode_of) if e is not None]
+            step = policy_pb2.VectorStep(
+                rows=rows,
+                states=np.asarray(obs, dtype=np.float64)[rows].ravel().tolist(),
+                rewards=reward[rows].tolist(),
+                restart=restart,
+            )
+
+    def _record(
+        self,
+        row: int,
+        episode: int,
+        started: policy_pb2.SessionStarted,
+        returns: np.ndarray,
+        lengths: np.ndarray,
+    ) -> None:
+        self.results[episode] = _Episode(
+            float(returns[row]),
+            int(lengths[row]),
+            started.version,
+            MODE_NAME[started.mode],
+            started.target_return,
+        )
+        returns[row], lengths[row] = 0.0, 0
+        self.bar.update(1)

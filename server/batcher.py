@@ -1,11 +1,14 @@
 """Dynamic batching of the steps of many sessions into one forward of a :class:`PolicyRunner`.
 
 Everything here runs on the server's asyncio event loop: stream handlers call :meth:`Batcher.step`
-and await a future; one batcher task per runner collects the pending steps and runs them as one
-``PolicyRunner.step`` call. A batch closes when it holds ``max_batch`` steps, when every session
+(one slot) or :meth:`Batcher.step_rows` (the episodes of a vector stream, several slots) and await
+a future; one batcher task per runner collects the pending steps and runs them as one
+``PolicyRunner.step`` call. A batch closes when it holds ``max_batch`` steps, when every open slot
 on this runner has a step pending (waiting longer cannot make it bigger), or ``max_delay`` after
 its first step arrived, whichever comes first. A lone session therefore never waits, and the
-handler whose step completes a batch runs the forward itself, skipping a hand-off to the task.
+handler whose step completes a batch runs the forward itself, skipping a hand-off to the task. A
+vector stream's steps are never split: a batch holds at least one request, even one of more than
+``max_batch`` rows.
 
 The forward runs inline on the loop, so no thread hand-off sits on the latency path; while it runs,
 gRPC keeps receiving the next messages, which then form the next batch (the SEED RL pattern).
@@ -25,9 +28,11 @@ from dmm.model import PolicyRunner
 
 @dataclass
 class _Pending:
-    slot: int
-    state: np.ndarray
-    rtg: float
+    """One request's steps: ``slots`` [n], ``states`` [n, state_dim], ``rtgs`` [n]."""
+
+    slots: list[int]
+    states: np.ndarray
+    rtgs: np.ndarray
     future: asyncio.Future
     arrived: float = field(default_factory=time.perf_counter)
 
@@ -50,6 +55,7 @@ class Batcher:
         self._queue_wait = queue_wait
         self._batch_size = batch_size
         self._pending: list[_Pending] = []
+        self._pending_rows = 0
         self._wakeup = asyncio.Event()
         self._free: list[int] = []
         self._next_slot = 0
@@ -58,35 +64,46 @@ class Batcher:
 
     @property
     def sessions(self) -> int:
+        """Open slots (a vector stream holds one per episode)."""
         return self._sessions
 
-    def open_slot(self) -> int:
-        """A fresh episode slot for a new session."""
-        if self._free:
-            slot = min(self._free)
-            self._free.remove(slot)
-        else:
-            slot = self._next_slot
-            self._next_slot += 1
-        self.runner.reset([slot])
-        self._sessions += 1
-        return slot
+    def open_slots(self, n: int = 1) -> list[int]:
+        """``n`` fresh episode slots for a new session (the lowest free ones first)."""
+        self._free.sort()
+        slots = self._free[:n]
+        del self._free[:n]
+        slots += range(self._next_slot, self._next_slot + n - len(slots))
+        self._next_slot = max(self._next_slot, slots[-1] + 1)
+        self.runner.reset(slots)
+        self._sessions += n
+        return slots
 
-    def close_slot(self, slot: int) -> None:
-        """Forget the episode in ``slot`` and drop its pending step, if any (its waiter is gone)."""
-        kept = [p for p in self._pending if p.slot != slot]
+    def restart(self, slots: list[int]) -> None:
+        """Start a new episode in each of ``slots`` (a vector stream's rows whose episode ended)."""
+        self.runner.reset(slots)
+
+    def close_slots(self, slots: list[int]) -> None:
+        """Forget the episodes in ``slots`` and drop their pending steps (their waiters are gone)."""
+        closing = set(slots)
         for p in self._pending:
-            if p.slot == slot and not p.future.done():
+            if closing.intersection(p.slots) and not p.future.done():
                 p.future.cancel()
-        self._pending = kept
-        self.runner.release([slot])
-        self._free.append(slot)
-        self._sessions -= 1
+        self._pending = [p for p in self._pending if not closing.intersection(p.slots)]
+        self._pending_rows = sum(len(p.slots) for p in self._pending)
+        self.runner.release(slots)
+        self._free.extend(slots)
+        self._sessions -= len(slots)
 
     async def step(self, slot: int, state: np.ndarray, rtg: float) -> np.ndarray:
         """Queue one step of the session in ``slot``; returns its action once its batch has run."""
+        actions = await self.step_rows([slot], state[None], np.array([rtg], dtype=np.float64))
+        return actions[0]
+
+    async def step_rows(self, slots: list[int], states: np.ndarray, rtgs: np.ndarray) -> np.ndarray:
+        """Queue one step of each of ``slots`` (never split over batches); their actions [n, act_dim]."""
         future = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(slot, state, rtg, future))
+        self._pending.append(_Pending(slots, states, rtgs, future))
+        self._pending_rows += len(slots)
         if self._batch_ready():
             # Nothing to wait for (a lone session, or the last of a batch): run it in this task
             # and skip a hand-off to the batcher task.
@@ -101,9 +118,10 @@ class Batcher:
         for p in self._pending:
             p.future.cancel()
         self._pending.clear()
+        self._pending_rows = 0
 
     def _batch_ready(self) -> bool:
-        n = len(self._pending)
+        n = self._pending_rows
         return n >= self.max_batch or n >= self._sessions
 
     async def _run(self) -> None:
@@ -128,8 +146,16 @@ class Batcher:
             self._forward(self._take())
 
     def _take(self) -> list[_Pending]:
-        batch = self._pending[: self.max_batch]
-        del self._pending[: self.max_batch]
+        """The oldest requests that fit in ``max_batch`` rows (at least one)."""
+        rows, n = 0, 0
+        for p in self._pending:
+            if n and rows + len(p.slots) > self.max_batch:
+                break
+            rows += len(p.slots)
+            n += 1
+        batch = self._pending[:n]
+        del self._pending[:n]
+        self._pending_rows -= rows
         if self._pending:
             self._wakeup.set()
         return batch
@@ -138,18 +164,21 @@ class Batcher:
         start = time.perf_counter()
         for p in batch:
             self._queue_wait.observe(start - p.arrived)
-        self._batch_size.observe(len(batch))
+        slots = [slot for p in batch for slot in p.slots]
+        self._batch_size.observe(len(slots))
         try:
-            actions = self.runner.step(
-                [p.slot for p in batch],
-                np.stack([p.state for p in batch]),
-                np.array([p.rtg for p in batch], dtype=np.float64),
-            )
+            if len(batch) == 1:
+                actions = self.runner.step(slots, batch[0].states, batch[0].rtgs)
+            else:
+                states = np.concatenate([p.states for p in batch])
+                actions = self.runner.step(slots, states, np.concatenate([p.rtgs for p in batch]))
         except Exception as err:  # a failed forward fails its steps, never the batcher
             for p in batch:
                 if not p.future.done():
                     p.future.set_exception(err)
             return
-        for p, action in zip(batch, actions, strict=True):
+        start = 0
+        for p in batch:
             if not p.future.done():
-                p.future.set_result(action)
+                p.future.set_result(actions[start : start + len(p.slots)])
+            start += len(p.slots)

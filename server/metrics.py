@@ -26,6 +26,14 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.act_vector_latency = Histogram(
+            "dmm_act_vector_latency_seconds",
+            "Time from an ActVector step message's arrival to its reply (all its episodes' actions) being "
+            "written.",
+            ("model", "mode"),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.queue_wait = Histogram(
             "dmm_queue_wait_seconds",
             "Time a step waits in the batcher before its forward starts.",

@@ -32,14 +32,20 @@ class _Served:
 
 @dataclass
 class Lease:
-    """One session's slot in one runner; hand it back with :meth:`ModelPool.release`."""
+    """One session's slots in one runner (one, or one per episode of a vector stream); hand them back
+    with :meth:`ModelPool.release`."""
 
     policy: LoadedPolicy
     mode: InferenceMode
     batcher: Batcher
-    slot: int
-    latency: Histogram  # dmm_act_latency_seconds bound to (model, mode)
+    slots: list[int]
+    latency: Histogram  # dmm_act_latency_seconds or dmm_act_vector_latency_seconds, of (model, mode)
     released: bool = False
+
+    @property
+    def slot(self) -> int:
+        """The slot of a single-episode session."""
+        return self.slots[0]
 
 
 class ModelPool:
@@ -108,8 +114,11 @@ class ModelPool:
             served.sessions += 1
         return served
 
-    async def acquire(self, name: str, version: int, mode: InferenceMode) -> Lease:
-        """Load ``name`` ``version`` if needed and open a fresh episode slot in its ``mode`` runner.
+    async def acquire(
+        self, name: str, version: int, mode: InferenceMode, episodes: int | None = None
+    ) -> Lease:
+        """Load ``name`` ``version`` if needed and open fresh episode slots in its ``mode`` runner: one
+        for an Act session (``episodes`` None), ``episodes`` for a vector stream.
 
         Raises the store's errors (unknown, corrupt) and ValueError if the model cannot run ``mode``.
         """
@@ -130,15 +139,16 @@ class ModelPool:
                 batch_size=self.metrics.batch_size.labels(name),
             )
             served.batchers[mode] = batcher
-        slot = batcher.open_slot()
-        return Lease(served.policy, mode, batcher, slot, self.metrics.act_latency.labels(name, mode))
+        slots = batcher.open_slots(episodes or 1)
+        latency = self.metrics.act_latency if episodes is None else self.metrics.act_vector_latency
+        return Lease(served.policy, mode, batcher, slots, latency.labels(name, mode))
 
     def release(self, lease: Lease) -> None:
         """Free the lease's slot at once; unload its version if unused and no longer the newest."""
         if lease.released:
             return
         lease.released = True
-        lease.batcher.close_slot(lease.slot)
+        lease.batcher.close_slots(lease.slots)
         key = (lease.policy.name, lease.policy.version)
         served = self._loaded.get(key)
         if served is not None:

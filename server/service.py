@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import NoReturn, cast
+from typing import Any, NoReturn, cast
 
 import grpc
 import numpy as np
@@ -19,28 +18,21 @@ from google.protobuf.message import DecodeError
 from dmm.envs import normalized_score
 from dmm.errors import DMMError
 from dmm.model import InferenceMode
-from dmm.server import logs
+from dmm.server import logs, vector
+from dmm.server.checks import Abort as _Abort
+from dmm.server.checks import check_float32, check_states
 from dmm.server.metrics import ServerMetrics
 from dmm.server.pool import Lease, ModelPool
-from dmm.server.sessions import Session, SessionTable
+from dmm.server.sessions import Session, SessionTable, VectorSession
 from dmm.store import CorruptVersionError, ModelNotFoundError, StoreError, VersionNotFoundError
 from dmm.v1 import policy_pb2, policy_pb2_grpc
 from dmm.v1.modes import MODE_ENUM, MODE_NAME
 
 # How long a handler waits after EOF for grpc to report a client cancellation (end-of-session only).
 _CANCEL_WINDOW_S = 0.005
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
 SERVICE_NAME = policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name
-
-
-class _Abort(Exception):
-    """Raised inside a handler to end its RPC with ``code`` and ``details``."""
-
-    def __init__(self, code: grpc.StatusCode, details: str, reason: str = "error") -> None:
-        super().__init__(details)
-        self.code = code
-        self.details = details
-        self.reason = reason
+# One message of a stream, the session so far -> the session and the reply (None: the stream ends).
+Handler = Callable[[Any, "Session | None"], Awaitable[tuple[Session, Any]]]
 
 
 def _store_status(err: Exception, root: Path) -> tuple[grpc.StatusCode, str]:
@@ -101,6 +93,9 @@ def add_to_server(service: PolicyService, server: grpc.aio.Server, max_message_b
         "Act": grpc.stream_stream_rpc_method_handler(
             service.Act, parse(pb.ActRequest), pb.ActResponse.SerializeToString
         ),
+        "ActVector": grpc.stream_stream_rpc_method_handler(
+            service.ActVector, parse(pb.VectorRequest), pb.VectorResponse.SerializeToString
+        ),
         "ListModels": grpc.unary_unary_rpc_method_handler(
             service.ListModels, parse(pb.ListModelsRequest), pb.ListModelsResponse.SerializeToString
         ),
@@ -110,13 +105,6 @@ def add_to_server(service: PolicyService, server: grpc.aio.Server, max_message_b
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
-
-
-def _check_float32(field: str, value: float, step: int | None = None) -> None:
-    """Inputs must be finite in the model's float32, or the session's actions would be NaN."""
-    if not (math.isfinite(value) and abs(value) <= _FLOAT32_MAX):
-        where = "" if step is None else f" (step {step})"
-        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field} is {value:g}, outside float32{where}")
 
 
 class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
@@ -144,9 +132,17 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
         logs.event(logging.WARNING, "request refused", code=code.name, model=model, details=details)
         await context.abort(code, details)
 
-    # ------------------------------------------------------------------ Act
+    # ------------------------------------------------------------------ streams
 
     async def Act(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
+        await self._run_stream(context, self._act_message)
+
+    async def ActVector(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
+        await self._run_stream(context, self._vector_message)
+
+    async def _run_stream(self, context: grpc.aio.ServicerContext, handle: Handler) -> None:
+        """Read a stream's messages and answer each with ``handle`` until the stream, the session or
+        the server ends; every way out ends the session and is counted."""
         session: Session | None = None
         reason = "completed"
         try:
@@ -171,32 +167,12 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
                     await asyncio.sleep(_CANCEL_WINDOW_S)
                     break
                 arrived = time.perf_counter()
-                kind = request.WhichOneof("kind")
-                if kind == "step":
-                    if session is None:
-                        raise _Abort(
-                            grpc.StatusCode.FAILED_PRECONDITION,
-                            "step before start: the first message of an Act stream must be a start",
-                        )
-                    action = await self._step(session, request.step)
-                    await context.write(action)
+                session, reply = await handle(request, session)
+                if reply is None:
+                    break  # the client's End
+                await context.write(reply)
+                if reply.WhichOneof("kind") != "started":
                     session.lease.latency.observe(time.perf_counter() - arrived)
-                elif kind == "end":
-                    if session is None:
-                        raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, "end before start")
-                    self._record_episode(session, request.end.reward)
-                    break
-                elif kind == "start":
-                    if session is not None:
-                        raise _Abort(
-                            grpc.StatusCode.FAILED_PRECONDITION,
-                            f"second start in one stream (session on {session.model} version "
-                            f"{session.version} already running): one stream is one episode",
-                        )
-                    session = await self._start(request.start)
-                    await context.write(self._started(session))
-                else:
-                    raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "empty ActRequest: set start or step")
         except _Abort as abort:
             reason = abort.reason
             await self._refuse(context, abort.code, abort.details, session.model if session else None)
@@ -211,7 +187,86 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
             if session is not None:
                 self._end(session, reason)
 
-    async def _start(self, start: policy_pb2.Start) -> Session:
+    async def _act_message(
+        self, request: policy_pb2.ActRequest, session: Session | None
+    ) -> tuple[Session, policy_pb2.ActResponse | None]:
+        """One message of an Act stream: the session and the reply (None after End)."""
+        kind = request.WhichOneof("kind")
+        if kind == "start":
+            if session is not None:
+                raise _Abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"second start in one stream (session on {session.model} version "
+                    f"{session.version} already running): one stream is one episode",
+                )
+            session = await self._start(request.start)
+            return session, self._started(session)
+        if kind not in ("step", "end"):
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "empty ActRequest: set start or step")
+        if session is None:
+            raise _Abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{kind} before start: the first message of an Act stream must be a start",
+            )
+        if kind == "end":
+            self._record_episode(session, request.end.reward)
+            return session, None
+        return session, await self._step(session, request.step)
+
+    async def _vector_message(
+        self, request: policy_pb2.VectorRequest, session: Session | None
+    ) -> tuple[Session, policy_pb2.VectorResponse | None]:
+        """One message of an ActVector stream: the session and the reply (None after VectorEnd)."""
+        kind = request.WhichOneof("kind")
+        if kind == "start":
+            if session is not None:
+                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, "second start in one ActVector stream")
+            if request.start.episodes < 1:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "start.episodes must be at least 1")
+            session = await self._start(request.start.start, episodes=request.start.episodes)
+            started = self._started(session).started
+            return session, policy_pb2.VectorResponse(
+                started=policy_pb2.VectorStarted(session=started, episodes=request.start.episodes)
+            )
+        if kind not in ("step", "end"):
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "empty VectorRequest: set start or step")
+        if session is None:
+            raise _Abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{kind} before start: the first message of an ActVector stream must be a start",
+            )
+        assert isinstance(session, VectorSession)
+        if kind == "end":
+            for row, reward in zip(*vector.read_end(session, request.end), strict=True):
+                self._observe_episode(session, session.row_return[row] + reward, int(session.row_steps[row]))
+            return session, None
+        return session, await self._vector_step(session, request.step)
+
+    async def _vector_step(
+        self, session: VectorSession, step: policy_pb2.VectorStep
+    ) -> policy_pb2.VectorResponse:
+        """Record the episodes that ended, update every stepped row's rtg, run the rows as one block."""
+        given = vector.read_step(session, step)
+        if given.rewards is not None:
+            ended = given.rows[given.restart]
+            for row, reward in zip(ended.tolist(), given.rewards[given.restart].tolist(), strict=True):
+                self._observe_episode(session, session.row_return[row] + reward, int(session.row_steps[row]))
+            if ended.size:
+                session.restart(ended)
+            going = given.rows[~given.restart]
+            session.row_rtg[going] -= given.rewards[~given.restart]
+            session.row_return[going] += given.rewards[~given.restart]
+        slots = [session.lease.slots[r] for r in given.rows.tolist()]
+        try:
+            actions = await session.lease.batcher.step_rows(slots, given.states, session.row_rtg[given.rows])
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:
+            raise _Abort(grpc.StatusCode.INTERNAL, f"inference failed: {type(err).__name__}: {err}") from None
+        return vector.actions_reply(session, given.rows, actions)
+
+    async def _start(self, start: policy_pb2.Start, episodes: int | None = None) -> Session:
+        """A new session: an Act session (``episodes`` None) or a vector stream of ``episodes``."""
         if self.shutting_down:
             raise _Abort(grpc.StatusCode.UNAVAILABLE, "server shutting down; no new sessions")
         if not start.model:
@@ -220,18 +275,20 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown inference mode {start.mode}")
         mode = cast(InferenceMode, MODE_NAME.get(start.mode, self.default_mode))
         if start.HasField("target_return"):
-            _check_float32("target_return", start.target_return)
-        if not self.sessions.reserve():
+            check_float32("target_return", start.target_return)
+        slots = episodes or 1
+        if not self.sessions.reserve(slots):
+            asked = f" ({slots} asked for)" if episodes else ""
             raise _Abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"server is at its limit of {self.sessions.max_sessions} sessions; retry later",
+                f"server is at its limit of {self.sessions.max_sessions} sessions{asked}; retry later",
             )
         try:
             try:
                 version = await self.pool.resolve(
                     start.model, start.version if start.HasField("version") else None
                 )
-                lease = await self.pool.acquire(start.model, version, mode)
+                lease = await self.pool.acquire(start.model, version, mode, episodes)
             except ValueError as err:  # the model cannot run this mode
                 raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, str(err)) from None
             except Exception as err:
@@ -239,11 +296,15 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
                 raise _Abort(code, details) from None
             self._check_dims(start, lease)
         except BaseException:
-            self.sessions.unreserve()
+            self.sessions.unreserve(slots)
             raise
         meta = lease.policy.meta
         target = start.target_return if start.HasField("target_return") else meta.target_return
-        session = Session(lease, target, asyncio.current_task(), target_return=target)
+        task = asyncio.current_task()
+        if episodes is None:
+            session = Session(lease, target, task, target_return=target)
+        else:
+            session = VectorSession.open(lease, target, task)
         self.sessions.add(session)
         logs.event(
             logging.INFO,
@@ -252,10 +313,11 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
             version=session.version,
             mode=lease.mode,
             target_return=target,
+            **({"episodes": episodes} if episodes else {}),
             sessions=len(self.sessions),
         )
-        self.metrics.sessions_started.labels(session.model).inc()
-        self.metrics.active_sessions.labels(session.model).inc()
+        self.metrics.sessions_started.labels(session.model).inc(slots)
+        self.metrics.active_sessions.labels(session.model).inc(slots)
         return session
 
     def _check_dims(self, start: policy_pb2.Start, lease: Lease) -> None:
@@ -292,25 +354,12 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
                 f"expects state_dim={expected}",
             )
         state = np.array(step.state, dtype=np.float64)
-        finite = np.isfinite(state)
-        if not finite.all():
-            bad = np.flatnonzero(~finite).tolist()
-            raise _Abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"state has non-finite values at indices {bad} (step {session.steps})",
-            )
         meta = session.lease.policy.meta
-        normalized = np.abs(state - np.asarray(meta.state_mean)) / np.asarray(meta.state_std)
-        too_large = (np.abs(state) > _FLOAT32_MAX) | (normalized > _FLOAT32_MAX)
-        if too_large.any():
-            i = int(np.flatnonzero(too_large)[0])
-            raise _Abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"state[{i}] = {state[i]:g} is out of the model's float32 range (step {session.steps})",
-            )
+        where = f" (step {session.steps})"
+        check_states(state[None], np.asarray(meta.state_mean), np.asarray(meta.state_std), [where])
         which = step.WhichOneof("return_to_go")
         if which == "rtg":
-            _check_float32("rtg", step.rtg, session.steps)
+            check_float32("rtg", step.rtg, where)
             session.rtg = step.rtg
             if session.steps > 0:  # the last action's reward is not known
                 session.episode_return = None
@@ -321,8 +370,8 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
                     "step 0 carries a reward, but there is no previous action: send only the state "
                     "(or an explicit rtg)",
                 )
-            _check_float32("reward", step.reward, session.steps)
-            _check_float32("the return-to-go after this reward", session.rtg - step.reward, session.steps)
+            check_float32("reward", step.reward, where)
+            check_float32("the return-to-go after this reward", session.rtg - step.reward, where)
             session.rtg -= step.reward
             if session.episode_return is not None:
                 session.episode_return += step.reward
@@ -361,20 +410,31 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
             raise _Abort(
                 grpc.StatusCode.FAILED_PRECONDITION, "end before the first step: no action was taken"
             )
-        _check_float32("end.reward", reward, session.steps)
+        check_float32("end.reward", reward, f" (step {session.steps})")
         if session.episode_return is None:
             return  # explicit rtgs: the return is not known
         session.episode_return += reward
+        self._observe_episode(session, session.episode_return, session.steps)
+
+    def _observe_episode(self, session: Session, episode_return: float, length: int) -> None:
+        """A completed episode's return, length and normalized score, per model version."""
+        if isinstance(session, VectorSession):
+            session.episodes_recorded += 1
         labels = (session.model, str(session.version))
-        self.metrics.episode_return.labels(*labels).observe(session.episode_return)
-        self.metrics.episode_length.labels(*labels).observe(session.steps)
+        self.metrics.episode_return.labels(*labels).observe(episode_return)
+        self.metrics.episode_length.labels(*labels).observe(length)
         try:
-            score = normalized_score(session.lease.policy.meta.env, session.episode_return)
+            score = normalized_score(session.lease.policy.meta.env, episode_return)
         except DMMError:  # an environment without D4RL reference scores
             return
         self.metrics.episode_normalized_score.labels(*labels).observe(score)
 
     def _end(self, session: Session, reason: str) -> None:
+        if isinstance(session, VectorSession):
+            episodes = {"episodes": session.episodes, "episodes_recorded": session.episodes_recorded}
+        else:
+            ret = session.episode_return
+            episodes = {"episode_return": "unknown" if ret is None else round(ret, 6)}
         logs.event(
             logging.INFO,
             "session ended",
@@ -382,15 +442,16 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
             version=session.version,
             mode=session.lease.mode,
             steps=session.steps,
-            episode_return="unknown" if session.episode_return is None else round(session.episode_return, 6),
+            **episodes,
             reason=reason,
             seconds=round(time.monotonic() - session.started_at, 3),
         )
+        slots = len(session.lease.slots)
         self.pool.release(session.lease)
         self.sessions.discard(session)
-        self.sessions.unreserve()
-        self.metrics.active_sessions.labels(session.model).dec()
-        self.metrics.sessions_ended.labels(session.model, reason).inc()
+        self.sessions.unreserve(slots)
+        self.metrics.active_sessions.labels(session.model).dec(slots)
+        self.metrics.sessions_ended.labels(session.model, reason).inc(slots)
 
     def end_all_sessions(self) -> int:
         """Shutdown: end every open session with UNAVAILABLE; returns how many were open."""

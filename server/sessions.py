@@ -1,10 +1,13 @@
-"""Per-stream session state: one Act stream is one episode in one slot of one runner."""
+"""Per-stream session state: one Act stream is one episode in one slot of one runner; one ActVector
+stream is N episodes in N slots of one runner."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from dmm.server.pool import Lease
 
@@ -33,6 +36,41 @@ class Session:
         return self.lease.policy.version
 
 
+@dataclass(eq=False)
+class VectorSession(Session):
+    """An ActVector stream: one slot per row (episode), each with its own return-to-go, step count
+    and return so far. ``steps`` counts the actions of all rows; ``rtg`` stays the target return."""
+
+    row_rtg: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    row_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    row_return: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    episodes_recorded: int = 0
+
+    @classmethod
+    def open(cls, lease: Lease, target: float, task: asyncio.Task | None) -> VectorSession:
+        n = len(lease.slots)
+        return cls(
+            lease,
+            target,
+            task,
+            target_return=target,
+            row_rtg=np.full(n, target),
+            row_steps=np.zeros(n, dtype=np.int64),
+            row_return=np.zeros(n),
+        )
+
+    @property
+    def episodes(self) -> int:
+        return len(self.lease.slots)
+
+    def restart(self, rows: np.ndarray) -> None:
+        """New episodes in ``rows`` (their old ones were recorded)."""
+        self.row_rtg[rows] = self.target_return
+        self.row_steps[rows] = 0
+        self.row_return[rows] = 0.0
+        self.lease.batcher.restart([self.lease.slots[r] for r in rows])
+
+
 class SessionTable:
     """Open sessions, for the max-sessions limit and for ending them all at shutdown."""
 
@@ -44,15 +82,16 @@ class SessionTable:
     def __len__(self) -> int:
         return self._reserved
 
-    def reserve(self) -> bool:
-        """Claim room for one session before its (slow) start; False when the server is full."""
-        if self._reserved >= self.max_sessions:
+    def reserve(self, n: int = 1) -> bool:
+        """Claim room for ``n`` sessions (a vector stream's episodes) before the (slow) start; False
+        when the server is full."""
+        if self._reserved + n > self.max_sessions:
             return False
-        self._reserved += 1
+        self._reserved += n
         return True
 
-    def unreserve(self) -> None:
-        self._reserved -= 1
+    def unreserve(self, n: int = 1) -> None:
+        self._reserved -= n
 
     def add(self, session: Session) -> None:
         self._open.add(session)

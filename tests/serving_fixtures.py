@@ -5,6 +5,7 @@ from __future__ import annotations
 import queue
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -37,19 +38,19 @@ def publish_tiny(store_root: Path, name: str = "tiny", seed: int = 0, **config: 
 
 
 class Stream:
-    """One Act stream, driven one request/response at a time."""
+    """One Act stream (or ActVector, with ``rpc``), driven one request/response at a time."""
 
     _END = object()
 
-    def __init__(self, channel: grpc.Channel, timeout: float | None = 30.0) -> None:
+    def __init__(self, channel: grpc.Channel, timeout: float | None = 30.0, rpc: str = "Act") -> None:
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
-        self.call = policy_pb2_grpc.PolicyServiceStub(channel).Act(self._iter(), timeout=timeout)
+        self.call = getattr(policy_pb2_grpc.PolicyServiceStub(channel), rpc)(self._iter(), timeout=timeout)
 
-    def _iter(self) -> Iterator[policy_pb2.ActRequest]:
+    def _iter(self) -> Iterator[Any]:
         while (item := self._requests.get()) is not self._END:
             yield item
 
-    def send(self, request: policy_pb2.ActRequest) -> policy_pb2.ActResponse:
+    def send(self, request: Any) -> Any:
         self._requests.put(request)
         return next(self.call)
 
@@ -62,7 +63,11 @@ class Stream:
 
     def end(self, reward: float) -> None:
         """The episode is over (End, no reply); then :meth:`finish`."""
-        self._requests.put(policy_pb2.ActRequest(end=policy_pb2.End(reward=reward)))
+        self.put(policy_pb2.ActRequest(end=policy_pb2.End(reward=reward)))
+
+    def put(self, request: Any) -> None:
+        """Send ``request`` without waiting for a reply (e.g. a VectorEnd)."""
+        self._requests.put(request)
 
     def finish(self) -> grpc.StatusCode:
         """Half-close and wait for the final status."""

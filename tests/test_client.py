@@ -32,10 +32,35 @@ def test_client_does_not_import_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
-def test_rollout_returns_normalized_scores(server: ServerProcess) -> None:
+@pytest.mark.parametrize("vectorized", [True, False], ids=["vector-env", "per-episode-streams"])
+def test_rollout_returns_normalized_scores(server: ServerProcess, vectorized: bool) -> None:
     pytest.importorskip("mujoco")
+    per_version = {"model": ENV, "version": "1"}
+    latency = "dmm_act_vector_latency_seconds_count" if vectorized else "dmm_act_latency_seconds_count"
+    names = (
+        "dmm_episode_return_count",
+        "dmm_episode_return_sum",
+        "dmm_episode_length_sum",
+        "dmm_episode_normalized_score_sum",
+    )
+
+    def read() -> dict[str, float]:
+        text = server.scrape()
+        values = {name: metric_value(text, name, per_version) or 0.0 for name in names}
+        values[latency] = metric_value(text, latency, {"model": ENV, "mode": "window"}) or 0.0
+        return values
+
+    before = read()
     with PolicyClient(server.target) as client:
-        result = client.rollout(env=ENV, episodes=3, num_envs=2, seed=1, max_episode_steps=25, progress=False)
+        result = client.rollout(
+            env=ENV,
+            episodes=3,
+            num_envs=2,
+            seed=1,
+            max_episode_steps=25,
+            progress=False,
+            vectorized=vectorized,
+        )
     assert result.model == ENV and result.version == 1 and result.mode == "window"
     assert result.target_return == TARGET_RETURN
     assert len(result.returns) == len(result.lengths) == len(result.normalized_scores) == 3
@@ -43,32 +68,31 @@ def test_rollout_returns_normalized_scores(server: ServerProcess) -> None:
     np.testing.assert_allclose(result.normalized_scores, normalized_score(ENV, np.array(result.returns)))
     assert result.mean_normalized_score == pytest.approx(np.mean(result.normalized_scores))
     assert "normalized score" in str(result)
-    text = server.scrape()
-    assert metric_value(text, "dmm_sessions_ended_total", {"model": ENV, "reason": "completed"}) >= 3
-    assert metric_value(text, "dmm_act_latency_seconds_count", {"model": ENV, "mode": "window"}) == sum(
-        result.lengths
-    )
+    got = {k: v - before[k] for k, v in read().items()}
+    # one message per action, or per step of the vector env (both rows at first, then fewer)
+    if vectorized:
+        assert max(result.lengths) <= got[latency] <= sum(result.lengths)
+    else:
+        assert got[latency] == sum(result.lengths)
     # live policy quality: the server's episode metrics agree with the returns the client computed
-    per_version = {"model": ENV, "version": "1"}
-    assert metric_value(text, "dmm_episode_return_count", per_version) == 3
-    assert metric_value(text, "dmm_episode_return_sum", per_version) == pytest.approx(
-        sum(result.returns), rel=1e-12
-    )
-    assert metric_value(text, "dmm_episode_length_sum", per_version) == sum(result.lengths)
-    score_sum = metric_value(text, "dmm_episode_normalized_score_sum", per_version)
-    assert score_sum == pytest.approx(sum(result.normalized_scores), rel=1e-9)
+    assert got["dmm_episode_return_count"] == 3
+    assert got["dmm_episode_return_sum"] == pytest.approx(sum(result.returns), rel=1e-12)
+    assert got["dmm_episode_length_sum"] == sum(result.lengths)
+    assert got["dmm_episode_normalized_score_sum"] == pytest.approx(sum(result.normalized_scores), rel=1e-9)
 
 
-def test_rollouts_are_reproducible_per_seed(server: ServerProcess) -> None:
+def test_rollouts_are_reproducible_per_seed_on_either_path(server: ServerProcess) -> None:
     pytest.importorskip("mujoco")
     with PolicyClient(server.target) as client:
-        kwargs = {"env": ENV, "episodes": 2, "seed": 5, "max_episode_steps": 15, "progress": False}
+        kwargs = {"env": ENV, "episodes": 3, "seed": 5, "max_episode_steps": 15, "progress": False}
         first = client.rollout(num_envs=2, mode="recurrent", **kwargs)
         second = client.rollout(num_envs=1, mode="recurrent", target_return=TARGET_RETURN, **kwargs)
+        third = client.rollout(num_envs=3, mode="recurrent", vectorized=False, **kwargs)
     assert first.mode == "recurrent"
     # Same seeds, same actions up to float32 rounding (batched and single forwards may differ).
-    assert first.lengths == second.lengths
+    assert first.lengths == second.lengths == third.lengths
     np.testing.assert_allclose(first.returns, second.returns, rtol=1e-5)
+    np.testing.assert_allclose(first.returns, third.returns, rtol=1e-5)
 
 
 def test_list_describe_and_errors(server: ServerProcess) -> None:

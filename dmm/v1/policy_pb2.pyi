@@ -96,6 +96,72 @@ class ActResponse(_message.Message):
     action: Action
     def __init__(self, started: _Optional[_Union[SessionStarted, _Mapping]] = ..., action: _Optional[_Union[Action, _Mapping]] = ...) -> None: ...
 
+class VectorStart(_message.Message):
+    __slots__ = ("start", "episodes")
+    START_FIELD_NUMBER: _ClassVar[int]
+    EPISODES_FIELD_NUMBER: _ClassVar[int]
+    start: Start
+    episodes: int
+    def __init__(self, start: _Optional[_Union[Start, _Mapping]] = ..., episodes: _Optional[int] = ...) -> None: ...
+
+class VectorStep(_message.Message):
+    __slots__ = ("rows", "states", "rewards", "restart")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    STATES_FIELD_NUMBER: _ClassVar[int]
+    REWARDS_FIELD_NUMBER: _ClassVar[int]
+    RESTART_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedScalarFieldContainer[int]
+    states: _containers.RepeatedScalarFieldContainer[float]
+    rewards: _containers.RepeatedScalarFieldContainer[float]
+    restart: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, rows: _Optional[_Iterable[int]] = ..., states: _Optional[_Iterable[float]] = ..., rewards: _Optional[_Iterable[float]] = ..., restart: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class VectorEnd(_message.Message):
+    __slots__ = ("rows", "rewards")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    REWARDS_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedScalarFieldContainer[int]
+    rewards: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, rows: _Optional[_Iterable[int]] = ..., rewards: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class VectorRequest(_message.Message):
+    __slots__ = ("start", "step", "end")
+    START_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    start: VectorStart
+    step: VectorStep
+    end: VectorEnd
+    def __init__(self, start: _Optional[_Union[VectorStart, _Mapping]] = ..., step: _Optional[_Union[VectorStep, _Mapping]] = ..., end: _Optional[_Union[VectorEnd, _Mapping]] = ...) -> None: ...
+
+class VectorStarted(_message.Message):
+    __slots__ = ("session", "episodes")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    EPISODES_FIELD_NUMBER: _ClassVar[int]
+    session: SessionStarted
+    episodes: int
+    def __init__(self, session: _Optional[_Union[SessionStarted, _Mapping]] = ..., episodes: _Optional[int] = ...) -> None: ...
+
+class VectorActions(_message.Message):
+    __slots__ = ("rows", "actions", "steps", "rtgs")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    ACTIONS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    RTGS_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedScalarFieldContainer[int]
+    actions: _containers.RepeatedScalarFieldContainer[float]
+    steps: _containers.RepeatedScalarFieldContainer[int]
+    rtgs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, rows: _Optional[_Iterable[int]] = ..., actions: _Optional[_Iterable[float]] = ..., steps: _Optional[_Iterable[int]] = ..., rtgs: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class VectorResponse(_message.Message):
+    __slots__ = ("started", "actions")
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    ACTIONS_FIELD_NUMBER: _ClassVar[int]
+    started: VectorStarted
+    actions: VectorActions
+    def __init__(self, started: _Optional[_Union[VectorStarted, _Mapping]] = ..., actions: _Optional[_Union[VectorActions, _Mapping]] = ...) -> None: ...
+
 class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -39,6 +39,11 @@ class PolicyServiceStub:
                 request_serializer=dmm_dot_v1_dot_policy__pb2.ActRequest.SerializeToString,
                 response_deserializer=dmm_dot_v1_dot_policy__pb2.ActResponse.FromString,
                 _registered_method=True)
+        self.ActVector = channel.stream_stream(
+                '/dmm.v1.PolicyService/ActVector',
+                request_serializer=dmm_dot_v1_dot_policy__pb2.VectorRequest.SerializeToString,
+                response_deserializer=dmm_dot_v1_dot_policy__pb2.VectorResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/dmm.v1.PolicyService/ListModels',
                 request_serializer=dmm_dot_v1_dot_policy__pb2.ListModelsRequest.SerializeToString,
@@ -56,6 +61,14 @@ class PolicyServiceServicer:
 
     def Act(self, request_iterator, context):
         """One stream per episode: Start, then Step messages (one ActResponse each), then optionally End.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ActVector(self, request_iterator, context):
+        """One stream for N episodes: VectorStart, then VectorStep messages (one VectorActions each, the
+        actions of the episodes it stepped), then optionally VectorEnd.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -82,6 +95,11 @@ def add_PolicyServiceServicer_to_server(servicer, server):
                     servicer.Act,
                     request_deserializer=dmm_dot_v1_dot_policy__pb2.ActRequest.FromString,
                     response_serializer=dmm_dot_v1_dot_policy__pb2.ActResponse.SerializeToString,
+            ),
+            'ActVector': grpc.stream_stream_rpc_method_handler(
+                    servicer.ActVector,
+                    request_deserializer=dmm_dot_v1_dot_policy__pb2.VectorRequest.FromString,
+                    response_serializer=dmm_dot_v1_dot_policy__pb2.VectorResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -121,6 +139,33 @@ class PolicyService:
             '/dmm.v1.PolicyService/Act',
             dmm_dot_v1_dot_policy__pb2.ActRequest.SerializeToString,
             dmm_dot_v1_dot_policy__pb2.ActResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ActVector(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/dmm.v1.PolicyService/ActVector',
+            dmm_dot_v1_dot_policy__pb2.VectorRequest.SerializeToString,
+            dmm_dot_v1_dot_policy__pb2.VectorResponse.FromString,
             options,
             channel_credentials,
             insecure,

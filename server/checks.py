@@ -1,0 +1,47 @@
+"""What the stream handlers refuse: :class:`Abort` ends an RPC with a status, and the input checks that
+``Act`` and ``ActVector`` share (finite values that fit the model's float32)."""
+
+from __future__ import annotations
+
+import math
+
+import grpc
+import numpy as np
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+class Abort(Exception):
+    """Raised inside a handler to end its RPC with ``code`` and ``details``; ``reason`` is how the
+    session it ends is counted (dmm_sessions_ended)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, reason: str = "error") -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+        self.reason = reason
+
+
+def invalid(details: str) -> Abort:
+    return Abort(grpc.StatusCode.INVALID_ARGUMENT, details)
+
+
+def check_float32(field: str, value: float, where: str = "") -> None:
+    """Inputs must be finite in the model's float32, or the session's actions would be NaN."""
+    if not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+        raise invalid(f"{field} is {value:g}, outside float32{where}")
+
+
+def check_states(states: np.ndarray, mean: np.ndarray, std: np.ndarray, where: list[str]) -> None:
+    """Every row of ``states`` [n, state_dim] finite, and in float32 range before and after the
+    model's normalization; ``where[i]`` names row i in the error (e.g. " (step 3)")."""
+    finite = np.isfinite(states)
+    if not finite.all():
+        row = int(np.flatnonzero(~finite.all(axis=1))[0])
+        bad = np.flatnonzero(~finite[row]).tolist()
+        raise invalid(f"state has non-finite values at indices {bad}{where[row]}")
+    too_large = (np.abs(states) > FLOAT32_MAX) | (np.abs(states - mean) / std > FLOAT32_MAX)
+    if too_large.any():
+        row = int(np.flatnonzero(too_large.any(axis=1))[0])
+        i = int(np.flatnonzero(too_large[row])[0])
+        raise invalid(f"state[{i}] = {states[row, i]:g} is out of the model's float32 range{where[row]}")
