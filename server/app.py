@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import signal
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -22,7 +24,10 @@ from dmm.server.security import TokenAuth, load_tokens, server_credentials
 from dmm.server.service import SERVICE_NAME, PolicyService, add_to_server
 from dmm.store import ModelStore
 
-READY_PREFIX = "dmm serve: ready"
+if TYPE_CHECKING:
+    from dmm.server.workers import WorkerLink
+
+READY_PREFIX = logs.READY_PREFIX
 TRANSPORT_LIMIT_FACTOR = 4  # grpc's own receive limit, in --max-message-bytes
 UNACCEPTED_STREAM_MAX_S = 24 * 3600
 LOOP_PROBE_S = 0.5  # how often the event loop's lag is measured
@@ -30,10 +35,14 @@ LOOP_LAG_WARNING_S = 1.0  # a lag above this is logged (at most once a minute)
 
 
 class PolicyServer:
-    """A started server; :meth:`shutdown` drains it."""
+    """A started server; :meth:`shutdown` drains it.
 
-    def __init__(self, options: ServeOptions) -> None:
+    A ``worker`` of ``--workers`` binds its port with SO_REUSEPORT, beside the other workers, and
+    serves no /metrics: the supervisor serves the sum of the workers'."""
+
+    def __init__(self, options: ServeOptions, worker: bool = False) -> None:
         self.options = options
+        self.worker = worker
         self.metrics = ServerMetrics()
         self.store = ModelStore(options.store)
         self.pool: ModelPool | None = None
@@ -72,7 +81,8 @@ class PolicyServer:
                 # drops what is far over it, before it is read into memory
                 ("grpc.max_receive_message_length", o.max_message_bytes * TRANSPORT_LIMIT_FACTOR),
                 ("grpc.max_send_message_length", o.max_message_bytes),
-                ("grpc.so_reuseport", 0),
+                # one process per port unless the workers of --workers share it
+                ("grpc.so_reuseport", 1 if self.worker else 0),
                 # a new stream waits in grpc's queue until the event loop accepts it; grpc's default
                 # (30 s) cancels it silently when the server is saturated, so it is left to the
                 # client's deadline instead
@@ -93,10 +103,13 @@ class PolicyServer:
                 self.port = self.server.add_insecure_port(address)
         except RuntimeError as err:
             raise ConfigError(f"cannot listen on {address}: {err}") from None
-        try:
-            self._metrics_http, self.metrics_port = self.metrics.serve_http(o.metrics_port, o.host)
-        except OSError as err:
-            raise ConfigError(f"cannot serve metrics on {o.host}:{o.metrics_port}: {err}") from None
+        if self.worker:
+            self.metrics_port = o.metrics_port  # the supervisor's
+        else:
+            try:
+                self._metrics_http, self.metrics_port = self.metrics.serve_http(o.metrics_port, o.host)
+            except OSError as err:
+                raise ConfigError(f"cannot serve metrics on {o.host}:{o.metrics_port}: {err}") from None
         await self.server.start()
         self._lag_watch = asyncio.create_task(self._watch_event_loop())
         for name in ("", SERVICE_NAME):
@@ -139,24 +152,36 @@ class PolicyServer:
             self._metrics_http.server_close()
 
 
-async def serve(options: ServeOptions) -> int:
-    """Run until SIGTERM or SIGINT, then shut down gracefully; returns the exit status."""
+async def serve(options: ServeOptions, worker: WorkerLink | None = None) -> int:
+    """Run until SIGTERM or SIGINT, then shut down gracefully; returns the exit status.
+
+    Alone, the server prints the ready line; a ``worker`` of ``--workers`` tells its supervisor
+    instead, logs with ``worker=N`` and also stops when the supervisor is gone."""
     options.validate()
-    logs.configure(options.log_level, options.log_format)
+    logs.configure(
+        options.log_level, options.log_format, **({} if worker is None else {"worker": worker.index})
+    )
     scan_backend = set_default_backend(options.scan_backend or default_backend(), options.resolved_device)
-    server = PolicyServer(options)
+    server = PolicyServer(options, worker=worker is not None)
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(
-        f"{READY_PREFIX} grpc={options.host}:{server.port} metrics={options.host}:{server.metrics_port} "
-        f"store={server.store.root} device={options.resolved_device} mode={options.mode} scan={scan_backend} "
-        f"tls={'mutual' if options.tls_client_ca else 'on' if options.tls else 'off'} "
-        f"auth={'token' if options.auth_token_file else 'none'}",
-        flush=True,
-    )
+    ready = {
+        "store": server.store.root,
+        "device": options.resolved_device,
+        "mode": options.mode,
+        "scan": scan_backend,
+        "tls": "mutual" if options.tls_client_ca else "on" if options.tls else "off",
+        "auth": "token" if options.auth_token_file else "none",
+    }
+    if worker is None:
+        grpc_at, metrics_at = f"{options.host}:{server.port}", f"{options.host}:{server.metrics_port}"
+        print(logs.ready_line(grpc_at, metrics_at, **ready), flush=True)
+    else:
+        worker.ready(server.port, {k: str(v) for k, v in ready.items()})
+        worker.stop_with_supervisor(stop)
     logs.event(
         logging.INFO,
         "serving",
@@ -174,6 +199,7 @@ async def serve(options: ServeOptions) -> int:
         max_batch=options.max_batch,
         max_delay_ms=options.max_delay_ms,
         idle_timeout_s=options.idle_timeout_s,
+        **({} if worker is None else {"pid": os.getpid()}),
     )
     await stop.wait()
     logs.event(logging.INFO, "shutting down", sessions=len(server.service.sessions), grace_s=options.grace_s)

@@ -90,6 +90,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="send new sessions of NAME that ask for no version to these versions with these weights "
         "(repeatable; the store's routes.json overrides it and is read again when it changes)",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=default("workers"),
+        help="server processes sharing the gRPC port (SO_REUSEPORT, which balances per connection), each "
+        "with its own copy of the models; /metrics adds them up (default: %(default)s)",
+    )
     add_scan_backend_option(p)
     security = p.add_argument_group("security")
     security.add_argument("--tls-cert", type=Path, help="PEM certificate (chain) of the server: serve TLS")
@@ -115,10 +122,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import asyncio
-
-    from dmm.server.app import serve
-
     options = ServeOptions(
         store=Path(args.store),
         host=args.host,
@@ -140,5 +143,15 @@ def _serve(args: argparse.Namespace) -> int:
         tls_client_ca=args.tls_client_ca,
         auth_token_file=args.auth_token_file,
         routes=tuple(args.routes),
+        workers=args.workers,
     )
+    if options.workers > 1:
+        from dmm.server.workers import supervise  # imports no torch: the workers do
+
+        return supervise(options)
+
+    import asyncio
+
+    from dmm.server.app import serve
+
     return asyncio.run(serve(options))

@@ -1,8 +1,13 @@
-"""Prometheus metrics of the policy server (names, labels and buckets are part of the deploy contract)."""
+"""Prometheus metrics of the policy server (names, labels and buckets are part of the deploy contract).
+
+With ``--workers N`` each worker process writes its metrics to files in ``$PROMETHEUS_MULTIPROC_DIR``
+(prometheus_client's multiprocess mode, chosen when it is imported) and the supervisor serves their
+sum; every gauge says how its workers' values add up (``multiprocess_mode``).
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server, values
 
 LATENCY_BUCKETS = (50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2, 0.5, 1.0)
 RETURN_BUCKETS = (0, 250, 500, 750, 1000, 1500, 2000, 2500, 3000, 3500, 4000, 5000, 6000, 8000, 10000, 12000)
@@ -11,6 +16,21 @@ LENGTH_BUCKETS = (10, 25, 50, 100, 200, 300, 500, 750, 1000)
 LAG_BUCKETS = (1e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 END_REASONS = ("completed", "cancelled", "error", "evicted", "shutdown")
+
+
+def multiprocess() -> bool:
+    """Whether this process's metrics go to the shared files of ``--workers`` (multiprocess mode)."""
+    return values.ValueClass is not values.MutexValue
+
+
+class _FlagGauge(Gauge):
+    """A gauge whose removed series reads 0 across workers: in multiprocess mode a removed series
+    lives on in the worker's file, so it is set to 0 first (and ``== 1`` queries drop it)."""
+
+    def remove(self, *labelvalues: object) -> None:
+        if multiprocess():
+            self.labels(*labelvalues).set(0)
+        super().remove(*labelvalues)
 
 
 class ServerMetrics:
@@ -44,7 +64,13 @@ class ServerMetrics:
         self.batch_size = Histogram(
             "dmm_batch_size", "Steps per batched forward.", ("model",), buckets=BATCH_BUCKETS, registry=r
         )
-        self.active_sessions = Gauge("dmm_active_sessions", "Open Act sessions.", ("model",), registry=r)
+        self.active_sessions = Gauge(
+            "dmm_active_sessions",
+            "Open Act sessions.",
+            ("model",),
+            registry=r,
+            multiprocess_mode="livesum",  # the open sessions of the workers that run
+        )
         self.sessions_started = Counter(
             "dmm_sessions_started", "Act sessions started.", ("model",), registry=r
         )
@@ -83,11 +109,12 @@ class ServerMetrics:
             registry=r,
         )
         self.model_loads = Counter("dmm_model_loads", "Model versions loaded.", ("model",), registry=r)
-        self.versions_loaded = Gauge(
+        self.versions_loaded = _FlagGauge(
             "dmm_model_versions_loaded",
             "1 while a model version is loaded.",
             ("model", "version"),
             registry=r,
+            multiprocess_mode="livemax",  # 1 while a running worker holds it
         )
 
     def serve_http(self, port: int, addr: str = "0.0.0.0") -> tuple[object, int]:

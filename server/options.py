@@ -39,13 +39,17 @@ class ServeOptions:
     tls_client_ca: Path | None = None  # mutual TLS: clients need a certificate this CA signed
     auth_token_file: Path | None = None  # bearer tokens, one per line
     routes: tuple[str, ...] = ()  # NAME=V1:W1,V2:W2: weighted versions for new sessions naming none
+    workers: int = 1  # server processes sharing the port (SO_REUSEPORT), each with its own models
 
     @property
     def tls(self) -> bool:
         return self.tls_cert is not None
 
-    def validate(self) -> None:
-        """Refuse option values the server cannot run with, with a one-line reason."""
+    def validate(self, probe_device: bool = True) -> None:
+        """Refuse option values the server cannot run with, with a one-line reason.
+
+        ``probe_device=False`` skips the check that needs torch (a CUDA device is there), for the
+        supervisor of ``--workers``, which leaves it to its workers."""
         checks = (
             (0 <= self.port <= 65535, f"--port {self.port} is not a TCP port"),
             (0 <= self.metrics_port <= 65535, f"--metrics-port {self.metrics_port} is not a TCP port"),
@@ -61,6 +65,7 @@ class ServeOptions:
             (self.grace_s >= 0, f"--grace must be >= 0, got {self.grace_s}"),
             (self.log_level in logs.LEVELS, f"--log-level {self.log_level!r}: use {', '.join(logs.LEVELS)}"),
             (self.log_format in logs.FORMATS, f"--log-format {self.log_format!r}: use text or json"),
+            (self.workers >= 1, f"--workers must be >= 1, got {self.workers}"),
         )
         for ok, message in checks:
             if not ok:
@@ -71,7 +76,7 @@ class ServeOptions:
             raise ConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
-        if self.device.startswith("cuda"):
+        if probe_device and self.device.startswith("cuda"):
             import torch
 
             if not torch.cuda.is_available():
