@@ -387,33 +387,43 @@ def _train_summary(payload: dict) -> str:
 
 
 def step_serve(device: Device, step: Step) -> None:
+    """1024 recurrent episodes as Act streams and as ActVector streams of 32, on 1/2/4/8 server
+    workers (the sweep over 1-1024 sessions is in the first run's results)."""
     if device.args.dry_run:
-        args = ["--quick", "--batching", "on", "--client-cores", "0", "--sessions", "1", "4"]
+        args = [
+            "--quick",
+            "--batching",
+            "on",
+            "--client-cores",
+            "0",
+            "--sessions",
+            "4",
+            "--modes",
+            "recurrent",
+        ]
+        args += ["--workers", "1", "2", "--episodes-per-stream", "1", "2"]
     elif not _cuda(device):
         step.status, step.summary = "skipped", "torch sees no CUDA GPU"
         return
     else:
-        args = ["--device", "cuda", "--sessions", "1", "64", "256", "1024", "--batching", "on"]
+        args = ["--device", "cuda", "--sessions", "1024", "--modes", "recurrent", "--batching", "on"]
+        args += ["--workers", "1", "2", "4", "8", "--episodes-per-stream", "1", "32"]
         args += ["--client-cores", str(max(1, usable_cores() // 2)), "--duration", "8", "--warmup", "10"]
     _bench_step(device, step, "bench.serve", args, STEP_SECONDS["serve"], _serve_summary)
 
 
 def _serve_summary(payload: dict) -> str:
-    """p50, p99 and actions/s at the fewest and most sessions; GPU memory per added session."""
+    """Actions/s and p99 of each row (workers, episodes per stream); GPU memory of the biggest row."""
     parts = []
-    for mode in payload["settings"]["modes"]:
-        rows = sorted((r for r in payload["rows"] if r["mode"] == mode), key=lambda r: r["sessions"])
-        for r in (rows[0], rows[-1]) if rows else ():
-            if r["p50_us"] is not None:
-                parts.append(
-                    f"{mode} x{r['sessions']}: p50 {r['p50_us'] / 1e3:.2f} ms, "
-                    f"p99 {r['p99_us'] / 1e3:.2f} ms, {r['actions_per_second']:.0f}/s"
-                )
-        if len(rows) > 1 and rows[0].get("server_gpu_mib") and rows[-1].get("server_gpu_mib"):
-            per = (rows[-1]["server_gpu_mib"] - rows[0]["server_gpu_mib"]) / (
-                rows[-1]["sessions"] - rows[0]["sessions"]
+    for r in payload["rows"]:
+        if r["p99_us"] is not None:
+            parts.append(
+                f"{r['mode']} x{r['sessions']}, {r['workers']}w, {r['episodes_per_stream']}/stream: "
+                f"{r['actions_per_second']:.0f}/s, p99 {r['p99_us'] / 1e3:.1f} ms"
             )
-            parts.append(f"{mode}: {per * 1024:.0f} KiB of GPU memory per session")
+    gpu = [r["server_gpu_mib"] for r in payload["rows"] if r.get("server_gpu_mib")]
+    if gpu:
+        parts.append(f"server GPU memory up to {max(gpu):.0f} MiB")
     return "; ".join(parts) or "no rows"
 
 

@@ -1,12 +1,14 @@
 """Serving latency and throughput: Act round trips against ``dmm serve`` under concurrent sessions.
 
 Starts ``dmm serve`` as a subprocess on free ports (once with dynamic batching as configured, once
-with ``--max-batch 1``) and drives 1/16/64/256 concurrent sessions (and 1024 with ``--device
-cuda``) in window and recurrent mode. The sessions are grpc.aio streams spread over
-``--client-procs`` client processes (``bench/serve_clients.py``): each sends a step, waits for its
-action and records the round trip (closed loop). Every session
-first takes ``--warmup`` untimed steps; then all are released at once and run until
-``--duration`` seconds have passed or ``--steps`` timed steps are done, whichever comes first.
+with ``--max-batch 1``, and once per ``--workers`` count) and drives 1/16/64/256 concurrent episodes
+(and 1024 with ``--device cuda``) in window and recurrent mode, as single-episode Act streams and,
+with ``--episodes-per-stream``, as ActVector streams of that many episodes each. The streams are
+grpc.aio streams spread over ``--client-procs`` client processes (``bench/serve_clients.py``), each
+on its own connection: each sends a step (of all its episodes), waits for the actions and records
+the round trip (closed loop). Every stream first takes ``--warmup`` untimed steps; then all are
+released at once and run until ``--duration`` seconds have passed or ``--steps`` timed steps are
+done, whichever comes first.
 
 On a machine with 2 or more cores the client is pinned to ``--client-cores`` cores and the server
 to the rest, so client load cannot starve the server; the CPU each side used is measured and
@@ -14,6 +16,8 @@ reported (cores busy = CPU seconds / wall seconds).
 
     python -m bench.serve                                      # a fresh paper-size DMM, CPU
     python -m bench.serve --store models --name hopper-medium-sim-v4 --device cuda
+    python -m bench.serve --batching on --episodes-per-stream 1 32 --sessions 256
+    python -m bench.serve --device cuda --workers 1 2 4 8 --sessions 1024 --batching on
     python -m bench.serve --quick
 """
 
@@ -42,7 +46,7 @@ from bench.common import (
     report_header,
     write_report,
 )
-from bench.serve_clients import Load, run_sessions
+from bench.serve_clients import Load, process_tree, run_sessions
 
 SCRIPT = "serve"
 MODULE = f"bench.{SCRIPT}"
@@ -61,21 +65,26 @@ class Row:
     failed: int
     errors: list[str]
     scan: str = "auto"  # the server's --scan-backend
+    workers: int = 1  # the server's --workers
+    per_stream: int = 1  # episodes per stream (1: Act streams, more: ActVector streams)
     server_gpu_mib: float | None = None  # the server process's GPU memory after the row (cuda only)
 
     def summary(self) -> dict[str, Any]:
         lat = self.latencies_s
+        actions = lat.size * self.per_stream
         pct = {f"p{q}_us": float(np.percentile(lat, q) * 1e6) if lat.size else None for q in (50, 95, 99)}
         return {
             "scan": self.scan,
             "batching": self.batching,
+            "workers": self.workers,
             "mode": self.mode,
             "sessions": self.sessions,
+            "episodes_per_stream": self.per_stream,
             **pct,
             "mean_us": float(lat.mean() * 1e6) if lat.size else None,
             "timed_steps": int(lat.size),
             "wall_seconds": self.wall_s,
-            "actions_per_second": lat.size / self.wall_s if self.wall_s > 0 else 0.0,
+            "actions_per_second": actions / self.wall_s if self.wall_s > 0 else 0.0,
             "client_cores_busy": self.client_cpu_s / self.wall_s if self.wall_s > 0 else None,
             "server_cores_busy": self.server_cpu_s / self.wall_s if self.wall_s > 0 else None,
             "server_gpu_mib": self.server_gpu_mib,
@@ -91,11 +100,22 @@ def run_row(
     batching: str,
     mode: str,
     sessions: int,
+    per_stream: int,
     args: argparse.Namespace,
     server_pid: int,
 ) -> Row:
-    load = Load(target, model, mode, state_dim, args.warmup, args.steps, args.startup_timeout, args.duration)
-    out = run_sessions(load, sessions, args.client_procs, server_pid)
+    load = Load(
+        target,
+        model,
+        mode,
+        state_dim,
+        args.warmup,
+        args.steps,
+        args.startup_timeout,
+        args.duration,
+        per_stream,
+    )
+    out = run_sessions(load, max(1, sessions // per_stream), args.client_procs, server_pid)
     return Row(
         batching,
         mode,
@@ -106,11 +126,13 @@ def run_row(
         out.server_cpu_s,
         out.failed,
         out.errors,
+        per_stream=per_stream,
     )
 
 
 def gpu_memory_mib(pid: int) -> float | None:
-    """GPU memory ``nvidia-smi`` reports for process ``pid`` (its CUDA context included); None if unknown."""
+    """GPU memory ``nvidia-smi`` reports for process ``pid`` and its children (a server's workers; their
+    CUDA contexts included); None if unknown."""
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
@@ -121,11 +143,13 @@ def gpu_memory_mib(pid: int) -> float | None:
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    for line in out.splitlines():
-        fields = [f.strip() for f in line.split(",")]
-        if len(fields) == 2 and fields[0] == str(pid) and fields[1].isdigit():
-            return float(fields[1])
-    return None
+    tree = {str(p) for p in process_tree(pid)}
+    used = [
+        float(fields[1])
+        for fields in ([f.strip() for f in line.split(",")] for line in out.splitlines())
+        if len(fields) == 2 and fields[0] in tree and fields[1].isdigit()
+    ]
+    return sum(used) if used else None
 
 
 def split_cores(client_cores: int) -> tuple[list[int], list[int]]:
@@ -166,10 +190,10 @@ def run_all(
         common = ["--device", args.device, "--max-sessions", str(max(args.sessions) + 8)]
         if args.max_delay_ms is not None:
             common += ["--max-delay-ms", str(args.max_delay_ms)]
-        for scan, batching in itertools.product(args.scan_backends, args.batching):
+        for scan, batching, workers in itertools.product(args.scan_backends, args.batching, args.workers):
             extra = ["--max-batch", str(args.max_batch)] if args.max_batch else []
-            config = f"{scan} scan, batching {batching}"
-            server_args[config] = [*common, "--scan-backend", scan]
+            config = f"{scan} scan, batching {batching}, {workers} worker(s)"
+            server_args[config] = [*common, "--scan-backend", scan, "--workers", str(workers)]
             server_args[config] += extra if batching == "on" else ["--max-batch", "1"]
             server = ServerProcess(
                 store,
@@ -187,16 +211,17 @@ def run_all(
                 os.sched_setaffinity(0, client_cores)
             try:
                 assert server.proc is not None
-                for mode in args.modes:
-                    for n in args.sessions:
-                        print(f"{config}, {mode}, {n} sessions...", file=sys.stderr, flush=True)
-                        row = run_row(
-                            server.target, model, state_dim, batching, mode, n, args, server.proc.pid
-                        )
-                        row.scan = scan
-                        if args.device == "cuda":
-                            row.server_gpu_mib = gpu_memory_mib(server.proc.pid)
-                        rows.append(row)
+                for mode, n, per in itertools.product(args.modes, args.sessions, args.episodes_per_stream):
+                    if per > n:
+                        continue
+                    print(f"{config}, {mode}, {n} episodes, {per} per stream...", file=sys.stderr, flush=True)
+                    row = run_row(
+                        server.target, model, state_dim, batching, mode, n, per, args, server.proc.pid
+                    )
+                    row.scan, row.workers = scan, workers
+                    if args.device == "cuda":
+                        row.server_gpu_mib = gpu_memory_mib(server.proc.pid)
+                    rows.append(row)
             finally:
                 server.terminate()
                 os.sched_setaffinity(0, home)
@@ -211,6 +236,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--sessions", type=int, nargs="+", help="default 1 16 64 256 (+1024 on cuda); --quick 1 4")
     p.add_argument("--modes", nargs="+", choices=("window", "recurrent"), default=["window", "recurrent"])
     p.add_argument("--batching", nargs="+", choices=("on", "off"), default=["on", "off"])
+    p.add_argument(
+        "--episodes-per-stream",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="1: one Act stream per episode; more: ActVector streams of that many episodes (default 1)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="one server per dmm serve --workers count (default 1)",
+    )
     p.add_argument(
         "--scan-backends",
         nargs="+",
@@ -252,9 +291,36 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args.warmup = args.warmup if args.warmup is not None else (3 if q else 20)
     if min(args.sessions) < 1 or args.steps < 1 or args.duration <= 0 or args.warmup < 0:
         p.error("--sessions, --steps and --duration must be positive, --warmup >= 0")
+    if min(args.episodes_per_stream) < 1 or min(args.workers) < 1:
+        p.error("--episodes-per-stream and --workers must be positive")
     if args.max_batch is not None and args.max_batch < 1:
         p.error("--max-batch must be positive")
     return args
+
+
+def _curve(s: dict[str, Any]) -> tuple:
+    return (s["scan"], s["batching"], s["workers"], s["episodes_per_stream"], s["mode"])
+
+
+def add_ratios(s: dict[str, Any], summaries: list[dict[str, Any]]) -> list[str]:
+    """Throughput of row ``s`` over the rows that differ from it in one setting only (batching off, the
+    torch scan, one episode per stream, one worker): stored in ``s`` and returned as table cells."""
+    key = ("scan", "batching", "workers", "mode", "sessions", "episodes_per_stream")
+    by_key = {tuple(r[k] for k in key): r for r in summaries}
+    cells = []
+    for name, setting, base in (
+        ("throughput_vs_off", "batching", "off"),
+        ("throughput_vs_torch_scan", "scan", "torch"),
+        ("throughput_vs_one_per_stream", "episodes_per_stream", 1),
+        ("throughput_vs_one_worker", "workers", 1),
+    ):
+        other = by_key.get(tuple(base if k == setting else s[k] for k in key))
+        if s[setting] == base or not other or not other["actions_per_second"]:
+            cells.append("-")
+            continue
+        s[name] = s["actions_per_second"] / other["actions_per_second"]
+        cells.append(f"{s[name]:.2f}")
+    return cells
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -265,31 +331,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.client_procs = args.client_procs or (1 if server_cores == client_cores else len(client_cores))
     rows, server_args = run_all(args, server_cores, client_cores)
     summaries = [r.summary() for r in rows]
-    by_key = {(s["scan"], s["batching"], s["mode"], s["sessions"]): s for s in summaries}
     table_rows = []
     on_gpu = args.device == "cuda"
     for s in summaries:
-        off = by_key.get((s["scan"], "off", s["mode"], s["sessions"]))
-        ratio = "-"
-        if s["batching"] == "on" and off and off["actions_per_second"]:
-            s["throughput_vs_off"] = s["actions_per_second"] / off["actions_per_second"]
-            ratio = f"{s['throughput_vs_off']:.2f}"
-        torch_row = by_key.get(("torch", s["batching"], s["mode"], s["sessions"]))
-        vs_torch = "-"
-        if torch_row and torch_row["actions_per_second"]:
-            s["throughput_vs_torch_scan"] = s["actions_per_second"] / torch_row["actions_per_second"]
-            vs_torch = f"{s['throughput_vs_torch_scan']:.2f}"
+        ratios = add_ratios(s, summaries)
         pct = [f"{s[k]:.0f}" if s[k] is not None else "-" for k in ("p50_us", "p95_us", "p99_us")]
         table_rows.append(
             [
                 s["scan"],
                 s["batching"],
+                s["workers"],
                 s["mode"],
                 s["sessions"],
+                s["episodes_per_stream"],
                 *pct,
                 f"{s['actions_per_second']:.0f}",
-                ratio,
-                vs_torch,
+                *ratios,
                 f"{s['client_cores_busy']:.2f}" if s["client_cores_busy"] is not None else "-",
                 f"{s['server_cores_busy']:.2f}" if s["server_cores_busy"] is not None else "-",
                 *([f"{s['server_gpu_mib']:.0f}" if s["server_gpu_mib"] else "-"] if on_gpu else []),
@@ -300,14 +357,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         [
             "scan",
             "batching",
+            "workers",
             "mode",
-            "sessions",
+            "episodes",
+            "per stream",
             "p50 us",
             "p95 us",
             "p99 us",
             "actions/s",
             "x batching off",
             "x torch scan",
+            "x 1 per stream",
+            "x 1 worker",
             "client cores busy",
             "server cores busy",
             *(["server GPU MiB"] if on_gpu else []),
@@ -316,13 +377,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         table_rows,
     )
     fig, axes = new_figure(ncols=2, width=5.5)
-    for scan, batching, mode in itertools.product(args.scan_backends, args.batching, args.modes):
-        pts = [
-            s
-            for s in summaries
-            if (s["scan"], s["batching"], s["mode"]) == (scan, batching, mode) and s["timed_steps"]
-        ]
-        label = f"{scan} scan, batching {batching}, {mode}"
+    curves = itertools.product(
+        args.scan_backends, args.batching, args.workers, args.episodes_per_stream, args.modes
+    )
+    for scan, batching, workers, per, mode in curves:
+        key = (scan, batching, workers, per, mode)
+        pts = [s for s in summaries if _curve(s) == key and s["timed_steps"]]
+        label = f"{scan} scan, batching {batching}, {workers} worker(s), {per}/stream, {mode}"
         style = "-" if batching == "on" else "--"
         axes[0][0].plot(
             [s["sessions"] for s in pts],
@@ -335,7 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             [s["sessions"] for s in pts], [s["p99_us"] / 1e3 for s in pts], style, marker="o", label=label
         )
     for ax, ylabel in ((axes[0][0], "actions/s"), (axes[0][1], "p99 Act latency (ms)")):
-        ax.set(xscale="log", xlabel="concurrent sessions", ylabel=ylabel)
+        ax.set(xscale="log", xlabel="concurrent episodes", ylabel=ylabel)
         ax.set_xticks(args.sessions, [str(n) for n in args.sessions])
         ax.minorticks_off()
         ax.grid(alpha=0.3)
@@ -347,7 +408,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "client_cores": client_cores,
         "server_args": server_args,
         "settings": {
-            k: getattr(args, k) for k in ("duration", "steps", "warmup", "sessions", "modes", "client_procs")
+            k: getattr(args, k)
+            for k in (
+                "duration",
+                "steps",
+                "warmup",
+                "sessions",
+                "modes",
+                "client_procs",
+                "episodes_per_stream",
+                "workers",
+            )
         },
         "rows": summaries,
     }
@@ -359,12 +430,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         + (" (shared)" if shared else " (disjoint, pinned)")
         + f"; client = {args.client_procs} process(es), each an asyncio loop driving its share of the "
         "sessions as grpc.aio streams",
-        f"latency = client-side round trip of one step (send state, receive action); {args.warmup} untimed "
-        f"steps per session, then up to {args.duration:g} s or {args.steps} steps; percentiles over all "
-        "timed steps of all sessions; actions/s = timed steps / wall time",
+        f"latency = client-side round trip of one step (send the state(s), receive the action(s)); "
+        f"{args.warmup} untimed steps per stream, then up to {args.duration:g} s or {args.steps} steps; "
+        "percentiles over all timed steps of all streams; actions/s = timed steps x episodes per stream / "
+        "wall time; 'per stream' 1 = one Act stream per episode, N = ActVector streams of N episodes",
     ]
     notes += [
-        f"{s['scan']} scan, batching {s['batching']}, {s['mode']}, {s['sessions']} sessions: "
+        f"{s['scan']} scan, batching {s['batching']}, {s['workers']} worker(s), {s['mode']}, "
+        f"{s['sessions']} episodes, {s['episodes_per_stream']} per stream: "
         f"{s['failed_sessions']} failed, "
         f"e.g. {s['errors'][0]}"
         for s in summaries

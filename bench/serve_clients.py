@@ -1,4 +1,4 @@
-"""The client side of ``bench.serve``: closed-loop Act sessions spread over client processes.
+"""The client side of ``bench.serve``: closed-loop Act (or ActVector) streams spread over client processes.
 
 One Python process drives a few thousand round trips per second at most (every gRPC message costs
 it ~0.1-0.3 ms of CPU), so a fast server needs several client processes to be measured at all. Each
@@ -11,6 +11,7 @@ processes), and each process reports its round trips, when its timed phase ended
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import multiprocessing as mp
 import os
@@ -24,6 +25,9 @@ from typing import Any
 import numpy as np
 
 SESSIONS_PER_CHANNEL = 64  # streams share an HTTP/2 connection; a few connections spread the load
+# grpc shares one connection among a process's channels to the same target unless each has its own
+# subchannel pool; own connections also spread over `dmm serve --workers` (balanced per connection)
+CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
 STATE_POOL = 32  # distinct random states each session cycles through (messages built in advance)
 
 
@@ -39,6 +43,7 @@ class Load:
     max_steps: int
     startup_timeout_s: float
     duration_s: float
+    episodes_per_stream: int = 1  # > 1: each stream is an ActVector stream of that many episodes
 
 
 @dataclass
@@ -53,10 +58,23 @@ class Outcome:
     errors: list[str]
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its live descendants (a server's workers), from /proc."""
+    children: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            children.update(int(c) for c in task.read_text().split())
+    return [pid, *(p for c in sorted(children) for p in process_tree(c))]
+
+
 def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU of all threads of ``pid`` so far (from /proc/<pid>/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU so far of all threads of ``pid`` and its live descendants (from /proc)."""
+    total = 0.0
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError):  # gone meanwhile
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def _self_cpu_seconds() -> float:
@@ -73,14 +91,24 @@ def describe_error(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
-def _requests(state_dim: int, seed: int) -> list[Any]:
-    """The first step (no reward) and a pool of later steps with random states, built once."""
+def _requests(load: Load, seed: int) -> list[Any]:
+    """The start, the first step (no reward) and a pool of later steps with random states, built once."""
     from dmm.v1 import policy_pb2
+    from dmm.v1.modes import MODE_ENUM
 
-    states = np.random.default_rng(seed).normal(size=(STATE_POOL, state_dim)).tolist()
-    first = policy_pb2.ActRequest(step=policy_pb2.Step(state=states[0]))
-    later = [policy_pb2.ActRequest(step=policy_pb2.Step(state=s, reward=1.0)) for s in states[1:]]
-    return [first, *later]
+    start = policy_pb2.Start(model=load.model, mode=MODE_ENUM[load.mode])
+    n = load.episodes_per_stream
+    states = np.random.default_rng(seed).normal(size=(STATE_POOL, n * load.state_dim)).tolist()
+    if n == 1:
+        first = policy_pb2.ActRequest(step=policy_pb2.Step(state=states[0]))
+        later = [policy_pb2.ActRequest(step=policy_pb2.Step(state=s, reward=1.0)) for s in states[1:]]
+        return [policy_pb2.ActRequest(start=start), first, *later]
+    vector_start = policy_pb2.VectorRequest(start=policy_pb2.VectorStart(start=start, episodes=n))
+    first = policy_pb2.VectorRequest(step=policy_pb2.VectorStep(states=states[0]))
+    later = [
+        policy_pb2.VectorRequest(step=policy_pb2.VectorStep(states=s, rewards=[1.0] * n)) for s in states[1:]
+    ]
+    return [vector_start, first, *later]
 
 
 class _Phase:
@@ -98,13 +126,13 @@ class _Phase:
             self.all_ready.set()
 
 
-async def _session(
-    stub: Any, start: Any, requests: list[Any], load: Load, phase: _Phase
-) -> tuple[np.ndarray, float]:
-    """One closed-loop Act stream; returns its timed round trips and when its timed phase ended."""
+async def _session(stub: Any, requests: list[Any], load: Load, phase: _Phase) -> tuple[np.ndarray, float]:
+    """One closed-loop stream; returns its timed round trips and when its timed phase ended."""
     import grpc
 
-    call = stub.Act(timeout=load.startup_timeout_s + load.duration_s + 60.0)
+    rpc = stub.Act if load.episodes_per_stream == 1 else stub.ActVector
+    call = rpc(timeout=load.startup_timeout_s + load.duration_s + 60.0)
+    start, first, later = requests[0], requests[1], requests[2:]
     try:
         await call.write(start)
         await call.read()
@@ -112,7 +140,7 @@ async def _session(
 
         async def round_trip() -> None:
             nonlocal step
-            await call.write(requests[0] if step == 0 else requests[1 + (step - 1) % (len(requests) - 1)])
+            await call.write(first if step == 0 else later[(step - 1) % len(later)])
             if await call.read() is grpc.aio.EOF:
                 raise RuntimeError("the server closed the stream")
             step += 1
@@ -142,21 +170,18 @@ async def _drive(
 ) -> dict[str, Any]:
     import grpc
 
-    from dmm.v1 import policy_pb2, policy_pb2_grpc
-    from dmm.v1.modes import MODE_ENUM
+    from dmm.v1 import policy_pb2_grpc
 
-    start = policy_pb2.ActRequest(start=policy_pb2.Start(model=load.model, mode=MODE_ENUM[load.mode]))
     channels = [
-        grpc.aio.insecure_channel(load.target) for _ in range(math.ceil(len(seeds) / SESSIONS_PER_CHANNEL))
+        grpc.aio.insecure_channel(load.target, options=CHANNEL_OPTIONS)
+        for _ in range(math.ceil(len(seeds) / SESSIONS_PER_CHANNEL))
     ]
     phase = _Phase(len(seeds))
     try:
         stubs = [policy_pb2_grpc.PolicyServiceStub(c) for c in channels]
         tasks = [
             asyncio.create_task(
-                _session(
-                    stubs[i // SESSIONS_PER_CHANNEL], start, _requests(load.state_dim, seed), load, phase
-                )
+                _session(stubs[i // SESSIONS_PER_CHANNEL], _requests(load, seed), load, phase)
             )
             for i, seed in enumerate(seeds)
         ]
@@ -207,7 +232,8 @@ def _report(results: Any, timeout_s: float) -> dict[str, Any]:
 
 
 def run_sessions(load: Load, sessions: int, processes: int, server_pid: int) -> Outcome:
-    """Drive ``sessions`` concurrent Act streams from ``processes`` client processes."""
+    """Drive ``sessions`` concurrent streams (Act, or ActVector of ``load.episodes_per_stream``
+    episodes each) from ``processes`` client processes."""
     ctx = mp.get_context("spawn")
     ready, results, go, deadline = ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Value("d", math.inf)
     processes = max(1, min(processes, sessions))

@@ -99,9 +99,25 @@ def test_serve_drives_sessions_with_and_without_batching(tmp_path):
         assert r["failed_sessions"] == 0 and r["timed_steps"] > 0
         assert 0 < r["p50_us"] <= r["p95_us"] <= r["p99_us"]
         assert r["timed_steps"] <= r["sessions"] * 200  # --quick caps each session at 200 timed steps
-    assert payload["server_args"]["auto scan, batching off"][-2:] == ["--max-batch", "1"]
-    assert "--max-batch" not in payload["server_args"]["auto scan, batching on"]
+    assert payload["server_args"]["auto scan, batching off, 1 worker(s)"][-2:] == ["--max-batch", "1"]
+    assert "--max-batch" not in payload["server_args"]["auto scan, batching on, 1 worker(s)"]
     assert "x batching off" in md
+
+
+def test_serve_compares_vector_streams_with_single_episode_streams(tmp_path):
+    code, payload, md = run_bench(
+        "serve", tmp_path, "--sessions", "4", "--duration", "0.5", "--batching", "on",
+        "--modes", "recurrent", "--episodes-per-stream", "1", "2",
+    )  # fmt: skip
+    assert code == 0
+    rows = {r["episodes_per_stream"]: r for r in payload["rows"]}
+    assert set(rows) == {1, 2} and all(r["failed_sessions"] == 0 for r in rows.values())
+    vector = rows[2]
+    assert vector["timed_steps"] <= 2 * 200  # two streams, each capped at 200 steps by --quick
+    assert vector["actions_per_second"] == pytest.approx(2 * vector["timed_steps"] / vector["wall_seconds"])
+    ratio = vector["actions_per_second"] / rows[1]["actions_per_second"]
+    assert vector["throughput_vs_one_per_stream"] == pytest.approx(ratio)
+    assert "| auto | on | 1 | recurrent | 4 | 2 |" in md
 
 
 def test_serve_compares_scan_backends_on_one_machine(tmp_path):
@@ -114,8 +130,8 @@ def test_serve_compares_scan_backends_on_one_machine(tmp_path):
     assert set(rows) == {"torch", "numba"} and all(r["failed_sessions"] == 0 for r in rows.values())
     ratio = rows["numba"]["actions_per_second"] / rows["torch"]["actions_per_second"]
     assert rows["numba"]["throughput_vs_torch_scan"] == pytest.approx(ratio)
-    assert "--scan-backend" in payload["server_args"]["numba scan, batching on"]
-    assert "| numba | on | recurrent | 2 |" in md
+    assert "--scan-backend" in payload["server_args"]["numba scan, batching on, 1 worker(s)"]
+    assert "| numba | on | 1 | recurrent | 2 | 1 |" in md
 
 
 def test_scores_train_and_evaluate_final_checkpoints(tmp_path):
