@@ -408,7 +408,7 @@ def step_serve(device: Device, step: Step) -> None:
     else:
         args = ["--device", "cuda", "--sessions", "1024", "--modes", "recurrent", "--batching", "on"]
         args += ["--workers", "1", "2", "4", "8", "--episodes-per-stream", "1", "32"]
-        args += ["--client-cores", str(max(1, usable_cores() // 2)), "--duration", "8", "--warmup", "10"]
+        args += ["--client-cores", str(max(1, usable_cores() // 2)), "--duration", "6", "--warmup", "5"]
     _bench_step(device, step, "bench.serve", args, STEP_SECONDS["serve"], _serve_summary)
 
 
