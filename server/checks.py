@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -32,16 +33,25 @@ def check_float32(field: str, value: float, where: str = "") -> None:
         raise invalid(f"{field} is {value:g}, outside float32{where}")
 
 
-def check_states(states: np.ndarray, mean: np.ndarray, std: np.ndarray, where: list[str]) -> None:
+def check_float32_rows(field: str, values: np.ndarray, where: Callable[[int], str]) -> None:
+    """:func:`check_float32` for each of ``values`` [n] at once; ``where(i)`` names value i in the error
+    (built only then: a vector stream's message has many rows)."""
+    bad = ~(np.isfinite(values) & (np.abs(values) <= FLOAT32_MAX))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise invalid(f"{field} is {values[i]:g}, outside float32{where(i)}")
+
+
+def check_states(states: np.ndarray, mean: np.ndarray, std: np.ndarray, where: Callable[[int], str]) -> None:
     """Every row of ``states`` [n, state_dim] finite, and in float32 range before and after the
-    model's normalization; ``where[i]`` names row i in the error (e.g. " (step 3)")."""
+    model's normalization; ``where(i)`` names row i in the error (e.g. " (step 3)")."""
     finite = np.isfinite(states)
     if not finite.all():
         row = int(np.flatnonzero(~finite.all(axis=1))[0])
         bad = np.flatnonzero(~finite[row]).tolist()
-        raise invalid(f"state has non-finite values at indices {bad}{where[row]}")
+        raise invalid(f"state has non-finite values at indices {bad}{where(row)}")
     too_large = (np.abs(states) > FLOAT32_MAX) | (np.abs(states - mean) / std > FLOAT32_MAX)
     if too_large.any():
         row = int(np.flatnonzero(too_large.any(axis=1))[0])
         i = int(np.flatnonzero(too_large[row])[0])
-        raise invalid(f"state[{i}] = {states[row, i]:g} is out of the model's float32 range{where[row]}")
+        raise invalid(f"state[{i}] = {states[row, i]:g} is out of the model's float32 range{where(row)}")

@@ -356,7 +356,7 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
         state = np.array(step.state, dtype=np.float64)
         meta = session.lease.policy.meta
         where = f" (step {session.steps})"
-        check_states(state[None], np.asarray(meta.state_mean), np.asarray(meta.state_std), [where])
+        check_states(state[None], np.asarray(meta.state_mean), np.asarray(meta.state_std), lambda _: where)
         which = step.WhichOneof("return_to_go")
         if which == "rtg":
             check_float32("rtg", step.rtg, where)

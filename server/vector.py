@@ -6,12 +6,13 @@ vector env steps its episodes together, so there is no partial answer a client c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
 
-from dmm.server.checks import Abort, check_float32, check_states, invalid
+from dmm.server.checks import Abort, check_float32_rows, check_states, invalid
 from dmm.server.sessions import VectorSession
 from dmm.v1 import policy_pb2
 
@@ -41,9 +42,13 @@ def _rewards(session: VectorSession, rows: np.ndarray, values: list[float]) -> n
     rewards = np.asarray(values, dtype=np.float64)
     if rewards.size != rows.size:
         raise invalid(f"rewards has {rewards.size} values for {rows.size} stepped rows: one per row")
-    for row, reward in zip(rows.tolist(), rewards.tolist(), strict=True):
-        check_float32("reward", reward, f" (row {row}, step {session.row_steps[row]})")
+    check_float32_rows("reward", rewards, _where(session, rows))
     return rewards
+
+
+def _where(session: VectorSession, rows: np.ndarray) -> Callable[[int], str]:
+    """Names the i-th of ``rows`` in an error message."""
+    return lambda i: f" (row {rows[i]}, step {session.row_steps[rows[i]]})"
 
 
 def read_step(session: VectorSession, step: policy_pb2.VectorStep) -> VectorInput:
@@ -65,17 +70,16 @@ def read_step(session: VectorSession, step: policy_pb2.VectorStep) -> VectorInpu
             f"(model {session.model} version {session.version}) expected"
         )
     states = np.asarray(step.states, dtype=np.float64).reshape(rows.size, dim)
-    where = [f" (row {r}, step {session.row_steps[r]})" for r in rows.tolist()]
-    check_states(states, np.asarray(meta.state_mean), np.asarray(meta.state_std), where)
+    check_states(states, np.asarray(meta.state_mean), np.asarray(meta.state_std), _where(session, rows))
     if first:
         if step.rewards or step.restart:
             raise invalid("the first step has no previous actions: send states only (no rewards, no restart)")
         return VectorInput(rows, states, None, np.zeros(rows.size, dtype=bool))
     rewards = _rewards(session, rows, list(step.rewards))
     restart_mask = np.isin(rows, restart)
-    for row, reward in zip(rows[~restart_mask].tolist(), rewards[~restart_mask].tolist(), strict=True):
-        where = f" (row {row}, step {session.row_steps[row]})"
-        check_float32("the return-to-go after this reward", session.row_rtg[row] - reward, where)
+    going = rows[~restart_mask]
+    after = session.row_rtg[going] - rewards[~restart_mask]
+    check_float32_rows("the return-to-go after this reward", after, _where(session, going))
     return VectorInput(rows, states, rewards, restart_mask)
 
 
