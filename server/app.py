@@ -60,7 +60,7 @@ class PolicyServer:
             self.store,
             self.metrics,
             device=o.resolved_device,
-            max_batch=o.max_batch,
+            max_batch=o.resolved_max_batch,
             max_delay_s=o.max_delay_ms / 1e3,
             router=Router(self.store.root, o.parsed_routes()),
         )
@@ -196,7 +196,7 @@ async def serve(options: ServeOptions, worker: WorkerLink | None = None) -> int:
         auth="token" if options.auth_token_file else "none",
         routes=server.pool.router.describe(),
         max_sessions=options.max_sessions,
-        max_batch=options.max_batch,
+        max_batch=options.resolved_max_batch,
         max_delay_ms=options.max_delay_ms,
         idle_timeout_s=options.idle_timeout_s,
         **({} if worker is None else {"pid": os.getpid()}),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from dmm.cli import add_scan_backend_option
 from dmm.server.logs import FORMATS, LEVELS
-from dmm.server.options import ServeOptions, default
+from dmm.server.options import CPU_MAX_BATCH, GPU_MAX_BATCH, ServeOptions, default
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -59,7 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-batch",
         type=int,
         default=default("max_batch"),
-        help="steps per batched forward at most (default: %(default)s)",
+        help=f"steps per batched forward at most (default: {CPU_MAX_BATCH} on the CPU, {GPU_MAX_BATCH} on "
+        "a GPU)",
     )
     p.add_argument(
         "--max-delay-ms",

@@ -17,6 +17,10 @@ if TYPE_CHECKING:
     from dmm.server.routes import Route
 
 
+CPU_MAX_BATCH = 64
+GPU_MAX_BATCH = 1024
+
+
 @dataclass(frozen=True)
 class ServeOptions:
     store: Path
@@ -27,7 +31,7 @@ class ServeOptions:
     mode: InferenceMode = "window"
     max_sessions: int = 1024
     idle_timeout_s: float = 120.0
-    max_batch: int = 64
+    max_batch: int | None = None  # None: CPU_MAX_BATCH on the CPU, GPU_MAX_BATCH on a GPU
     max_delay_ms: float = 2.0
     max_message_bytes: int = 1 << 20
     grace_s: float = 10.0
@@ -56,7 +60,7 @@ class ServeOptions:
             (self.mode in ("window", "recurrent"), f"--mode {self.mode!r}: use window or recurrent"),
             (self.max_sessions > 0, f"--max-sessions must be > 0, got {self.max_sessions}"),
             (self.idle_timeout_s > 0, f"--idle-timeout must be > 0, got {self.idle_timeout_s}"),
-            (self.max_batch > 0, f"--max-batch must be > 0, got {self.max_batch}"),
+            (self.max_batch is None or self.max_batch > 0, f"--max-batch must be > 0, got {self.max_batch}"),
             (self.max_delay_ms >= 0, f"--max-delay-ms must be >= 0, got {self.max_delay_ms}"),
             (
                 self.max_message_bytes >= 1024,
@@ -94,6 +98,15 @@ class ServeOptions:
                 raise ConfigError(f"--route: {name!r} is routed twice")
             routes[name] = route
         return routes
+
+    @property
+    def resolved_max_batch(self) -> int:
+        """``--max-batch``, else the device's default: a CPU forward costs in proportion to its batch,
+        so small batches keep latency low; a GPU forward of 1024 rows costs about what one of 64 does
+        (H200: 1024 recurrent episodes as 32 ActVector streams, 16.8k actions/s at 64, 72.9k at 1024)."""
+        if self.max_batch is not None:
+            return self.max_batch
+        return GPU_MAX_BATCH if self.resolved_device.startswith("cuda") else CPU_MAX_BATCH
 
     @property
     def resolved_device(self) -> str:

@@ -211,3 +211,11 @@ def test_serve_on_cuda_without_a_gpu_is_refused(workdir, trained):
         "serve",
         "CUDA is not available on this machine",
     )
+
+
+def test_max_batch_defaults_to_the_device_s_and_a_given_one_wins():
+    from dmm.server.options import CPU_MAX_BATCH, GPU_MAX_BATCH, ServeOptions
+
+    assert ServeOptions(store=Path("s"), device="cpu").resolved_max_batch == CPU_MAX_BATCH
+    assert ServeOptions(store=Path("s"), device="cuda:0").resolved_max_batch == GPU_MAX_BATCH
+    assert ServeOptions(store=Path("s"), device="cuda", max_batch=8).resolved_max_batch == 8
