@@ -163,7 +163,8 @@ class Batcher:
     def _forward(self, batch: list[_Pending]) -> None:
         start = time.perf_counter()
         for p in batch:
-            self._queue_wait.observe(start - p.arrived)
+            for _ in p.slots:  # per step, whether it came alone or in a vector stream's block
+                self._queue_wait.observe(start - p.arrived)
         slots = [slot for p in batch for slot in p.slots]
         self._batch_size.observe(len(slots))
         try:

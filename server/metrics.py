@@ -54,6 +54,12 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.actions = Counter(
+            "dmm_actions",
+            "Actions sent (one per Act step, one per stepped row of an ActVector step).",
+            ("model", "mode"),
+            registry=r,
+        )
         self.queue_wait = Histogram(
             "dmm_queue_wait_seconds",
             "Time a step waits in the batcher before its forward starts.",

@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from prometheus_client import Histogram
+from prometheus_client import Counter, Histogram
 
 from dmm.model import InferenceMode, LoadedPolicy, PolicyRunner, load_policy
 from dmm.server import logs
@@ -40,6 +40,7 @@ class Lease:
     batcher: Batcher
     slots: list[int]
     latency: Histogram  # dmm_act_latency_seconds or dmm_act_vector_latency_seconds, of (model, mode)
+    actions: Counter  # dmm_actions_total of (model, mode)
     released: bool = False
 
     @property
@@ -141,7 +142,8 @@ class ModelPool:
             served.batchers[mode] = batcher
         slots = batcher.open_slots(episodes or 1)
         latency = self.metrics.act_latency if episodes is None else self.metrics.act_vector_latency
-        return Lease(served.policy, mode, batcher, slots, latency.labels(name, mode))
+        actions = self.metrics.actions.labels(name, mode)
+        return Lease(served.policy, mode, batcher, slots, latency.labels(name, mode), actions)
 
     def release(self, lease: Lease) -> None:
         """Free the lease's slot at once; unload its version if unused and no longer the newest."""

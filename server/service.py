@@ -263,7 +263,9 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
             raise
         except Exception as err:
             raise _Abort(grpc.StatusCode.INTERNAL, f"inference failed: {type(err).__name__}: {err}") from None
-        return vector.actions_reply(session, given.rows, actions)
+        reply = vector.actions_reply(session, given.rows, actions)
+        session.lease.actions.inc(given.rows.size)
+        return reply
 
     async def _start(self, start: policy_pb2.Start, episodes: int | None = None) -> Session:
         """A new session: an Act session (``episodes`` None) or a vector stream of ``episodes``."""
@@ -394,6 +396,7 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
             )
         index = session.steps
         session.steps += 1
+        session.lease.actions.inc()
         return policy_pb2.ActResponse(
             action=policy_pb2.Action(
                 action=action.tolist(),

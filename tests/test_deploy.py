@@ -9,6 +9,7 @@ service and a real model store.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import re
 import shutil
@@ -36,6 +37,7 @@ PROVISIONING = DEPLOY / "grafana" / "provisioning"
 SERVER_WIDE = ("dmm_errors_total", "dmm_event_loop_lag_seconds")  # no model label
 HISTOGRAMS = (
     "dmm_act_latency_seconds",
+    "dmm_act_vector_latency_seconds",
     "dmm_queue_wait_seconds",
     "dmm_batch_size",
     "dmm_event_loop_lag_seconds",
@@ -45,6 +47,7 @@ HISTOGRAMS = (
 )
 GAUGES = ("dmm_active_sessions", "dmm_model_versions_loaded")
 COUNTERS = (
+    "dmm_actions_total",
     "dmm_sessions_started_total",
     "dmm_sessions_ended_total",
     "dmm_errors_total",
@@ -349,12 +352,13 @@ def test_dashboard_queries_only_contract_metrics_and_covers_them_all(dashboard):
 
 def test_dashboard_has_the_required_panels(dashboard):
     exprs = dashboard_exprs(dashboard)
-    for quantile in ("0.5", "0.95", "0.99"):
+    for quantile, histogram in itertools.product(
+        ("0.5", "0.95", "0.99"), ("dmm_act_latency_seconds", "dmm_act_vector_latency_seconds")
+    ):
         assert any(
-            e.startswith(f"histogram_quantile({quantile},") and "dmm_act_latency_seconds_bucket" in e
-            for e in exprs
-        ), f"no Act latency p{quantile}"
-    assert any(re.search(r"rate\(dmm_act_latency_seconds_count\{", e) for e in exprs), "no actions/s panel"
+            e.startswith(f"histogram_quantile({quantile},") and f"{histogram}_bucket" in e for e in exprs
+        ), f"no {histogram} p{quantile}"
+    assert any(re.search(r"rate\(dmm_actions_total\{", e) for e in exprs), "no actions/s panel"
     heatmaps = [p for p in dashboard["panels"] if p["type"] == "heatmap"]
     assert [t["format"] for p in heatmaps for t in p["targets"]] == ["heatmap"]
     assert "dmm_batch_size_bucket" in heatmaps[0]["targets"][0]["expr"]

@@ -205,59 +205,68 @@ def prometheus(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 @dataclass
 class Traffic:
-    steps: int
-    episodes: int
+    act_steps: int  # actions sent on Act streams
+    vector_steps: int  # actions sent on ActVector streams
+    episodes: int  # on each of the two paths
     errors: int
 
+    @property
+    def steps(self) -> int:
+        return self.act_steps + self.vector_steps
 
-def run_phase(target: str, episodes: int, seed: int) -> tuple[int, int]:
-    """``episodes`` short episodes on the tiny model and one session on an unknown model.
 
-    Returns (Act steps, NOT_FOUND errors); every env step is one Act step.
-    """
+def run_phase(target: str, episodes: int, seed: int) -> Traffic:
+    """``episodes`` short episodes on the tiny model as Act streams, as many again on one ActVector
+    stream, and one session on an unknown model (every env step is one action)."""
     import grpc
 
     from dmm.client import PolicyClient, PolicyServiceError
 
+    lengths = []
     with PolicyClient(target) as client:
-        result = client.rollout(
-            env="hopper-medium-v2",
-            model=MODEL,
-            episodes=episodes,
-            num_envs=episodes,
-            seed=seed,
-            max_episode_steps=25,
-            progress=False,
-        )
-        assert result.versions == [1] * episodes
+        for vectorized in (False, True):
+            result = client.rollout(
+                env="hopper-medium-v2",
+                model=MODEL,
+                episodes=episodes,
+                num_envs=episodes,
+                seed=seed,
+                max_episode_steps=25,
+                progress=False,
+                vectorized=vectorized,
+            )
+            assert result.versions == [1] * episodes
+            assert len(result.lengths) == episodes and all(1 <= n <= 25 for n in result.lengths)
+            lengths.append(sum(result.lengths))
         with pytest.raises(PolicyServiceError) as err:
             client.rollout(env="hopper-medium-v2", model="no-such-model", episodes=1, progress=False)
         assert err.value.code == grpc.StatusCode.NOT_FOUND
-    assert len(result.lengths) == episodes and all(1 <= n <= 25 for n in result.lengths)
-    return sum(result.lengths), 1
+    return Traffic(lengths[0], lengths[1], episodes, 1)
 
 
 def expected_series(traffic: Traffic) -> dict[str, float]:
     """PromQL -> the value the server's counters must have after ``traffic``."""
     m = f'model="{MODEL}"'
     return {
-        f"sum(dmm_act_latency_seconds_count{{{m}}})": traffic.steps,
-        f'sum(dmm_act_latency_seconds_bucket{{{m},le="+Inf"}})': traffic.steps,
+        f"sum(dmm_act_latency_seconds_count{{{m}}})": traffic.act_steps,
+        f'sum(dmm_act_latency_seconds_bucket{{{m},le="+Inf"}})': traffic.act_steps,
+        f"sum(dmm_actions_total{{{m}}})": traffic.steps,
         f"sum(dmm_queue_wait_seconds_count{{{m}}})": traffic.steps,
         # Every step is in exactly one batched forward.
         f"sum(dmm_batch_size_sum{{{m}}})": traffic.steps,
-        f"sum(dmm_sessions_started_total{{{m}}})": traffic.episodes,
-        f'sum(dmm_sessions_ended_total{{{m},reason="completed"}})': traffic.episodes,
-        f"sum(dmm_sessions_ended_total{{{m}}})": traffic.episodes,
+        # a vector stream of N episodes counts as N sessions
+        f"sum(dmm_sessions_started_total{{{m}}})": 2 * traffic.episodes,
+        f'sum(dmm_sessions_ended_total{{{m},reason="completed"}})': 2 * traffic.episodes,
+        f"sum(dmm_sessions_ended_total{{{m}}})": 2 * traffic.episodes,
         f"sum(dmm_active_sessions{{{m}}})": 0,
         'sum(dmm_errors_total{code="NOT_FOUND"})': traffic.errors,
         "sum(dmm_errors_total)": traffic.errors,
         f'dmm_model_versions_loaded{{{m},version="1"}}': 1,
         f"sum(dmm_model_loads_total{{{m}}})": 1,
         # every rollout episode ends with End: the live quality metrics count them all
-        f"sum(dmm_episode_return_count{{{m}}})": traffic.episodes,
+        f"sum(dmm_episode_return_count{{{m}}})": 2 * traffic.episodes,
         f"sum(dmm_episode_length_sum{{{m}}})": traffic.steps,
-        f"sum(dmm_episode_normalized_score_count{{{m}}})": traffic.episodes,
+        f"sum(dmm_episode_normalized_score_count{{{m}}})": 2 * traffic.episodes,
     }
 
 
@@ -268,10 +277,15 @@ def scraped(prometheus: Prometheus, exprs: dict[str, float]) -> dict[str, float 
 @pytest.fixture(scope="module")
 def traffic(server: Server, prometheus: Prometheus) -> Traffic:
     """Two phases of traffic, each waited for in Prometheus, so that every rate sees an increase."""
-    total = Traffic(0, 0, 0)
+    total = Traffic(0, 0, 0, 0)
     for phase, episodes in enumerate((2, 3)):
-        steps, errors = run_phase(server.grpc_target, episodes, seed=10 * phase)
-        total = Traffic(total.steps + steps, total.episodes + episodes, total.errors + errors)
+        t = run_phase(server.grpc_target, episodes, seed=10 * phase)
+        total = Traffic(
+            total.act_steps + t.act_steps,
+            total.vector_steps + t.vector_steps,
+            total.episodes + t.episodes,
+            total.errors + t.errors,
+        )
         expected = expected_series(total)
         wait_for(lambda e=expected: scraped(prometheus, e) == e, 30, f"phase {phase} in Prometheus")
     return total
