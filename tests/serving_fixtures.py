@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from dmm.server.testing import ServerProcess, metric_value
 from dmm.v1 import policy_pb2, policy_pb2_grpc
 
 STATE_DIM, ACT_DIM = 11, 3  # Hopper's
@@ -104,3 +105,13 @@ def episode_inputs(steps: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Random states [steps, STATE_DIM] and rewards [steps] of a synthetic episode."""
     rng = np.random.default_rng(seed)
     return rng.normal(size=(steps, STATE_DIM)), rng.uniform(0.0, 3.0, size=steps)
+
+
+def episode_metrics(server: ServerProcess) -> tuple[float, float]:
+    """(count, sum) of dmm_episode_return of model "tiny" version 1, as the server reports them now."""
+    text = server.scrape()
+    labels = {"model": "tiny", "version": "1"}
+    return (
+        metric_value(text, "dmm_episode_return_count", labels) or 0.0,
+        metric_value(text, "dmm_episode_return_sum", labels) or 0.0,
+    )

@@ -16,6 +16,7 @@ from serving_fixtures import (
     TARGET_RETURN,
     Stream,
     episode_inputs,
+    episode_metrics,
     expect_status,
     publish_tiny,
 )
@@ -355,19 +356,10 @@ def test_an_undecodable_describe_is_invalid_argument(channel: grpc.Channel) -> N
     assert info.value.details().startswith("undecodable DescribeRequest")
 
 
-def _episode_metrics(server: ServerProcess) -> tuple[float, float]:
-    text = server.scrape()
-    labels = {"model": "tiny", "version": "1"}
-    return (
-        metric_value(text, "dmm_episode_return_count", labels) or 0.0,
-        metric_value(text, "dmm_episode_return_sum", labels) or 0.0,
-    )
-
-
 def test_end_completes_the_episode_and_records_its_return(
     server: ServerProcess, channel: grpc.Channel
 ) -> None:
-    count, total = _episode_metrics(server)
+    count, total = episode_metrics(server)
     states, rewards = episode_inputs(4, seed=3)
     stream = Stream(channel)
     stream.start()
@@ -376,7 +368,7 @@ def test_end_completes_the_episode_and_records_its_return(
         stream.step(state, reward=reward)
     stream.end(float(rewards[-1]))
     assert stream.finish() == grpc.StatusCode.OK
-    new_count, new_total = _episode_metrics(server)
+    new_count, new_total = episode_metrics(server)
     assert new_count == count + 1 and new_total == pytest.approx(total + float(np.sum(rewards)), abs=1e-9)
 
 
@@ -393,11 +385,11 @@ def test_an_end_too_early_is_refused(channel: grpc.Channel, before: list[str], w
 
 
 def test_an_episode_with_explicit_rtgs_is_not_counted(server: ServerProcess, channel: grpc.Channel) -> None:
-    count, _ = _episode_metrics(server)
+    count, _ = episode_metrics(server)
     stream = Stream(channel)
     stream.start()
     stream.step(np.zeros(STATE_DIM))
     stream.step(np.zeros(STATE_DIM), rtg=100.0)  # the last action's reward is unknown to the server
     stream.end(1.0)
     assert stream.finish() == grpc.StatusCode.OK
-    assert _episode_metrics(server)[0] == count
+    assert episode_metrics(server)[0] == count

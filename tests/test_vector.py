@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
-from serving_fixtures import STATE_DIM, TARGET_RETURN, Stream, expect_status, publish_tiny
+from serving_fixtures import STATE_DIM, TARGET_RETURN, Stream, episode_metrics, expect_status, publish_tiny
 
 from dmm.server.testing import ServerProcess, metric_value
 from dmm.v1 import policy_pb2
@@ -97,19 +97,10 @@ def test_a_step_of_some_rows_answers_only_them(channel: grpc.Channel) -> None:
     assert stream.finish() == grpc.StatusCode.OK
 
 
-def _episode_count(server: ServerProcess) -> tuple[float, float]:
-    text = server.scrape()
-    labels = {"model": "tiny", "version": "1"}
-    return (
-        metric_value(text, "dmm_episode_return_count", labels) or 0.0,
-        metric_value(text, "dmm_episode_return_sum", labels) or 0.0,
-    )
-
-
 def test_restarted_and_ended_episodes_are_recorded_with_their_returns(
     server: ServerProcess, channel: grpc.Channel
 ) -> None:
-    count, total = _episode_count(server)
+    count, total = episode_metrics(server)
     stream = Stream(channel, rpc="ActVector")
     stream.send(vector_start(episodes=2))
     zeros = np.zeros((2, STATE_DIM))
@@ -119,7 +110,7 @@ def test_restarted_and_ended_episodes_are_recorded_with_their_returns(
     stream.send(vector_step(zeros[:1], rewards=[4.0], rows=[1]))
     stream.put(policy_pb2.VectorRequest(end=policy_pb2.VectorEnd(rows=[1], rewards=[5.0])))  # 2+3+4+5
     assert stream.finish() == grpc.StatusCode.OK
-    new_count, new_total = _episode_count(server)
+    new_count, new_total = episode_metrics(server)
     assert new_count - count == 2 and new_total - total == pytest.approx(25.0)
 
 
