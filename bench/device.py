@@ -12,19 +12,22 @@ a run cut short still leaves what it measured.
 1. ``env``: GPU, driver, torch/triton versions; installs the wheels from ``bench/device_wheels.sh``
    (``.whl/``) and the project into ``--site`` and checks that every dependency imports. The score
    data are not carried (82 MB): when absent they are re-collected in the background from the D4RL
-   reference policy with the recipe of ../shared/data/README.md and checked against its digest.
+   reference policy with the recipe of ../shared/data/README.md and checked against its digest
+   (about 250 s on one core), unless ``runs/device-data`` travels with a packed copy
+   (``python -m bench.device --pack-data`` here: 44 MB, unpacked on the host in seconds).
 2. ``tests``: the CUDA-marked tests (GPU runner = CPU runner, ``dmm serve --device cuda``, the
    mamba_ssm backend against the torch scan where mamba_ssm is installed).
 3. ``train``: ``bench.train_speed`` on the GPU: DMM and DT, eager / compile / CUDA graphs.
 4. ``serve``: ``bench.serve --device cuda``: 1 / 64 / 256 / 1024 sessions, window and recurrent,
    client processes on half of the cores.
-5. ``scores``: ``bench.scores`` for DMM and DT x 3 seeds at 100k updates, all runs at once, in
-   resumable run folders (``runs/device-scores``): run the command again on the same machine
-   (``--steps scores``) to continue them.
+5. ``scores``: ``bench.scores`` for DMM and DT x 3 seeds at 100k updates (``--score-variants``,
+   ``--score-seeds``), all runs at once, in resumable run folders (``runs/device-scores``): run the
+   command again on the same machine (``--steps scores``) to continue them.
 
     bash bench/device_wheels.sh                  # here, once: the wheels the host lacks
     python -m bench.device                       # on the GPU host (writes bench/results/device)
     python -m bench.device --dry-run --out /tmp/d   # every step at tiny sizes on the CPU
+    python -m bench.device --pack-data           # here: the score data packed to travel
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import lzma
 import os
 import shutil
 import signal
@@ -64,6 +68,8 @@ BEHAVIOUR_POLICY = REPO_ROOT / "deploy" / "policies" / "hopper_online_5.npz"  # 
 COLLECT_STEPS = 1_000_000  # the shared file's recipe (../shared/data/README.md)
 DRY_RUN_COLLECT_STEPS = 3_000
 DATA = REPO_ROOT / "runs" / "device-data" / SHARED_HOPPER.name  # ignored, so kept on a warm host
+PACKED_DATA = DATA.with_suffix(".packed.npz")  # carried: `--pack-data` here, unpacked there
+DATA_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
 SCORE_RUNS = REPO_ROOT / "runs" / "device-scores"
 # data_digest() of ../shared/data/hopper-medium-sim-v4.hdf5: a re-collected copy has it where the
 # rollouts are bit-identical to the ones that made the shared file.
@@ -299,6 +305,8 @@ def _start_collect(device: Device, step: Step) -> None:
     """
     if "scores" not in device.args.steps:
         return
+    if not device.args.dry_run and not DATA.is_file() and PACKED_DATA.is_file():
+        unpack_data(PACKED_DATA, DATA)
     if not device.args.dry_run and (SHARED_HOPPER.is_file() or DATA.is_file()):
         step.details["data"] = str(SHARED_HOPPER if SHARED_HOPPER.is_file() else DATA)
         return
@@ -438,8 +446,9 @@ def step_scores(device: Device, step: Step) -> None:
     if device.args.dry_run:
         args += ["--quick", "--variants", "dmm", "--run-root", str(device.work / "runs")]
     else:
-        jobs = 6
-        args += ["--device", "cuda", "--variants", "dmm", "dt", "--seeds", "0", "1", "2"]
+        variants, seeds = device.args.score_variants, device.args.score_seeds
+        jobs = len(variants) * len(seeds)
+        args += ["--device", "cuda", "--variants", *variants, "--seeds", *map(str, seeds)]
         args += ["--jobs", str(jobs), "--threads", str(max(1, usable_cores() // jobs))]
         args += ["--run-root", str(SCORE_RUNS), "--checkpoint-every", "5000"]
         # runs stopped at the time-out save their state (SIGTERM) within the workers' grace period
@@ -490,6 +499,52 @@ def data_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def pack_data(src: Path, dst: Path) -> None:
+    """Pack the arrays of an hdf5 dataset small enough to travel with a device call.
+
+    Each array is stored column by column with its bytes split into planes (sign and exponent bytes
+    of neighbouring floats repeat), then lzma-compressed: 44 MB for the 82 MB score data, against 47
+    with hdf5's own gzip. ``unpack_data`` restores the same arrays (``data_digest`` checks it).
+    """
+    import h5py
+    import numpy as np
+
+    packed: dict[str, Any] = {}
+    with h5py.File(src, "r") as f:
+        attrs = {k: v.item() if hasattr(v, "item") else v for k, v in f.attrs.items()}
+        for key in DATA_KEYS:
+            a = f[key][:]
+            columns = np.ascontiguousarray(a.reshape(len(a), -1).T)
+            planes = np.ascontiguousarray(columns.view(np.uint8).reshape(-1, a.dtype.itemsize).T)
+            packed[key] = np.frombuffer(lzma.compress(planes.tobytes(), preset=6), np.uint8)
+            packed[f"{key}.meta"] = np.array(json.dumps({"shape": a.shape, "dtype": a.dtype.str}))
+    packed["attrs"] = np.array(json.dumps(attrs))
+    packed["digest"] = np.array(data_digest(src))
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(dst, **packed)
+
+
+def unpack_data(src: Path, dst: Path) -> None:
+    """Write the hdf5 file ``pack_data`` packed; refuses a copy whose arrays differ."""
+    import h5py
+    import numpy as np
+
+    packed = np.load(src)
+    tmp = dst.with_suffix(".partial")
+    with h5py.File(tmp, "w") as f:
+        f.attrs.update(json.loads(str(packed["attrs"])))
+        for key in DATA_KEYS:
+            meta = json.loads(str(packed[f"{key}.meta"]))
+            dtype, shape = np.dtype(meta["dtype"]), tuple(meta["shape"])
+            raw = np.frombuffer(lzma.decompress(packed[key].tobytes()), np.uint8)
+            columns = np.ascontiguousarray(raw.reshape(dtype.itemsize, -1).T).view(dtype)
+            f.create_dataset(key, data=columns.reshape(-1, shape[0]).T.reshape(shape))
+    if data_digest(tmp) != str(packed["digest"]):
+        tmp.unlink()
+        raise ValueError(f"{src} does not unpack to the data it was packed from")
+    tmp.replace(dst)
+
+
 def _run_progress(root: Path) -> dict[str, Any]:
     """Update count and evaluations so far of every unfinished run folder under ``root``."""
     import torch
@@ -528,6 +583,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="every step at tiny sizes on the CPU")
     p.add_argument("--budget", type=float, default=540.0, help="wall seconds for all steps (default 540)")
     p.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS), help="env always runs first")
+    p.add_argument(
+        "--score-variants", nargs="+", default=["dmm", "dt"], help="bench.scores variants (default dmm dt)"
+    )
+    p.add_argument("--score-seeds", nargs="+", type=int, default=[0, 1, 2], help="default 0 1 2")
     return p.parse_args(argv)
 
 
@@ -535,6 +594,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv == ["--probe"]:
         print(json.dumps(probe()))
+        return 0
+    if argv == ["--pack-data"]:
+        pack_data(SHARED_HOPPER, PACKED_DATA)
+        print(f"packed {SHARED_HOPPER} into {PACKED_DATA} ({PACKED_DATA.stat().st_size / 1e6:.1f} MB)")
         return 0
     args = parse_args(argv)
     device = Device(args, argv)
