@@ -279,3 +279,67 @@ def test_soak_counts_every_episode_ending_and_frees_every_slot(tmp_path):
     assert summary["unexpected_errors"] == 0 and summary["active_sessions_after"] == 0
     assert summary["server_agrees"] and summary["completed"] > 0 and summary["steps"] > 0
     assert summary["episodes"] == summary["completed"] + summary["cancelled"] + summary["vanished"]
+
+
+def test_scores_report_joins_runs_from_several_roots(tmp_path):
+    import torch
+
+    from bench.scores_report import main as report
+    from dmm.trainer.collect import collect
+
+    policy = random_sac_policy(tmp_path / "policy.npz", 11, 3)
+    data = collect("Hopper-v4", policy, 400, tmp_path / "hopper-tiny.hdf5", seed=0)
+    cpu, gpu = tmp_path / "cpu", tmp_path / "gpu"
+    args = ("--dataset", str(data), "--variants", "dmm", "--updates", "6", "--eval-every", "3")
+    code, scores, _ = run_bench("scores", tmp_path / "out1", *args, "--run-root", str(cpu))
+    assert code == 0
+    finished = cpu / "hopper-tiny-dmm-seed0"
+    state = torch.load(finished / "state.pt", weights_only=False)
+    # an unfinished DT run on another machine, evaluated once so far, and a stale copy of the DMM run
+    for name, update in (("hopper-tiny-dt-seed0", 4), ("hopper-tiny-dmm-seed0", 2)):
+        evals = [e for e in state["metrics"]["evals"] if e["update"] <= update]
+        (gpu / name).mkdir(parents=True)
+        torch.save({**state, "update": update, "metrics": {"evals": evals}}, gpu / name / "state.pt")
+    recurrent = tmp_path / "recurrent.json"
+    rec = {"name": finished.name, "episodes": 2, "target_return": 3600.0, "normalized_mean": 1.5}
+    recurrent.write_text(json.dumps({**rec, "normalized_std": 0.5}))
+
+    out = tmp_path / "report"
+    assert report([f"{cpu}:cpu", f"{gpu}:gpu", "--recurrent", str(recurrent), "--out", str(out)]) == 0
+    payload = json.loads((out / "results.json").read_text())
+    runs = {r["name"]: r for r in payload["runs"]}
+    assert set(runs) == {"hopper-tiny-dmm-seed0", "hopper-tiny-dt-seed0"}
+    dmm, dt = runs["hopper-tiny-dmm-seed0"], runs["hopper-tiny-dt-seed0"]
+    assert dmm["trained_on"] == "cpu" and dmm["finished"] and dmm["updates"] == 6  # not the stale copy
+    assert dmm["final"]["window"]["normalized_mean"] == scores["runs"][0]["normalized"]
+    assert dmm["final"]["recurrent"]["normalized_mean"] == 1.5
+    assert dt["trained_on"] == "gpu" and not dt["finished"] and dt["final"] == {}
+    assert {e["update"] for e in dt["eval_history"]} == {3} and len(dmm["eval_history"]) == 4
+    md = (out / "results.md").read_text()
+    assert "| DT (K=20) | - |" in md and "seed 0 at 4" in md  # unfinished: no final score
+    assert "best evaluation up to 3 (seeds)" in md and "best evaluation up to 6 (seeds)" in md
+    assert (out / "scores.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_device_score_data_travel_packed_and_unpack_identical(tmp_path):
+    import h5py
+    import numpy as np
+
+    from bench.device import DATA_KEYS, data_digest, pack_data, unpack_data
+    from dmm.trainer.collect import collect
+
+    policy = random_sac_policy(tmp_path / "policy.npz", 11, 3)
+    data = collect("Hopper-v4", policy, 300, tmp_path / "hopper-tiny.hdf5", seed=0)
+    pack_data(data, tmp_path / "packed.npz")
+    unpack_data(tmp_path / "packed.npz", tmp_path / "unpacked.hdf5")
+    assert data_digest(tmp_path / "unpacked.hdf5") == data_digest(data)
+    with h5py.File(data) as a, h5py.File(tmp_path / "unpacked.hdf5") as b:
+        for key in DATA_KEYS:
+            assert a[key].dtype == b[key].dtype and np.array_equal(a[key][:], b[key][:])
+        assert dict(b.attrs) == dict(a.attrs)
+    packed = dict(np.load(tmp_path / "packed.npz"))
+    packed["digest"] = np.array("0" * 64)  # a pack that does not restore what it claims
+    np.savez(tmp_path / "bad.npz", **packed)
+    with pytest.raises(ValueError, match="does not unpack"):
+        unpack_data(tmp_path / "bad.npz", tmp_path / "bad.hdf5")
+    assert not (tmp_path / "bad.hdf5").exists() and not (tmp_path / "bad.partial").exists()

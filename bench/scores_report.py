@@ -1,0 +1,246 @@
+"""The score table from resumable run folders, finished or not, wherever they were trained.
+
+``bench.scores`` tabulates the runs of one invocation. Long runs are trained in pieces on different
+machines (a 2-core CPU for weeks of DMM updates, a lent GPU for minutes of DT), so this report
+reads the run folders themselves (``<root>/<dataset>-<variant>-seed<N>/``: ``state.pt`` with the
+update count and the evaluation history, ``result.json`` once the run finished) and puts them side
+by side: the honest final-checkpoint score of finished runs, in window and (where a ``dmm eval
+--mode recurrent`` result is given) recurrent mode; the learning curves at every evaluation, as the
+fair comparison of runs that got to different update counts; and the paper's protocol (the best
+evaluation over updates and target returns) at the budget every model reached and at the full one.
+
+    python -m bench.scores_report runs/scores-100k:"2-core CPU" runs/device-scores:"H200" \\
+        --recurrent runs/scores-100k/recurrent/*-recurrent.json --out bench/results/scores-100k
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import (
+    VARIANTS,
+    default_out,
+    machine,
+    markdown_table,
+    new_figure,
+    report_header,
+    write_report,
+)
+
+SCRIPT = "scores_report"
+RUN_NAME = re.compile(r"^(?P<dataset>.+)-(?P<variant>[a-z0-9-]+?)-seed(?P<seed>\d+)$")
+RESULT_FILE = "result.json"
+
+
+def read_run(path: Path, where: str, recurrent: dict[str, dict]) -> dict[str, Any] | None:
+    """One run folder as a row; None for a folder that is not a run of a known variant."""
+    import torch
+
+    match = RUN_NAME.match(path.name)
+    if not match or match["variant"] not in VARIANTS or not (path / "state.pt").is_file():
+        return None
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    history = [
+        {k: e[k] for k in ("update", "target_return", "mode", "normalized_mean", "normalized_std")}
+        for e in state["metrics"].get("evals", [])
+    ]
+    row: dict[str, Any] = {
+        "name": path.name,
+        "variant": match["variant"],
+        "label": VARIANTS[match["variant"]].label,
+        "seed": int(match["seed"]),
+        "trained_on": where,
+        "updates": int(state["update"]),
+        "finished": (path / RESULT_FILE).is_file(),
+        "eval_history": history,
+        "paper_protocol": max((e["normalized_mean"] for e in history), default=None),
+        "final": {},
+    }
+    if row["finished"]:
+        result = json.loads((path / RESULT_FILE).read_text())
+        row["final"]["window"] = {
+            "episodes": result["episodes"],
+            "target_return": result["target_return"],
+            "normalized_mean": result["normalized"],
+            "normalized_std": result["normalized_std_over_episodes"],
+        }
+    if path.name in recurrent:
+        r = recurrent[path.name]
+        row["final"]["recurrent"] = {
+            "episodes": r["episodes"],
+            "target_return": r["target_return"],
+            "normalized_mean": r["normalized_mean"],
+            "normalized_std": r["normalized_std"],
+        }
+    return row
+
+
+def collect(roots: Sequence[str], recurrent: dict[str, dict]) -> list[dict]:
+    """Every run under the roots; where a (variant, seed) was started in two roots, the one further on."""
+    best: dict[tuple[str, int], dict] = {}
+    for spec in roots:
+        root, _, where = spec.partition(":")
+        for path in sorted(Path(root).iterdir()):
+            row = read_run(path, where or root, recurrent) if path.is_dir() else None
+            key = (row["variant"], row["seed"]) if row else None
+            if row and (key not in best or row["updates"] > best[key]["updates"]):
+                best[key] = row
+    return list(best.values())
+
+
+def curve(runs: list[dict], target: float) -> dict[int, list[float]]:
+    """Normalized score at every evaluated update, one value per seed that got there."""
+    points: dict[int, list[float]] = {}
+    for r in runs:
+        for e in r["eval_history"]:
+            if e["target_return"] == target:
+                points.setdefault(e["update"], []).append(e["normalized_mean"])
+    return dict(sorted(points.items()))
+
+
+def mean_std(values: Sequence[float]) -> str:
+    return f"{np.mean(values):.1f} ± {np.std(values):.1f}" if values else "-"
+
+
+def final_table(models: dict[str, list[dict]]) -> str:
+    rows = []
+    for runs in models.values():
+        done = [r for r in runs if r["finished"]]
+        window = [r["final"]["window"]["normalized_mean"] for r in done]
+        rec = [r["final"]["recurrent"]["normalized_mean"] for r in done if "recurrent" in r["final"]]
+        unfinished = ", ".join(f"seed {r['seed']} at {r['updates']:,}" for r in runs if not r["finished"])
+        rows.append(
+            [
+                runs[0]["label"],
+                " ".join(str(r["seed"]) for r in done) or "-",
+                mean_std(window),
+                " / ".join(f"{v:.1f}" for v in window) or "-",
+                mean_std(rec),
+                " / ".join(f"{v:.1f}" for v in rec) or "-",
+                mean_std([r["paper_protocol"] for r in done]),
+                unfinished or "-",
+            ]
+        )
+    return markdown_table(
+        [
+            "model",
+            "finished seeds",
+            "final, window (mean ± std over seeds)",
+            "per seed",
+            "final, recurrent",
+            "per seed",
+            "paper protocol (best evaluation)",
+            "unfinished",
+        ],
+        rows,
+    )
+
+
+def curve_table(models: dict[str, list[dict]], target: float) -> str:
+    curves = {k: curve(runs, target) for k, runs in models.items()}
+    updates = sorted({u for c in curves.values() for u in c})
+    rows = [
+        [f"{u:,}", *(f"{mean_std(c[u])} ({len(c[u])})" if u in c else "-" for c in curves.values())]
+        for u in updates
+    ]
+    labels = [f"{runs[0]['label']}: mean ± std (seeds)" for runs in models.values()]
+    return markdown_table(["updates", *labels], rows)
+
+
+def protocol_table(models: dict[str, list[dict]], budgets: Sequence[int]) -> str:
+    """The paper's number (best evaluation per seed, mean over seeds) up to each budget."""
+    rows = []
+    for runs in models.values():
+        cells = []
+        for budget in budgets:
+            best = [
+                max(e["normalized_mean"] for e in r["eval_history"] if e["update"] <= budget)
+                for r in runs
+                if any(e["update"] >= budget for e in r["eval_history"])
+            ]
+            cells.append(f"{mean_std(best)} ({len(best)})")
+        rows.append([runs[0]["label"], *cells])
+    return markdown_table(["model", *(f"best evaluation up to {b:,} (seeds)" for b in budgets)], rows)
+
+
+def plot(models: dict[str, list[dict]], targets: Sequence[float]) -> Any:
+    fig, axes = new_figure(width=7.0)
+    ax = axes[0][0]
+    for i, runs in enumerate(models.values()):
+        for target, style in zip(targets, ("-", "--"), strict=False):
+            c = curve(runs, target)
+            x = np.array(list(c))
+            m = np.array([np.mean(v) for v in c.values()])
+            s = np.array([np.std(v) for v in c.values()])
+            ax.plot(x, m, style, color=f"C{i}", marker=".", label=f"{runs[0]['label']}, target {target:g}")
+            ax.fill_between(x, m - s, m + s, color=f"C{i}", alpha=0.15)
+    ax.set(xlabel="updates", ylabel="normalized score (100 episodes, window)", title="learning curves")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=f"bench.{SCRIPT}", description=__doc__.splitlines()[0])
+    p.add_argument("roots", nargs="+", help="run roots, each as ROOT or ROOT:WHERE-IT-WAS-TRAINED")
+    p.add_argument("--recurrent", nargs="*", type=Path, default=[], help="`dmm eval --json` results")
+    p.add_argument("--out", type=Path, default=default_out("scores-100k"))
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    recurrent = {(d := json.loads(p.read_text()))["name"]: d for p in args.recurrent}
+    runs = collect(args.roots, recurrent)
+    if not runs:
+        sys.exit(f"no run folders under {', '.join(args.roots)}")
+    models: dict[str, list[dict]] = {}
+    for r in sorted(runs, key=lambda r: (list(VARIANTS).index(r["variant"]), r["seed"])):
+        models.setdefault(r["variant"], []).append(r)
+    targets = sorted({e["target_return"] for r in runs for e in r["eval_history"]}, reverse=True)
+    common = min(max(e["update"] for e in r["eval_history"]) for r in runs if r["eval_history"])
+    full = max(r["updates"] for r in runs)
+    tables = [
+        "### Final checkpoint (finished runs)",
+        final_table(models),
+        *(f"### Learning curves at target {t:g} (window)\n\n{curve_table(models, t)}" for t in targets),
+        "### The paper's protocol at the budget every run reached and at the full budget",
+        protocol_table(models, sorted({common, full})),
+    ]
+    payload = {
+        **report_header(SCRIPT, argv, machine()),
+        "roots": args.roots,
+        "target_returns": targets,
+        "runs": runs,
+    }
+    trained = "; ".join(sorted({f"{r['label']} on {r['trained_on']}" for r in runs}))
+    notes = [
+        f"runs: {trained}",
+        "final: the last checkpoint on 100 episodes at the first target return; a seed's score is its mean "
+        "normalized return; mean ± std over seeds",
+        "paper protocol (the authors' reporting, for comparison only): the best of the evaluations every "
+        f"10k updates at every target return ({', '.join(f'{t:g}' for t in targets)}), per seed",
+    ]
+    fig = plot(models, targets)
+    write_report(
+        args.out,
+        "scores",
+        "Normalized scores at the paper's budget",
+        "\n\n".join(tables),
+        payload,
+        fig,
+        notes,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
