@@ -12,6 +12,8 @@ which are the same for every dataset of a family.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 import warnings
@@ -63,17 +65,13 @@ _FAMILIES: dict[str, _Family] = {
     "halfcheetah": _Family(
         "HalfCheetah-v4", 17, 6, "halfcheetah-medium-v2", (6000.0, 12000.0), 1000.0, 1000, None
     ),
-    # D4RL only has the U-maze at this size; its episodes last 700 steps (D4RL's umaze timeout).
+    # Sparse rewards (dmm.robotics has the tasks): an AntMaze episode returns 0 or 1 (reaching the
+    # goal ends it), a Kitchen episode the number of its four tasks done (paper, Appendix E). The
+    # returns are already of order 1, so the RTG is not scaled (the appendix's 1000 is for the
+    # locomotion returns in the thousands, DESIGN.md), and the target is the best return, D4RL's
+    # reference maximum. D4RL only has the U-maze at this size; its episodes last 700 steps.
     "antmaze": _Family("AntMaze_UMaze-v4", 29, 8, "antmaze-umaze-v2", (1.0,), 1.0, 700, "robotics"),
     "kitchen": _Family("FrankaKitchen-v1", 60, 9, "kitchen-mixed-v0", (4.0,), 1.0, 280, "robotics"),
-}
-
-# The four tasks each Kitchen dataset was recorded on (D4RL's kitchen_envs.py); FrankaKitchen-v1
-# must be told which ones earn reward.
-_KITCHEN_TASKS = {
-    "kitchen-complete-v0": ("microwave", "kettle", "light switch", "slide cabinet"),
-    "kitchen-partial-v0": ("microwave", "kettle", "light switch", "slide cabinet"),
-    "kitchen-mixed-v0": ("microwave", "kettle", "bottom burner", "light switch"),
 }
 
 _GYMNASIUM_IDS = {family.env_id.lower(): name for name, family in _FAMILIES.items()}
@@ -109,6 +107,14 @@ def _known_names() -> str:
     )
 
 
+def _versioned_id(env_id: str, key: str) -> str:
+    """``env_id`` in the version ``key`` names when ``key`` is another version of it (``Hopper-v5``,
+    in which Minari's MuJoCo data was recorded and must be evaluated), else ``env_id`` itself."""
+    base = env_id.rpartition("-v")[0]
+    match = re.fullmatch(rf"{re.escape(base)}-v(\d+)", key, re.IGNORECASE)
+    return f"{base}-v{match.group(1)}" if match else env_id
+
+
 def env_spec(name: str) -> EnvSpec:
     """Resolve a dataset name, file name or gymnasium id to its :class:`EnvSpec`.
 
@@ -137,7 +143,7 @@ def env_spec(name: str) -> EnvSpec:
     scores = table[dataset if dataset is not None else family.reference_dataset]
     return EnvSpec(
         dataset=dataset if dataset is not None else key,
-        env_id=family.env_id,
+        env_id=_versioned_id(family.env_id, key),
         obs_dim=family.obs_dim,
         act_dim=family.act_dim,
         ref_min_score=float(scores["ref_min_score"]),
@@ -171,7 +177,10 @@ def _import_gymnasium(spec: EnvSpec) -> Any:
 
     if spec.extra == "robotics":
         try:
-            import gymnasium_robotics
+            # gymnasium-robotics prints a notice about its Adroit environments on import; it
+            # concerns none of ours and would end up in every command's error output.
+            with contextlib.redirect_stderr(io.StringIO()):
+                import gymnasium_robotics
         except ImportError as err:
             raise DMMError(
                 f"{spec.env_id} needs gymnasium-robotics: pip install decision-metamamba[robotics]"
@@ -183,21 +192,27 @@ def _import_gymnasium(spec: EnvSpec) -> Any:
 def make_env(name: str, **kwargs: Any) -> gymnasium.Env:
     """Create the gymnasium environment of a dataset, with the dataset's episode length.
 
-    ``kwargs`` go to ``gymnasium.make`` (e.g. ``render_mode``, ``max_episode_steps``).
+    AntMaze and Kitchen come wrapped by :func:`dmm.robotics.d4rl_view`: flat observations in
+    D4RL's layout and D4RL's task of the dataset. ``kwargs`` go to ``gymnasium.make`` (e.g.
+    ``render_mode``, ``max_episode_steps``).
     """
     spec = env_spec(name)
     gymnasium = _import_gymnasium(spec)
     kwargs.setdefault("max_episode_steps", spec.max_episode_steps)
-    if spec.dataset in _KITCHEN_TASKS:
-        kwargs.setdefault("tasks_to_complete", list(_KITCHEN_TASKS[spec.dataset]))
+    robotics = None
+    if spec.extra == "robotics":
+        from dmm import robotics
+
+        kwargs = {**robotics.make_kwargs(spec.env_id, spec.dataset), **kwargs}
     try:
         with warnings.catch_warnings():
             # The v4 MuJoCo envs are chosen on purpose (closest to D4RL's v2 data); gymnasium's
             # "out of date, upgrade to v5" notice would only be noise.
             warnings.filterwarnings("ignore", message=".*out of date.*", category=DeprecationWarning)
-            return gymnasium.make(spec.env_id, **kwargs)
+            env = gymnasium.make(spec.env_id, **kwargs)
     except gymnasium.error.Error as err:
         raise DMMError(f"cannot create {spec.env_id} for {name!r}: {err}") from err
+    return robotics.d4rl_view(env) if robotics is not None else env
 
 
 def make_vector_env(name: str, num_envs: int, **kwargs: Any) -> gymnasium.vector.VectorEnv:

@@ -20,8 +20,9 @@ A version is *complete* when its folder has an integer name and a ``checksums.sh
 ``latest`` is the highest of them. :meth:`ModelStore.load` verifies every listed checksum and raises
 :class:`CorruptVersionError` naming the file rather than serving a damaged version.
 
-Only local folders are supported. An fsspec URL (``s3://...``, many servers reading one store) is
-the planned scale-out path and is not implemented; such roots are rejected with a clear error.
+:class:`ModelStore` is the store in a local folder. :func:`open_store` opens a store from what
+``--store`` says: a folder, or an ``s3://bucket/prefix`` URL, which gives the S3 store of
+:mod:`dmm.store_s3` (same layout and guarantees, for many servers reading one store).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import safetensors.torch
 import torch
@@ -214,8 +215,8 @@ class ModelStore:
             raise StoreError("store root must be a str path, not bytes")
         if "://" in text:
             raise StoreError(
-                f"store root {text!r} is a URL; only local folders are supported (remote fsspec stores "
-                "are not implemented)"
+                f"store root {text!r} is a URL; ModelStore takes only local folders (open_store also "
+                "opens s3:// URLs)"
             )
         if not text:
             raise StoreError("store root is empty")
@@ -316,27 +317,10 @@ class ModelStore:
             raise CorruptVersionError(f"{checksum_path} is missing: the version is incomplete") from None
         except (OSError, UnicodeDecodeError) as err:
             raise CorruptVersionError(f"{checksum_path} cannot be read: {err}") from None
-        listed: dict[str, str] = {}
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            match = _CHECKSUM_LINE_RE.fullmatch(line)
-            if match is None:
-                raise CorruptVersionError(f"{checksum_path} line {lineno} is malformed: {line!r}")
-            digest, fname = match.groups()
-            if not _NAME_RE.fullmatch(fname) or fname == CHECKSUMS_FILE or fname in listed:
-                raise CorruptVersionError(f"{checksum_path} line {lineno} lists a bad file name {fname!r}")
-            listed[fname] = digest
-        return listed
+        return parse_checksums(text, str(checksum_path))
 
     def _verify_listing(self, path: Path) -> dict[str, str]:
-        listed = self._read_checksums(path)
-        for required in REQUIRED_FILES:
-            if required not in listed:
-                raise CorruptVersionError(
-                    f"{path / CHECKSUMS_FILE} does not list {required}: the version is incomplete"
-                )
-        return listed
+        return check_required(self._read_checksums(path), str(path / CHECKSUMS_FILE))
 
     @staticmethod
     def _read_verified(path: Path, fname: str, expected: str) -> bytes:
@@ -534,6 +518,30 @@ class ModelStore:
         return removed
 
 
+def parse_checksums(text: str, where: str) -> dict[str, str]:
+    """File name -> sha256 hex of a ``checksums.sha256`` text read from ``where`` (named in errors)."""
+    listed: dict[str, str] = {}
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        match = _CHECKSUM_LINE_RE.fullmatch(line)
+        if match is None:
+            raise CorruptVersionError(f"{where} line {lineno} is malformed: {line!r}")
+        digest, fname = match.groups()
+        if not _NAME_RE.fullmatch(fname) or fname == CHECKSUMS_FILE or fname in listed:
+            raise CorruptVersionError(f"{where} line {lineno} lists a bad file name {fname!r}")
+        listed[fname] = digest
+    return listed
+
+
+def check_required(listed: dict[str, str], where: str) -> dict[str, str]:
+    """``listed`` (a parsed ``checksums.sha256`` read from ``where``) if it lists every required file."""
+    for required in REQUIRED_FILES:
+        if required not in listed:
+            raise CorruptVersionError(f"{where} does not list {required}: the version is incomplete")
+    return listed
+
+
 def _parse_version(version: object) -> int:
     if isinstance(version, bool):
         raise StoreError(f"invalid version {version!r}: use a positive integer or 'latest'")
@@ -569,3 +577,55 @@ def _prepare_files(files: object) -> dict[str, bytes | Path]:
                 f"extra file {fname!r} must be bytes or a pathlib.Path, got {type(source).__name__}"
             )
     return out
+
+
+class Store(Protocol):
+    """What the trainer and the server use of a store: :class:`ModelStore` or the S3 store."""
+
+    @property
+    def root(self) -> Path | str:
+        """Where the store is, for messages: a folder or an ``s3://`` URL."""
+
+    def models(self) -> list[str]: ...
+
+    def versions(self, name: str) -> list[int]: ...
+
+    def latest(self, name: str) -> int: ...
+
+    def resolve(self, name: str, version: int | str | None = None) -> int: ...
+
+    def load(
+        self, name: str, version: int | str | None = None, device: str | torch.device = "cpu"
+    ) -> Checkpoint: ...
+
+    def read_config(self, name: str, version: int | str | None = None) -> dict: ...
+
+    def publish(
+        self,
+        name: str,
+        tensors: dict[str, torch.Tensor],
+        config: dict,
+        metrics: dict | None = None,
+        files: dict[str, bytes | os.PathLike[str]] | None = None,
+    ) -> int: ...
+
+
+def open_store(root: str | os.PathLike[str], refresh_s: float = 0.0) -> Store:
+    """The store ``--store`` names: an ``s3://bucket/prefix`` URL or a local folder.
+
+    ``refresh_s`` is how long an S3 store reuses a listing (a long-running server sets it, so that
+    session starts do not list the bucket each time); a local folder is always read afresh.
+    """
+    text = os.fspath(root) if isinstance(root, (str, os.PathLike)) else root
+    if isinstance(text, str) and "://" in text and not text.startswith("s3://"):
+        raise StoreError(f"store {text!r}: unsupported URL; use a local folder or s3://bucket/prefix")
+    if isinstance(text, str) and text.startswith("s3://"):
+        try:
+            from dmm.store_s3 import S3ModelStore
+        except ModuleNotFoundError as err:
+            raise StoreError(
+                f"store {text!r} needs {err.name}, which is not installed: "
+                "pip install 'decision-metamamba[s3]'"
+            ) from None
+        return S3ModelStore(text, refresh_s=refresh_s)
+    return ModelStore(root)

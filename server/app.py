@@ -22,7 +22,7 @@ from dmm.server.pool import ModelPool
 from dmm.server.routes import Router
 from dmm.server.security import TokenAuth, load_tokens, server_credentials
 from dmm.server.service import SERVICE_NAME, PolicyService, add_to_server
-from dmm.store import ModelStore
+from dmm.store import ModelStore, open_store
 
 if TYPE_CHECKING:
     from dmm.server.workers import WorkerLink
@@ -44,7 +44,7 @@ class PolicyServer:
         self.options = options
         self.worker = worker
         self.metrics = ServerMetrics()
-        self.store = ModelStore(options.store)
+        self.store = open_store(options.store, options.store_refresh_s)
         self.pool: ModelPool | None = None
         self.service: PolicyService | None = None
         self.health = health.aio.HealthServicer()
@@ -62,7 +62,8 @@ class PolicyServer:
             device=o.resolved_device,
             max_batch=o.resolved_max_batch,
             max_delay_s=o.max_delay_ms / 1e3,
-            router=Router(self.store.root, o.parsed_routes()),
+            # routes.json is read from a local store only; with an S3 store, routes come from --route
+            router=Router(self.store.root if isinstance(self.store, ModelStore) else None, o.parsed_routes()),
         )
         self.service = PolicyService(
             self.pool,
@@ -161,8 +162,8 @@ async def serve(options: ServeOptions, worker: WorkerLink | None = None) -> int:
     logs.configure(
         options.log_level, options.log_format, **({} if worker is None else {"worker": worker.index})
     )
+    server = PolicyServer(options, worker=worker is not None)  # opens the store: a bad one fails first
     scan_backend = set_default_backend(options.scan_backend or default_backend(), options.resolved_device)
-    server = PolicyServer(options, worker=worker is not None)
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

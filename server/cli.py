@@ -18,7 +18,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Serve the policies of a model store over gRPC (dmm.v1.PolicyService), with health, "
         "reflection and Prometheus metrics. New versions in the store serve new sessions without a restart.",
     )
-    p.add_argument("--store", required=True, help="model store folder")
+    p.add_argument("--store", required=True, help="model store: a folder or s3://bucket/prefix")
+    p.add_argument(
+        "--store-refresh",
+        dest="store_refresh_s",
+        type=float,
+        default=default("store_refresh_s"),
+        metavar="SECONDS",
+        help="how long an S3 store's listing is reused: new versions serve new sessions within this "
+        "(default: %(default)s; a folder is read at every session start)",
+    )
     p.add_argument("--host", default=default("host"), help="address to listen on (default: %(default)s)")
     p.add_argument(
         "--port",
@@ -124,7 +133,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     options = ServeOptions(
-        store=Path(args.store),
+        store=args.store,
+        store_refresh_s=args.store_refresh_s,
         host=args.host,
         port=args.port,
         metrics_port=args.metrics_port,

@@ -23,7 +23,8 @@ GPU_MAX_BATCH = 1024
 
 @dataclass(frozen=True)
 class ServeOptions:
-    store: Path
+    store: str  # a folder or s3://bucket/prefix
+    store_refresh_s: float = 5.0  # an S3 store's listing is reused this long (a folder is read afresh)
     host: str = "0.0.0.0"
     port: int = 50051
     metrics_port: int = 9090
@@ -70,6 +71,7 @@ class ServeOptions:
             (self.log_level in logs.LEVELS, f"--log-level {self.log_level!r}: use {', '.join(logs.LEVELS)}"),
             (self.log_format in logs.FORMATS, f"--log-format {self.log_format!r}: use text or json"),
             (self.workers >= 1, f"--workers must be >= 1, got {self.workers}"),
+            (self.store_refresh_s >= 0, f"--store-refresh must be >= 0, got {self.store_refresh_s}"),
         )
         for ok, message in checks:
             if not ok:

@@ -2,8 +2,9 @@
 
 A session leases one slot of one version in one mode for its whole life, so it stays pinned to the
 version it started with. Versions are loaded on first use and cached; ``latest`` is resolved at
-every session start, so a version published while the server runs serves new sessions without a
-restart. A version no session uses any more is unloaded once a newer version of its model is known.
+every session start (an S3 store answers from a listing at most ``--store-refresh`` seconds old), so a
+version published while the server runs serves new sessions without a restart. A version no session
+uses any more is unloaded once a newer version of its model is known.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dmm.server import logs
 from dmm.server.batcher import Batcher
 from dmm.server.metrics import ServerMetrics
 from dmm.server.routes import Router
-from dmm.store import ModelStore
+from dmm.store import Store
 
 
 @dataclass
@@ -52,7 +53,7 @@ class Lease:
 class ModelPool:
     def __init__(
         self,
-        store: ModelStore,
+        store: Store,
         metrics: ServerMetrics,
         *,
         device: str,

@@ -3,9 +3,9 @@
 A session that names a model but no version normally gets the latest version. With a route, it gets
 one of the route's versions, drawn with the route's weights (``--route hopper=3:90,4:10``); sessions
 that name a version, and sessions already running, are not affected. Routes can change without a
-restart: ``routes.json`` at the store's root (``{"hopper": {"3": 90, "4": 10}}``) is read again when it
-changes and overrides ``--route`` for the models it names; a file that does not parse is refused
-(logged) and the routes in force stay.
+restart: ``routes.json`` at the root of a local store (``{"hopper": {"3": 90, "4": 10}}``) is read again
+when it changes and overrides ``--route`` for the models it names; a file that does not parse is
+refused (logged) and the routes in force stay. An S3 store has no routes file: ``--route`` only.
 """
 
 from __future__ import annotations
@@ -71,10 +71,13 @@ def parse_route(text: str) -> tuple[str, Route]:
 
 
 class Router:
-    """The routes in force: ``--route`` ones, overridden per model by the store's routes file."""
+    """The routes in force: ``--route`` ones, overridden per model by the routes file in ``store_root``
+    (None: a store without one, such as S3)."""
 
-    def __init__(self, store_root: Path, routes: dict[str, Route], rng: random.Random | None = None) -> None:
-        self.path = store_root / ROUTES_FILE
+    def __init__(
+        self, store_root: Path | None, routes: dict[str, Route], rng: random.Random | None = None
+    ) -> None:
+        self.path = None if store_root is None else store_root / ROUTES_FILE
         self._cli = dict(routes)
         self._file: dict[str, Route] = {}
         self._seen: tuple[int, int] | None = None  # (mtime_ns, size) of the file last read
@@ -93,6 +96,8 @@ class Router:
             return self._rng.choices(route.versions, route.weights)[0] if route else None
 
     def _refresh(self) -> None:
+        if self.path is None:
+            return
         try:
             stat = self.path.stat()
         except FileNotFoundError:

@@ -35,7 +35,7 @@ SERVICE_NAME = policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name
 Handler = Callable[[Any, "Session | None"], Awaitable[tuple[Session, Any]]]
 
 
-def _store_status(err: Exception, root: Path) -> tuple[grpc.StatusCode, str]:
+def _store_status(err: Exception, root: Path | str) -> tuple[grpc.StatusCode, str]:
     """gRPC status of an error raised while resolving or loading a model version. Clients learn
     which models and files exist, not where the server keeps its store (``root``)."""
     if isinstance(err, ModelNotFoundError):

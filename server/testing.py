@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from dmm.server.app import READY_PREFIX
@@ -35,7 +34,7 @@ class ServerProcess:
         env: dict[str, str] | None = None,
         channel: dict[str, Any] | None = None,
     ) -> None:
-        self.store = Path(store)
+        self.store = os.fspath(store)  # a folder or an s3:// URL, which Path would mangle
         self.args = list(args)
         self.host = host
         self.startup_timeout_s = startup_timeout_s
@@ -63,7 +62,7 @@ class ServerProcess:
             "dmm.cli",
             "serve",
             "--store",
-            str(self.store),
+            self.store,
             "--host",
             self.host,
             "--port",

@@ -17,12 +17,13 @@ STATE_DIM, ACT_DIM = 11, 3  # Hopper's
 TARGET_RETURN = 3600.0
 
 
-def publish_tiny(store_root: Path, name: str = "tiny", seed: int = 0, **config: object) -> int:
-    """Publish a small random DMM policy with Hopper's dimensions; returns its version."""
+def publish_tiny(store_root: Path | str, name: str = "tiny", seed: int = 0, **config: object) -> int:
+    """Publish a small random DMM policy with Hopper's dimensions to a store folder or s3:// URL;
+    returns its version."""
     import torch
 
     from dmm.model import DMMConfig, DMMPolicy, PolicyMeta, publish_policy
-    from dmm.store import ModelStore
+    from dmm.store import open_store
 
     torch.manual_seed(seed)
     model = DMMPolicy(DMMConfig(state_dim=STATE_DIM, act_dim=ACT_DIM, d_model=16, n_layer=2, **config))
@@ -35,7 +36,7 @@ def publish_tiny(store_root: Path, name: str = "tiny", seed: int = 0, **config: 
         rtg_scale=1000.0,
         target_return=TARGET_RETURN,
     )
-    return publish_policy(ModelStore(store_root), name, model, meta, metrics={"seed": seed})
+    return publish_policy(open_store(store_root), name, model, meta, metrics={"seed": seed})
 
 
 class Stream:

@@ -23,16 +23,34 @@ def _register_collect(subparsers: argparse._SubParsersAction) -> None:
     """Add ``dmm collect``."""
     parser = subparsers.add_parser(
         "collect",
-        help="roll out a behaviour policy and write a D4RL-layout hdf5 dataset",
+        help="roll out a behaviour policy and write a D4RL-layout hdf5 or a Minari dataset",
         description="Roll out a D4RL reference SAC policy (npz) in gymnasium and write exactly --steps "
-        "transitions in D4RL's hdf5 layout.",
+        "transitions in D4RL's hdf5 layout or as a Minari dataset.",
     )
     parser.add_argument(
         "--env", required=True, help="gymnasium id (Hopper-v4) or dataset name (hopper-medium-v2)"
     )
-    parser.add_argument("--policy", required=True, type=Path, help="behaviour policy .npz")
+    parser.add_argument(
+        "--policy",
+        required=True,
+        type=Path,
+        help="behaviour policy .npz, or random: actions tanh(N(0, 1)), for small test data where no "
+        "reference policy exists (AntMaze, Kitchen)",
+    )
     parser.add_argument("--steps", required=True, type=int, help="number of transitions to write")
-    parser.add_argument("--out", required=True, type=Path, help="output .hdf5 file")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output .hdf5 file, or with --format minari a new Minari dataset id (dmm/hopper/random-v0), "
+        "written into $MINARI_DATASETS_PATH",
+    )
+    parser.add_argument(
+        "--format",
+        choices=["hdf5", "minari"],
+        default="hdf5",
+        dest="data_format",
+        help="hdf5 (default, D4RL layout) or minari",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of resets and action noise (default 0)")
     parser.add_argument("--num-envs", type=int, default=1, help="environments stepped together (default 1)")
     parser.add_argument(
@@ -42,6 +60,7 @@ def _register_collect(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _collect(args: argparse.Namespace) -> int:
+    from dmm.data.minari_datasets import MINARI_PREFIX
     from dmm.trainer.collect import collect
 
     path = collect(
@@ -52,8 +71,11 @@ def _collect(args: argparse.Namespace) -> int:
         seed=args.seed,
         num_envs=args.num_envs,
         deterministic=args.deterministic,
+        data_format=args.data_format,
     )
     print(f"wrote {args.steps} transitions to {path}")
+    if args.data_format == "minari":
+        print(f"train on it with --dataset {MINARI_PREFIX}{args.out.removeprefix(MINARI_PREFIX)}")
     return 0
 
 
@@ -67,8 +89,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Train Decision MetaMamba with the paper's settings (overridable), evaluate it, "
         "and publish a new version to the model store.",
     )
-    train.add_argument("--dataset", help="D4RL name (hopper-medium-v2) or a .hdf5/.pkl path (required)")
-    train.add_argument("--store", help="model store folder (required)")
+    train.add_argument(
+        "--dataset",
+        help="D4RL name (hopper-medium-v2), a .hdf5/.pkl path or minari:<dataset id> (required)",
+    )
+    train.add_argument("--store", help="model store: a folder or s3://bucket/prefix (required)")
     train.add_argument("--name", help="model name in the store (default: the dataset name)")
     train.add_argument("--updates", type=_positive_int, help="gradient updates (paper: 100000)")
     train.add_argument("--seed", type=int)
@@ -135,7 +160,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.set_defaults(handler=run_train)
 
     ev = subparsers.add_parser("eval", help="evaluate a stored policy in its environment")
-    ev.add_argument("--store", required=True, type=Path)
+    ev.add_argument("--store", required=True, help="model store: a folder or s3://bucket/prefix")
     ev.add_argument("--name", required=True)
     ev.add_argument("--version", default=None, help="version number or 'latest' (default)")
     ev.add_argument("--episodes", type=_positive_int, default=10)
@@ -216,7 +241,7 @@ def _run_dir(args: argparse.Namespace, cfg: Any) -> Any:
 
 def run_train(args: argparse.Namespace) -> int:
     from dmm.data import load_dataset
-    from dmm.store import ModelStore
+    from dmm.store import open_store
     from dmm.trainer.run_dir import RunDir, TrainingStopped
     from dmm.trainer.train import train
 
@@ -229,6 +254,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.dataset is None or args.store is None:
         raise ConfigError("--dataset and --store are required (or --resume RUN_DIR)")
     cfg = _train_config(args)
+    store = open_store(args.store)  # before the run, the dataset and the training: a bad store fails first
     run = _run_dir(args, cfg)
     print(f"scan backend: {use_scan_backend(args.scan_backend, cfg.device)}")
     dataset = load_dataset(args.dataset)
@@ -236,7 +262,7 @@ def run_train(args: argparse.Namespace) -> int:
         f"dataset {dataset.name}: {len(dataset.trajectories)} trajectories, {dataset.num_transitions} steps, "
         f"env {dataset.env}"
     )
-    store, name = ModelStore(Path(args.store)), args.name or dataset.name
+    name = args.name or dataset.name
     try:
         result = train(cfg, dataset, store, name, progress=not args.no_progress, run=run)
     except TrainingStopped as stop:
@@ -252,11 +278,12 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from dmm.model import load_policy
-    from dmm.store import ModelStore
+    from dmm.store import open_store
     from dmm.trainer.evaluate import evaluate
 
+    store = open_store(args.store)  # before the scan backend's compilation: a bad store fails at once
     backend = use_scan_backend(args.scan_backend, args.device)
-    policy = load_policy(ModelStore(args.store), args.name, args.version, device=args.device)
+    policy = load_policy(store, args.name, args.version, device=args.device)
     target = args.target_return if args.target_return is not None else policy.meta.target_return
     result = evaluate(
         policy,

@@ -1,10 +1,13 @@
-"""Write a D4RL-layout hdf5 by rolling out a behaviour policy in gymnasium envs (`dmm collect`).
+"""Write a D4RL-layout hdf5 or a Minari dataset by rolling out a behaviour policy in gymnasium envs
+(`dmm collect`).
 
 The behaviour policies are D4RL's reference SAC policies (``fc0``, ``fc1``, ``last_fc``,
 ``last_fc_log_std`` in an npz): two ReLU layers of 256 and a tanh-Gaussian head, evaluated in
-numpy. Reproducibility: episode ``k`` is reset with seed ``seed + k`` and the action noise comes
-from one generator seeded with ``seed``, drawn as ``[num_envs, act_dim]`` per vector step; the
-same arguments give the same file. Episodes are written whole and in the order they started.
+numpy; or ``random`` (:data:`RANDOM_POLICY`), the same head with zero weights, for environments
+with no reference policy (AntMaze, Kitchen). Reproducibility: episode ``k`` is reset with seed
+``seed + k`` and the action noise comes from one generator seeded with ``seed``, drawn as
+``[num_envs, act_dim]`` per vector step; the same arguments give the same file. Episodes are
+written whole and in the order they started.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ POLICY_KEYS = (
     "last_fc_log_std.weight",
     "last_fc_log_std.bias",
 )
+RANDOM_POLICY = "random"  # --policy value: actions tanh(N(0, 1)), whatever the state
 
 
 class SACPolicy:
@@ -36,6 +40,24 @@ class SACPolicy:
         self._w = {key: np.asarray(params[key], dtype=np.float64) for key in POLICY_KEYS}
         self.obs_dim = int(self._w["fc0.weight"].shape[1])
         self.act_dim = int(self._w["last_fc.weight"].shape[0])
+
+    @classmethod
+    def random(cls, obs_dim: int, act_dim: int) -> SACPolicy:
+        """Zero weights: mean 0 and log-std 0, so actions are ``tanh(N(0, 1))`` whatever the state. A
+        random behaviour policy for small test data where no trained one exists."""
+        import numpy as np
+
+        shapes = {
+            "fc0.weight": (1, obs_dim),
+            "fc0.bias": (1,),
+            "fc1.weight": (1, 1),
+            "fc1.bias": (1,),
+            "last_fc.weight": (act_dim, 1),
+            "last_fc.bias": (act_dim,),
+            "last_fc_log_std.weight": (act_dim, 1),
+            "last_fc_log_std.bias": (act_dim,),
+        }
+        return cls({key: np.zeros(shape) for key, shape in shapes.items()})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SACPolicy:
@@ -205,6 +227,16 @@ def _rollout(venv: Any, policy: SACPolicy, steps: int, seed: int, deterministic:
                 observations = next_observations
 
 
+def _tasks_done_so_far(columns: dict[str, Any]) -> Any:
+    """Kitchen rewards as D4RL's Kitchen files hold them: at each step, the number of tasks done so
+    far in the episode (the running sum of the per-step rewards), which ``load_dataset`` turns back
+    into per-step rewards (paper, Appendix E). The last step always ends an episode."""
+    import numpy as np
+
+    stops = np.flatnonzero(columns["terminals"] | columns["timeouts"])[:-1] + 1
+    return np.concatenate([np.cumsum(part) for part in np.split(columns["rewards"], stops)])
+
+
 def _write(out: Path, columns: dict[str, Any], attrs: dict[str, Any]) -> None:
     """Write into a temporary file beside ``out`` and rename it, so ``out`` is never half written."""
     import tempfile
@@ -224,6 +256,48 @@ def _write(out: Path, columns: dict[str, Any], attrs: dict[str, Any]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _minari_episodes(columns: dict[str, Any], seed: int) -> list[dict[str, Any]]:
+    """Minari's episode layout: each episode's observations end with the state after its last step
+    (from ``next_observations``); episode ``k`` was reset with ``seed + k``."""
+    import numpy as np
+
+    stops = np.flatnonzero(columns["terminals"] | columns["timeouts"]) + 1  # the last step always ends one
+    starts = np.concatenate(([0], stops[:-1]))
+    return [
+        {
+            "seed": seed + k,
+            "observations": np.concatenate(
+                [columns["observations"][a:b], columns["next_observations"][b - 1 : b]]
+            ),
+            "actions": columns["actions"][a:b],
+            "rewards": columns["rewards"][a:b],
+            "terminations": columns["terminals"][a:b],
+            "truncations": columns["timeouts"][a:b],
+        }
+        for k, (a, b) in enumerate(zip(starts.tolist(), stops.tolist(), strict=True))
+    ]
+
+
+def _checked_out(out: str | os.PathLike, data_format: str) -> Path | str:
+    """The hdf5 file to write, or the Minari dataset id (``minari:`` prefix optional), checked before
+    the rollout so that a bad ``--out`` costs nothing."""
+    from dmm.data.minari_datasets import MINARI_PREFIX, new_dataset_folder
+    from dmm.errors import DMMError
+
+    if data_format == "minari":
+        dataset_id = os.fspath(out).removeprefix(MINARI_PREFIX)
+        new_dataset_folder(dataset_id)
+        return dataset_id
+    if data_format != "hdf5":
+        raise DMMError(f"--format must be hdf5 or minari, got {data_format!r}")
+    out = Path(out)
+    if out.suffix.lower() not in (".hdf5", ".h5"):
+        raise DMMError(f"--out must name an .hdf5 or .h5 file, got {out}")
+    if not out.parent.is_dir():
+        raise DMMError(f"output folder does not exist: {out.parent}")
+    return out
+
+
 def collect(
     env: str,
     policy_path: str | os.PathLike,
@@ -232,26 +306,33 @@ def collect(
     seed: int = 0,
     num_envs: int = 1,
     deterministic: bool = False,
+    data_format: str = "hdf5",
 ) -> Path:
-    """Roll out the policy and write exactly ``steps`` transitions to ``out`` (D4RL layout)."""
+    """Roll out the policy and write exactly ``steps`` transitions; returns where they went.
+
+    ``data_format`` ``hdf5``: ``out`` is the file (D4RL layout). ``minari``: ``out`` is a Minari
+    dataset id, written into the Minari root (``$MINARI_DATASETS_PATH``) with the environment's
+    spec; the returned path is the dataset's folder.
+    """
     import numpy as np
 
+    from dmm.data.minari_datasets import write_minari
     from dmm.errors import DMMError
+    from dmm.robotics import KITCHEN_ID
 
     if steps <= 0:
         raise DMMError(f"--steps must be positive, got {steps}")
     if num_envs <= 0:
         raise DMMError(f"--num-envs must be positive, got {num_envs}")
-    out = Path(out)
-    if out.suffix.lower() not in (".hdf5", ".h5"):
-        raise DMMError(f"--out must name an .hdf5 or .h5 file, got {out}")
-    if not out.parent.is_dir():
-        raise DMMError(f"output folder does not exist: {out.parent}")
-    policy = SACPolicy.load(policy_path)
+    target = _checked_out(out, data_format)
     venv, env_id = _make_vector_env(env, num_envs)
     try:
         obs_space, act_space = venv.single_observation_space, venv.single_action_space
         obs_dim, act_dim = int(np.prod(obs_space.shape or (0,))), int(np.prod(act_space.shape or (0,)))
+        if os.fspath(policy_path) == RANDOM_POLICY:
+            policy = SACPolicy.random(obs_dim, act_dim)
+        else:
+            policy = SACPolicy.load(policy_path)
         if (obs_dim, act_dim) != (policy.obs_dim, policy.act_dim) or len(obs_space.shape or ()) != 1:
             raise DMMError(
                 f"policy {Path(policy_path).name} takes observations of dim {policy.obs_dim} and gives "
@@ -263,11 +344,22 @@ def collect(
         venv.close()
     if not (columns["terminals"][-1] or columns["timeouts"][-1]):
         columns["timeouts"][-1] = True  # the data ends mid-episode: a time limit, not a terminal state
+    sampling = "tanh_gaussian_mean" if deterministic else "tanh_gaussian_sampled"
+    if data_format == "minari":
+        return write_minari(
+            str(target),
+            _minari_episodes(columns, seed),
+            venv.envs[0],  # closed, but its spec and spaces are what Minari records
+            algorithm_name=f"behaviour policy {Path(policy_path).name} ({sampling})",
+            description=f"dmm collect: {steps} transitions of {env_id}, seed {seed}",
+        )
+    if env_id == KITCHEN_ID:
+        columns["rewards"] = _tasks_done_so_far(columns)
     attrs = {
         "env_id": env_id,
         "behavior_policy": Path(policy_path).name,
         "seed": np.int64(seed),
-        "sampling": "tanh_gaussian_mean" if deterministic else "tanh_gaussian_sampled",
+        "sampling": sampling,
     }
-    _write(out, columns, attrs)
-    return out
+    _write(Path(target), columns, attrs)
+    return Path(target)

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
+from dmm.data.minari_datasets import MINARI_PREFIX
 from dmm.errors import ConfigError
 from dmm.model.config import DMMConfig, InferenceMode
 
@@ -63,8 +64,12 @@ CONFIG_PACKAGE = "dmm.trainer.configs"
 
 
 def family_of(dataset: str) -> str:
-    """``hopper-medium-v2`` -> ``hopper``; file stems work the same way."""
-    return Path(dataset).stem.split("-")[0].split("_")[0].lower()
+    """``hopper-medium-v2`` -> ``hopper``; file stems work the same way. A Minari id names its
+    environment in the namespace's last folder (``minari:mujoco/hopper/medium-v0`` -> ``hopper``)."""
+    minari_id = dataset.removeprefix(MINARI_PREFIX)
+    if minari_id != dataset and "/" in minari_id:
+        return minari_id.split("/")[-2].lower()
+    return Path(minari_id).stem.split("-")[0].split("_")[0].lower()
 
 
 def paper_config_path(dataset: str) -> Path | None:

@@ -16,7 +16,7 @@ from dmm.data import Dataset, WindowBatch, WindowSampler
 from dmm.errors import ConfigError
 from dmm.model import DMMConfig, DMMPolicy, Policy, PolicyMeta, publish_policy
 from dmm.model.scan import resolve_backend
-from dmm.store import ModelStore
+from dmm.store import Store
 from dmm.trainer.config import TrainConfig
 from dmm.trainer.evaluate import evaluate
 from dmm.trainer.optim import make_optimizer
@@ -129,7 +129,7 @@ class TrainStep:
 def train(
     cfg: TrainConfig,
     dataset: Dataset,
-    store: ModelStore,
+    store: Store,
     name: str,
     progress: bool = True,
     log: Callable[[str], None] = print,

@@ -10,6 +10,7 @@ import numpy as np
 
 from dmm.data.download import default_cache_dir, fetch_dataset
 from dmm.data.formats import load_hdf5, load_pickle, read_hdf5_attrs
+from dmm.data.minari_datasets import MINARI_PREFIX, load_minari
 from dmm.data.trajectory import Trajectory, rewards_from_cumulative, state_stats
 from dmm.envs import EnvSpec, env_spec, reference_table
 from dmm.errors import ConfigError, DatasetError
@@ -23,8 +24,9 @@ SUFFIXES = (*HDF5_SUFFIXES, *PICKLE_SUFFIXES)
 class Dataset:
     """Trajectories of one dataset with their state statistics.
 
-    ``env`` is a name :func:`dmm.envs.env_spec` resolves (the dataset name, the file stem or the
-    file's ``env_id`` attribute), or None when the data names no known environment.
+    ``env`` is a name :func:`dmm.envs.env_spec` resolves (the dataset name, the file stem, the
+    file's ``env_id`` attribute or the gymnasium id a Minari dataset was recorded in), or None when
+    the data names no known environment.
     """
 
     name: str
@@ -93,20 +95,8 @@ def _local_file(name_or_path: str, cache_dir: str | os.PathLike | None) -> Path 
     return None
 
 
-def load_dataset(
-    name_or_path: str | os.PathLike,
-    cache_dir: str | os.PathLike | None = None,
-    *,
-    kitchen_fix: bool | None = None,
-) -> Dataset:
-    """Load a dataset by D4RL name (downloaded into the cache on first use) or from a file.
-
-    ``name_or_path``: a D4RL name (``hopper-medium-v2``), a ``.hdf5``/``.h5``/``.pkl`` path, or
-    the stem of such a file in the cache folder (``$D4RL_DATASET_DIR`` or ``~/.d4rl/datasets``).
-    ``kitchen_fix``: turn cumulative Kitchen rewards into per-step rewards (paper, Appendix E);
-    None applies it exactly to Kitchen datasets.
-    """
-    text = os.fspath(name_or_path)
+def _load_file(text: str, cache_dir: str | os.PathLike | None) -> tuple[str, list[Trajectory], str | None]:
+    """``(name, trajectories, env)`` of a D4RL name or a local hdf5/pickle file."""
     if text in reference_table():
         path, name, env = fetch_dataset(text, cache_dir), text, text
     else:
@@ -115,7 +105,7 @@ def load_dataset(
             raise DatasetError(
                 f"unknown dataset {text!r}: not a D4RL dataset name ({', '.join(reference_table())}) and no "
                 f"file {text}.hdf5 in {Path(cache_dir) if cache_dir is not None else default_cache_dir()}; "
-                f"pass a path to a {'/'.join(SUFFIXES)} file"
+                f"pass a path to a {'/'.join(SUFFIXES)} file or a {MINARI_PREFIX}<dataset id>"
             )
         name = path.stem
         env = None
@@ -131,7 +121,39 @@ def load_dataset(
         raise DatasetError(
             f"{path}: unsupported file type {path.suffix!r}; expected one of {', '.join(SUFFIXES)}"
         )
-    if kitchen_fix if kitchen_fix is not None else _is_kitchen(env):
+    return name, trajectories, env
+
+
+def _load_minari(dataset_id: str) -> tuple[str, list[Trajectory], str | None]:
+    """``(name, trajectories, env)`` of a Minari dataset. The name is the id with ``-`` for ``/``, so
+    that it can name the trained model in the store; env is the gymnasium id the data was recorded in."""
+    trajectories, env_id = load_minari(dataset_id)
+    return dataset_id.replace("/", "-"), trajectories, _resolvable(env_id)
+
+
+def load_dataset(
+    name_or_path: str | os.PathLike,
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    kitchen_fix: bool | None = None,
+) -> Dataset:
+    """Load a dataset by D4RL name (downloaded into the cache on first use), Minari id or file.
+
+    ``name_or_path``: a D4RL name (``hopper-medium-v2``), a ``.hdf5``/``.h5``/``.pkl`` path, the
+    stem of such a file in the cache folder (``$D4RL_DATASET_DIR`` or ``~/.d4rl/datasets``), or
+    ``minari:<dataset id>`` (``minari:mujoco/hopper/medium-v0``, from ``$MINARI_DATASETS_PATH``,
+    downloaded there on first use).
+    ``kitchen_fix``: turn cumulative Kitchen rewards into per-step rewards (paper, Appendix E);
+    None applies it exactly to D4RL-format Kitchen datasets (Minari's FrankaKitchen-v1 rewards are
+    already per step).
+    """
+    text = os.fspath(name_or_path)
+    minari = text.startswith(MINARI_PREFIX)
+    if minari:
+        name, trajectories, env = _load_minari(text.removeprefix(MINARI_PREFIX))
+    else:
+        name, trajectories, env = _load_file(text, cache_dir)
+    if kitchen_fix if kitchen_fix is not None else not minari and _is_kitchen(env):
         trajectories = [
             Trajectory(t.observations, t.actions, rewards_from_cumulative(t.rewards), t.terminal)
             for t in trajectories

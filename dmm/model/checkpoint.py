@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from dmm.model.config import DMMConfig, PolicyMeta
 from dmm.model.policy import DMMPolicy
-from dmm.store import CorruptVersionError, ModelStore
+from dmm.store import CorruptVersionError, Store
 
 FORMAT_VERSION = 1
 
@@ -57,7 +57,7 @@ def policy_config(model: DMMPolicy, meta: PolicyMeta) -> dict[str, Any]:
 
 
 def publish_policy(
-    store: ModelStore,
+    store: Store,
     name: str,
     model: DMMPolicy,
     meta: PolicyMeta,
@@ -91,7 +91,7 @@ def policy_from_config(config: dict[str, Any]) -> tuple[DMMConfig, PolicyMeta]:
 
 
 def load_policy(
-    store: ModelStore, name: str, version: int | str | None = None, device: str | torch.device = "cpu"
+    store: Store, name: str, version: int | str | None = None, device: str | torch.device = "cpu"
 ) -> LoadedPolicy:
     """Load and verify a version; a version that does not describe a valid policy is refused."""
     device = torch.device(device)
