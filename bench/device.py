@@ -80,20 +80,24 @@ REQUIRED_MODULES = (
     "pydantic",
     "gymnasium",
     "mujoco",
-    "grpc",
-    "grpc_health",
-    "grpc_reflection",
-    "google.protobuf",
     "numba",
     "h5py",
     "safetensors",
     "yaml",
     "tqdm",
     "matplotlib",
+)
+# What the tests and serve steps need beyond them (`device_wheels.sh --scores-only` leaves it behind)
+SERVING_MODULES = (
+    "grpc",
+    "grpc_health",
+    "grpc_reflection",
+    "google.protobuf",
     "prometheus_client",
     "dmm.v1.policy_pb2_grpc",
     "dmm.server.app",
 )
+SERVING_STEPS = {"tests", "serve"}
 STEP_SECONDS = {"tests": 180, "train": 240, "serve": 240}  # caps; the scores get what is left
 MIN_SECONDS = 45  # a step with less left is skipped
 RESERVE_SECONDS = 15  # kept for writing the report
@@ -218,7 +222,8 @@ def step_env(device: Device, step: Step) -> None:
         step.status, step.summary = "failed", f"probe failed: {out[-300:]}"
         return
     step.details.update(probe)
-    missing = {k: v for k, v in probe["modules"].items() if not v.startswith("ok")}
+    needed = REQUIRED_MODULES + (SERVING_MODULES if SERVING_STEPS & set(device.args.steps) else ())
+    missing = {k: v for k, v in probe["modules"].items() if k in needed and not v.startswith("ok")}
     gpu = probe.get("gpu") or "no CUDA GPU"
     step.summary = (
         f"{gpu}; {probe['cpu']} ({probe['cores']} cores); torch {probe['torch']}, "
@@ -259,7 +264,7 @@ def probe() -> dict[str, Any]:
     import platform
 
     modules = {}
-    for name in REQUIRED_MODULES:
+    for name in REQUIRED_MODULES + SERVING_MODULES:
         try:
             mod = importlib.import_module(name)
             modules[name] = "ok " + str(getattr(mod, "__version__", ""))
