@@ -298,6 +298,27 @@ def _checked_out(out: str | os.PathLike, data_format: str) -> Path | str:
     return out
 
 
+def _behaviour_policy(policy_path: str | os.PathLike, venv: Any, env: str) -> SACPolicy:
+    """The policy to roll out (a reference .npz or ``random``), checked against the env's spaces."""
+    import numpy as np
+
+    from dmm.errors import DMMError
+
+    obs_space, act_space = venv.single_observation_space, venv.single_action_space
+    obs_dim, act_dim = int(np.prod(obs_space.shape or (0,))), int(np.prod(act_space.shape or (0,)))
+    if os.fspath(policy_path) == RANDOM_POLICY:
+        policy = SACPolicy.random(obs_dim, act_dim)
+    else:
+        policy = SACPolicy.load(policy_path)
+    if (obs_dim, act_dim) != (policy.obs_dim, policy.act_dim) or len(obs_space.shape or ()) != 1:
+        raise DMMError(
+            f"policy {Path(policy_path).name} takes observations of dim {policy.obs_dim} and gives "
+            f"actions of dim {policy.act_dim}, but {env} has observation dim {obs_dim} and action dim "
+            f"{act_dim}"
+        )
+    return policy
+
+
 def collect(
     env: str,
     policy_path: str | os.PathLike,
@@ -327,18 +348,7 @@ def collect(
     target = _checked_out(out, data_format)
     venv, env_id = _make_vector_env(env, num_envs)
     try:
-        obs_space, act_space = venv.single_observation_space, venv.single_action_space
-        obs_dim, act_dim = int(np.prod(obs_space.shape or (0,))), int(np.prod(act_space.shape or (0,)))
-        if os.fspath(policy_path) == RANDOM_POLICY:
-            policy = SACPolicy.random(obs_dim, act_dim)
-        else:
-            policy = SACPolicy.load(policy_path)
-        if (obs_dim, act_dim) != (policy.obs_dim, policy.act_dim) or len(obs_space.shape or ()) != 1:
-            raise DMMError(
-                f"policy {Path(policy_path).name} takes observations of dim {policy.obs_dim} and gives "
-                f"actions of dim {policy.act_dim}, but {env} has observation dim {obs_dim} and action dim "
-                f"{act_dim}"
-            )
+        policy = _behaviour_policy(policy_path, venv, env)
         columns = _rollout(venv, policy, steps, seed, deterministic)
     finally:
         venv.close()
