@@ -204,7 +204,56 @@ def _write_bytes(path: Path, data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-class ModelStore:
+class VersionResolver:
+    """``latest`` and ``resolve`` over a store's complete versions, the same for every backend.
+
+    A backend gives ``root``, ``models()``, ``versions(name)`` and ``_explain_incomplete``, which
+    raises CorruptVersionError where a version number exists but is unusable, so that a damaged
+    version is reported as such instead of as absent.
+    """
+
+    root: Path | str
+
+    def models(self) -> list[str]:
+        raise NotImplementedError
+
+    def versions(self, name: str) -> list[int]:
+        raise NotImplementedError
+
+    def _explain_incomplete(self, name: str, number: int) -> None:
+        raise NotImplementedError
+
+    def latest(self, name: str) -> int:
+        """The highest complete version of ``name``."""
+        found = self.versions(name)
+        if not found:
+            raise self._model_not_found(name)
+        return found[-1]
+
+    def _model_not_found(self, name: str) -> ModelNotFoundError:
+        available = self.models()
+        listing = ", ".join(available) if available else "none"
+        return ModelNotFoundError(
+            f"unknown model {name!r} in store {self.root}; available models: {listing}", name, available
+        )
+
+    def resolve(self, name: str, version: int | str | None = None) -> int:
+        """Turn ``None``, ``"latest"``, ``"3"`` or ``3`` into an existing complete version number."""
+        _validate_name(name)
+        if version is None or (isinstance(version, str) and version.strip() == "latest"):
+            return self.latest(name)
+        number = _parse_version(version)
+        found = self.versions(name)
+        if number in found:
+            return number
+        self._explain_incomplete(name, number)
+        if not found:
+            raise self._model_not_found(name)
+        listing = ", ".join(str(v) for v in found)
+        raise VersionNotFoundError(f"model {name!r} has no version {number}; available versions: {listing}")
+
+
+class ModelStore(VersionResolver):
     """A folder of named models, each with integer versions. Safe for concurrent readers and writers."""
 
     def __init__(self, root: str | os.PathLike[str]):
@@ -269,37 +318,11 @@ class ModelStore:
             return []
         return [v for v in self._version_dirs(name) if self._is_complete(self.root / name / str(v))]
 
-    def latest(self, name: str) -> int:
-        """The highest complete version of ``name``."""
-        found = self.versions(name)
-        if not found:
-            raise self._model_not_found(name)
-        return found[-1]
-
-    def _model_not_found(self, name: str) -> ModelNotFoundError:
-        available = self.models()
-        listing = ", ".join(available) if available else "none"
-        return ModelNotFoundError(
-            f"unknown model {name!r} in store {self.root}; available models: {listing}", name, available
-        )
-
-    def resolve(self, name: str, version: int | str | None = None) -> int:
-        """Turn ``None``, ``"latest"``, ``"3"`` or ``3`` into an existing complete version number."""
-        _validate_name(name)
-        if version is None or (isinstance(version, str) and version.strip() == "latest"):
-            return self.latest(name)
-        number = _parse_version(version)
-        found = self.versions(name)
-        if number in found:
-            return number
+    def _explain_incomplete(self, name: str, number: int) -> None:
         path = self.root / name / str(number)
         if path.is_dir():
             # An integer folder that is not complete: say why instead of pretending it is absent.
             self._verify_listing(path)
-        if not found:
-            raise self._model_not_found(name)
-        listing = ", ".join(str(v) for v in found)
-        raise VersionNotFoundError(f"model {name!r} has no version {number}; available versions: {listing}")
 
     def version_path(self, name: str, version: int) -> Path:
         """Folder of ``name`` version ``version``; pure path arithmetic, the folder need not exist."""

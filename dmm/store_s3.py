@@ -81,11 +81,9 @@ from dmm.store import (
     TMP_PREFIX,
     Checkpoint,
     CorruptVersionError,
-    ModelNotFoundError,
     ModelStore,
     StoreError,
-    VersionNotFoundError,
-    _parse_version,
+    VersionResolver,
     _sha256_file,
     _validate_name,
     check_required,
@@ -136,7 +134,7 @@ def _endpoint() -> str:
     )
 
 
-class S3ModelStore:
+class S3ModelStore(VersionResolver):
     """The model store under an ``s3://bucket/prefix`` URL, with a local download cache.
 
     Same methods and errors as :class:`ModelStore`; safe for concurrent readers and writers on any
@@ -302,39 +300,12 @@ class S3ModelStore:
         listing = self._listing(name)
         return [n for n in sorted(listing) if self._is_complete(name, n, listing[n][0])]
 
-    def latest(self, name: str) -> int:
-        """The highest complete version of ``name``."""
-        found = self.versions(name)
-        if not found:
-            raise self._model_not_found(name)
-        return found[-1]
-
-    def _model_not_found(self, name: str) -> ModelNotFoundError:
-        available = self.models()
-        listing = ", ".join(available) if available else "none"
-        return ModelNotFoundError(
-            f"unknown model {name!r} in store {self.root}; available models: {listing}", name, available
-        )
-
-    def resolve(self, name: str, version: int | str | None = None) -> int:
-        """Turn ``None``, ``"latest"``, ``"3"`` or ``3`` into an existing complete version number.
-
-        A version still being uploaded (no manifest yet) is not found; one whose manifest is there
+    def _explain_incomplete(self, name: str, number: int) -> None:
+        """A version still being uploaded (no manifest yet) is absent; one whose manifest is there
         but unusable is a CorruptVersionError saying why."""
-        _validate_name(name)
-        if version is None or (isinstance(version, str) and version.strip() == "latest"):
-            return self.latest(name)
-        number = _parse_version(version)
-        found = self.versions(name)
-        if number in found:
-            return number
         etag = self._listing(name).get(number, (None, 0.0))[0]
         if etag is not None:
             self._manifest(name, number, etag)
-        if not found:
-            raise self._model_not_found(name)
-        listing = ", ".join(str(v) for v in found)
-        raise VersionNotFoundError(f"model {name!r} has no version {number}; available versions: {listing}")
 
     # ----------------------------------------------------------------- reading
 
