@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -176,6 +177,23 @@ def test_training_learns_and_publishes(small_hopper, tmp_path):
     assert loaded.meta.env_id == "Hopper-v4" and loaded.meta.rtg_scale == 1000.0
     np.testing.assert_allclose(loaded.meta.state_mean, dataset.state_mean, rtol=1e-6)
     assert isinstance(loaded.meta, PolicyMeta) and loaded.config.d_model == 16
+
+
+def test_without_progress_bars_training_logs_status_lines(small_hopper, tmp_path, monkeypatch):
+    """Background runs log where they are, how fast they go and how long is left."""
+    import dmm.trainer.train as train_module
+
+    monkeypatch.setattr(train_module, "STATUS_LOG_EVERY", 100)
+    dataset = load_dataset(small_hopper)
+    overrides = {"model": TINY, "updates": 300, "eval_episodes": 0, "compile": False}
+    cfg = load_train_config(dataset.name, overrides=overrides)
+    lines: list[str] = []
+    train(cfg, dataset, ModelStore(tmp_path / "store"), "m", progress=False, log=lines.append)
+    status = [line for line in lines if "updates/s" in line]
+    assert [line.split(":")[0] for line in status] == [f"update {n} of 300" for n in (100, 200, 300)]
+    pattern = r"update \d+ of 300: loss \d+\.\d{4}, \d+\.\d updates/s, about \d+ min left"
+    assert all(re.fullmatch(pattern, line) for line in status)
+    assert status[-1].endswith("about 0 min left")
 
 
 def test_the_stored_default_target_is_the_one_that_played_best_at_the_end(small_hopper, tmp_path):

@@ -24,6 +24,14 @@ from dmm.trainer.plots import learning_curve_png
 from dmm.trainer.run_dir import RunDir, TrainingStopped
 
 LOSS_LOG_EVERY = 100
+STATUS_LOG_EVERY = 1000  # without progress bars (logs, background runs), one status line this often
+
+
+def status_line(update: int, total: int, loss: float, rate: float) -> str:
+    """One line for a log: where training is, how fast it goes and when it will be done."""
+    eta_min = (total - update) / rate / 60 if rate > 0 else float("inf")
+    where = f"update {update:,} of {total:,}"
+    return f"{where}: loss {loss:.4f}, {rate:.1f} updates/s, about {eta_min:.0f} min left"
 
 
 @dataclass
@@ -204,6 +212,8 @@ def train(
                 metrics["loss_curve"].append([update, mean_loss])
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{step.scheduler.get_last_lr()[0]:.1e}")
                 bar.update(len(losses))
+                if not progress and update % STATUS_LOG_EVERY == 0:
+                    log(status_line(update, cfg.updates, mean_loss, float(np.median(chunk_rates[-10:]))))
                 losses.clear()
                 chunk_start = now
             if cfg.eval_every and update % cfg.eval_every == 0 and update != cfg.updates:
