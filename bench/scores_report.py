@@ -72,6 +72,7 @@ def read_run(path: Path, where: str, recurrent: dict[str, dict]) -> dict[str, An
             "normalized_mean": result["normalized"],
             "normalized_std": result["normalized_std_over_episodes"],
         }
+        row["second_half"] = second_half_mean(history, result["target_return"], row["updates"])
     if path.name in recurrent:
         r = recurrent[path.name]
         row["final"]["recurrent"] = {
@@ -81,6 +82,23 @@ def read_run(path: Path, where: str, recurrent: dict[str, dict]) -> dict[str, An
             "normalized_std": r["normalized_std"],
         }
     return row
+
+
+def second_half_mean(history: list[dict], target: float, updates: int) -> float:
+    """The mean of a run's evaluations from half its budget on, final one included, at ``target``.
+
+    One checkpoint's score swings from one evaluation to the next far more than its episodes spread;
+    averaging the second half's checkpoints says where the run levelled off with less of that swing.
+    """
+    return float(
+        np.mean(
+            [
+                e["normalized_mean"]
+                for e in history
+                if e["target_return"] == target and 2 * e["update"] >= updates
+            ]
+        )
+    )
 
 
 def collect(roots: Sequence[str], recurrent: dict[str, dict]) -> list[dict]:
@@ -125,6 +143,7 @@ def final_table(models: dict[str, list[dict]]) -> str:
                 " / ".join(f"{v:.1f}" for v in window) or "-",
                 mean_std(rec),
                 " / ".join(f"{v:.1f}" for v in rec) or "-",
+                mean_std([r["second_half"] for r in done]),
                 mean_std([r["paper_protocol"] for r in done]),
                 unfinished or "-",
             ]
@@ -137,6 +156,7 @@ def final_table(models: dict[str, list[dict]]) -> str:
             "per seed",
             "final, recurrent",
             "per seed",
+            "mean of the second half's evaluations",
             "paper protocol (best evaluation)",
             "unfinished",
         ],
@@ -226,6 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"runs: {trained}",
         "final: the last checkpoint on 100 episodes at the first target return; a seed's score is its mean "
         "normalized return; mean ± std over seeds",
+        "mean of the second half's evaluations: per seed, the mean of its evaluations (window, first target) "
+        "from half its updates on, the final one included; less swayed by one checkpoint's swing",
         "paper protocol (the authors' reporting, for comparison only): the best of the evaluations every "
         f"10k updates at every target return ({', '.join(f'{t:g}' for t in targets)}), per seed",
     ]

@@ -313,6 +313,8 @@ def test_scores_report_joins_runs_from_several_roots(tmp_path):
     assert dmm["trained_on"] == "cpu" and dmm["finished"] and dmm["updates"] == 6  # not the stale copy
     assert dmm["final"]["window"]["normalized_mean"] == scores["runs"][0]["normalized"]
     assert dmm["final"]["recurrent"]["normalized_mean"] == 1.5
+    first = [e["normalized_mean"] for e in dmm["eval_history"] if e["target_return"] == 3600.0]
+    assert len(first) == 2 and dmm["second_half"] == pytest.approx(sum(first) / 2)  # updates 3 and 6 of 6
     assert dt["trained_on"] == "gpu" and not dt["finished"] and dt["final"] == {}
     assert {e["update"] for e in dt["eval_history"]} == {3} and len(dmm["eval_history"]) == 4
     md = (out / "results.md").read_text()
