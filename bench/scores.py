@@ -94,7 +94,7 @@ def train_and_evaluate(spec: dict[str, Any]) -> dict[str, Any]:
         ModelStore(spec["store"]),
         spec["name"],
         progress=False,
-        log=lambda line: print(line, file=sys.stderr),
+        log=lambda line: print(f"{spec['name']}: {line}", file=sys.stderr, flush=True),
         run=run,
     )
     total = time.perf_counter() - start
@@ -235,7 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return {
                 "variant": spec["variant"],
                 "seed": spec["seed"],
-                **run_worker(MODULE, spec, args.run_timeout),
+                # runs take hours: their status and evaluation lines go straight to the log
+                **run_worker(MODULE, spec, args.run_timeout, stream_stderr=True),
             }
 
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:

@@ -13,8 +13,13 @@ from conftest import REPO, random_sac_policy
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def run_bench(script: str, out: Path, *args: str, timeout: float = 300) -> tuple[int, dict, str]:
-    """Run ``python -m bench.<script> --quick --out OUT ARGS``; returns (exit code, JSON, markdown)."""
+def run_bench(
+    script: str, out: Path, *args: str, timeout: float = 300, stderr: list[str] | None = None
+) -> tuple[int, dict, str]:
+    """Run ``python -m bench.<script> --quick --out OUT ARGS``; returns (exit code, JSON, markdown).
+
+    ``stderr``, when given, receives what the script wrote there (its progress and log lines).
+    """
     proc = subprocess.run(
         [sys.executable, "-m", f"bench.{script}", "--quick", "--out", str(out), *args],
         cwd=REPO,
@@ -23,6 +28,8 @@ def run_bench(script: str, out: Path, *args: str, timeout: float = 300) -> tuple
         timeout=timeout,
     )
     assert (out / "results.json").is_file(), proc.stdout + proc.stderr
+    if stderr is not None:
+        stderr.append(proc.stderr)
     payload = json.loads((out / "results.json").read_text())
     md = (out / "results.md").read_text()
     assert (out / f"{script}.png").read_bytes().startswith(PNG_MAGIC)
@@ -139,19 +146,11 @@ def test_scores_train_and_evaluate_final_checkpoints(tmp_path):
 
     policy = random_sac_policy(tmp_path / "policy.npz", 11, 3)
     data = collect("Hopper-v4", policy, 400, tmp_path / "hopper-tiny.hdf5", seed=0)
-    code, payload, md = run_bench(
-        "scores",
-        tmp_path / "out",
-        "--dataset",
-        str(data),
-        "--variants",
-        "dmm",
-        "--updates",
-        "5",
-        "--eval-every",
-        "3",
-    )
+    log: list[str] = []
+    args = ("--dataset", str(data), "--variants", "dmm", "--updates", "5", "--eval-every", "3")
+    code, payload, md = run_bench("scores", tmp_path / "out", *args, stderr=log)
     assert code == 0
+    assert "hopper-tiny-dmm-seed0: update 3: target 3600:" in log[0]  # the run's own lines reach the log
     (model,) = payload["models"]
     assert model["variant"] == "dmm" and model["seeds"] == [0] and model["failed_seeds"] == {}
     assert model["num_parameters"] > 0 and model["normalized_mean"] == model["normalized_per_seed"][0]
