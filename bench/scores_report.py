@@ -202,7 +202,10 @@ def plot(models: dict[str, list[dict]], targets: Sequence[float]) -> Any:
             s = np.array([np.std(v) for v in c.values()])
             ax.plot(x, m, style, color=f"C{i}", marker=".", label=f"{runs[0]['label']}, target {target:g}")
             ax.fill_between(x, m - s, m + s, color=f"C{i}", alpha=0.15)
-    ax.set(xlabel="updates", ylabel="normalized score (100 episodes, window)", title="learning curves")
+            partial = np.array([len(v) < len(runs) for v in c.values()], dtype=bool)
+            ax.plot(x[partial], m[partial], "o", color=f"C{i}", markerfacecolor="white")
+    title = "learning curves (mean ± std over seeds; hollow: not every seed got there)"
+    ax.set(xlabel="updates", ylabel="normalized score (100 episodes, window)", title=title)
     ax.legend(fontsize=7)
     return fig
 
