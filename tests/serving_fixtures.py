@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -116,3 +117,15 @@ def episode_metrics(server: ServerProcess) -> tuple[float, float]:
         metric_value(text, "dmm_episode_return_count", labels) or 0.0,
         metric_value(text, "dmm_episode_return_sum", labels) or 0.0,
     )
+
+
+def wait_for_metric(
+    server: ServerProcess, name: str, labels: dict[str, str], value: float, timeout_s: float = 10.0
+) -> None:
+    """Wait until the server reports ``value`` for the metric; counters a session bumps as it is torn
+    down can lag the reply the client already has."""
+    end = time.monotonic() + timeout_s
+    while (got := metric_value(server.scrape(), name, labels)) != value:
+        if time.monotonic() > end:
+            raise AssertionError(f"{name}{labels} is {got}, expected {value}")
+        time.sleep(0.05)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from serving_fixtures import (
     episode_metrics,
     expect_status,
     publish_tiny,
+    wait_for_metric,
 )
 
 from dmm.server.testing import ServerProcess, metric_value
@@ -330,13 +330,7 @@ def test_undecodable_requests_are_invalid_argument_and_counted(
     if where == "mid-session":
         # The session is counted as it is torn down, which can come just after the client has the error.
         labels = {"model": "tiny", "reason": "error"}
-        deadline = time.monotonic() + 5.0
-        while metric_value(text, "dmm_sessions_ended_total", labels) != ended_before + 1:
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-            text = server.scrape()
-        assert metric_value(text, "dmm_sessions_ended_total", labels) == ended_before + 1
+        wait_for_metric(server, "dmm_sessions_ended_total", labels, ended_before + 1, timeout_s=5.0)
 
 
 def test_an_oversized_message_ends_the_session_as_an_error_and_far_oversized_ones_still_fail(

@@ -9,7 +9,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from serving_fixtures import STATE_DIM, Stream, expect_status, publish_tiny
+from serving_fixtures import STATE_DIM, Stream, expect_status, publish_tiny, wait_for_metric
 
 from dmm.server.testing import ServerProcess, metric_value
 from dmm.v1 import policy_pb2
@@ -20,17 +20,6 @@ def store_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("store")
     publish_tiny(root, "tiny")
     return root
-
-
-def wait_for_metric(server: ServerProcess, name: str, labels: dict[str, str], value: float, timeout_s=10.0):
-    end = time.monotonic() + timeout_s
-    while True:
-        got = metric_value(server.scrape(), name, labels)
-        if got == value:
-            return
-        if time.monotonic() > end:
-            raise AssertionError(f"{name}{labels} is {got}, expected {value}")
-        time.sleep(0.05)
 
 
 def test_max_sessions_disconnect_and_idle_eviction(store_root: Path) -> None:

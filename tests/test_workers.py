@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from serving_fixtures import STATE_DIM, Stream, publish_tiny
+from serving_fixtures import STATE_DIM, Stream, publish_tiny, wait_for_metric
 
 from dmm.server.testing import ServerProcess, metric_value
 
@@ -56,14 +56,6 @@ def wait_for_log(
 def worker_pids(server: ServerProcess) -> dict[str, int]:
     """Worker index -> pid of its latest process."""
     return {entry["worker"]: int(entry["pid"]) for entry in log_lines(server, "worker ready")}
-
-
-def wait_for_metric(server: ServerProcess, name: str, labels: dict[str, str], value: float) -> None:
-    end = time.monotonic() + 10.0
-    while (got := metric_value(server.scrape(), name, labels)) != value:
-        if time.monotonic() > end:
-            raise AssertionError(f"{name}{labels} is {got}, expected {value}")
-        time.sleep(0.05)
 
 
 def run_sessions(server: ServerProcess, streams: int, steps: int = 3) -> None:
