@@ -148,100 +148,156 @@ def train(
     With ``run``, training continues from the run's saved state (if any), saves it every
     ``run.checkpoint_every`` updates, and on SIGTERM/SIGINT saves it and raises ``TrainingStopped``.
     """
-    device = _device(cfg.device)
-    model, meta = build_policy(cfg, dataset)
-    model.to(device).train()
-    targets = eval_targets(cfg, dataset)
-    sampler = WindowSampler(dataset, cfg.model.context, cfg.batch_size, meta.rtg_scale, seed=cfg.seed)
-    step = TrainStep(model, cfg, device, log)
-
-    metrics: dict[str, Any] = {
-        "dataset": dataset.name,
-        "env": meta.env,
-        "num_parameters": model.num_parameters(),
-        "scan_backend": resolve_backend(None, device) if model.config.global_mixer == "mamba" else None,
-        "train_config": cfg.model_dump(),
-        "loss_curve": [],
-        "evals": [],
-    }
-
-    def run_evals(update: int) -> None:
-        if cfg.eval_episodes == 0:
-            return
-        model.eval()
-        live = Policy(model, meta)
-        for target in targets:
-            result = evaluate(
-                live,
-                cfg.eval_episodes,
-                target,
-                mode=cfg.eval_mode,
-                num_envs=cfg.eval_num_envs,
-                seed=cfg.seed + 10_000,
-                progress=progress,
-            )
-            row = {"update": update, **result.summary()}
-            metrics["evals"].append(row)
-            log(f"update {update}: target {target:g}: {result.describe()}")
-        model.train()
-
-    def publish() -> int:
-        return publish_policy(
-            store, name, model, meta, metrics, {"learning_curve.png": learning_curve_png(metrics)}
-        )
-
-    def save(update: int, version: int | None = None) -> None:
-        if run is not None:
-            run.save(update, model, step.optimizer, step.scheduler, sampler, losses, metrics, version)
-
-    done, losses = 0, []
-    if run is not None:
-        done, losses = run.restore(model, step.optimizer, step.scheduler, sampler, metrics)
-    if done:
-        log(f"resuming {name} at update {done} of {cfg.updates} from {run.path}")
-    chunk_rates: list[float] = []
-    chunk_start = start = time.perf_counter()
-    bar = tqdm(total=cfg.updates, initial=done, desc=f"train {name}", disable=not progress, unit="upd")
+    training = _Training(cfg, dataset, store, name, progress, log, run)
+    done = training.restore()
+    start = time.perf_counter()
     with run.stop_on_signals() if run is not None else contextlib.nullcontext():
+        training.update_until_done(done)
+    return training.finish(time.perf_counter() - start)
+
+
+class _Training:
+    """One run's model, optimizer, sampler and metrics, and the phases ``train`` goes through."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        dataset: Dataset,
+        store: Store,
+        name: str,
+        progress: bool,
+        log: Callable[[str], None],
+        run: RunDir | None,
+    ) -> None:
+        self.cfg, self.store, self.name, self.run = cfg, store, name, run
+        self.progress, self.log = progress, log
+        device = _device(cfg.device)
+        self.model, self.meta = build_policy(cfg, dataset)
+        self.model.to(device).train()
+        self.targets = eval_targets(cfg, dataset)
+        self.sampler = WindowSampler(
+            dataset, cfg.model.context, cfg.batch_size, self.meta.rtg_scale, seed=cfg.seed
+        )
+        self.step = TrainStep(self.model, cfg, device, log)
+        mamba = self.model.config.global_mixer == "mamba"
+        self.metrics: dict[str, Any] = {
+            "dataset": dataset.name,
+            "env": self.meta.env,
+            "num_parameters": self.model.num_parameters(),
+            "scan_backend": resolve_backend(None, device) if mamba else None,
+            "train_config": cfg.model_dump(),
+            "loss_curve": [],
+            "evals": [],
+        }
+        self.losses: list[float] = []  # since the last loss-curve point
+        self.rates: list[float] = []  # updates/s of each LOSS_LOG_EVERY chunk, evaluations left out
+        self.chunk_start = time.perf_counter()
+
+    def restore(self) -> int:
+        """Load the run's saved state, if any; returns the number of updates already done."""
+        if self.run is None:
+            return 0
+        done, self.losses = self.run.restore(
+            self.model, self.step.optimizer, self.step.scheduler, self.sampler, self.metrics
+        )
+        if done:
+            self.log(f"resuming {self.name} at update {done} of {self.cfg.updates} from {self.run.path}")
+        return done
+
+    def update_until_done(self, done: int) -> None:
+        """Updates ``done + 1`` to the last, with loss logging, evaluations and saved state on the way."""
+        cfg = self.cfg
+        bar = tqdm(
+            total=cfg.updates, initial=done, desc=f"train {self.name}", disable=not self.progress, unit="upd"
+        )
+        self.chunk_start = time.perf_counter()
         for update in range(done + 1, cfg.updates + 1):
-            losses.append(step(sampler.sample()))
+            self.losses.append(self.step(self.sampler.sample()))
             if update % LOSS_LOG_EVERY == 0 or update == cfg.updates:
-                now = time.perf_counter()
-                chunk_rates.append(len(losses) / (now - chunk_start))
-                mean_loss = float(np.mean(losses))
-                metrics["loss_curve"].append([update, mean_loss])
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{step.scheduler.get_last_lr()[0]:.1e}")
-                bar.update(len(losses))
-                if not progress and update % STATUS_LOG_EVERY == 0:
-                    log(status_line(update, cfg.updates, mean_loss, float(np.median(chunk_rates[-10:]))))
-                losses.clear()
-                chunk_start = now
+                self._record_loss(update, bar)
             if cfg.eval_every and update % cfg.eval_every == 0 and update != cfg.updates:
                 bar.clear()
-                run_evals(update)
+                self.evaluate(update)
                 if cfg.publish_every_eval:
-                    log(f"published {name} version {publish()}")
-                chunk_start = time.perf_counter()  # keep evaluation out of the update rate
-            if run is not None and run.due(update, cfg.updates):
-                save(update)
-                if run.stop_signal is not None:
+                    self.log(f"published {self.name} version {self.publish()}")
+                self.chunk_start = time.perf_counter()  # keep evaluation out of the update rate
+            if self.run is not None and self.run.due(update, cfg.updates):
+                self.save(update)
+                if self.run.stop_signal is not None:
                     bar.close()
                     raise TrainingStopped(
-                        f"stopped by signal {run.stop_signal} after update {update} of {cfg.updates}; "
-                        f"the state is in {run.path}: continue with dmm train --resume {run.path}"
+                        f"stopped by signal {self.run.stop_signal} after update {update} of {cfg.updates}; "
+                        f"the state is in {self.run.path}: continue with dmm train --resume {self.run.path}"
                     )
-    bar.close()
-    metrics["train_seconds"] = time.perf_counter() - start
-    metrics["updates"] = cfg.updates
-    metrics["updates_per_second_median"] = float(np.median(chunk_rates)) if chunk_rates else None
-    metrics["final_loss"] = metrics["loss_curve"][-1][1]
-    run_evals(cfg.updates)
-    metrics["final_eval"] = [row for row in metrics["evals"] if row["update"] == cfg.updates]
-    if metrics["final_eval"]:  # serve with the target that played best at the end, not the first listed
-        best = max(metrics["final_eval"], key=lambda row: row["normalized_mean"])
-        meta = meta.model_copy(update={"target_return": float(best["target_return"])})
-    metrics["default_target_return"] = meta.target_return
-    version = publish()
-    save(cfg.updates, version)
-    log(f"published {name} version {version} to {store.root}")
-    return TrainResult(name, version, metrics)
+        bar.close()
+
+    def _record_loss(self, update: int, bar: tqdm) -> None:
+        """Add a loss-curve point for the updates since the last one; show it in the bar or the log."""
+        now = time.perf_counter()
+        self.rates.append(len(self.losses) / (now - self.chunk_start))
+        mean_loss = float(np.mean(self.losses))
+        self.metrics["loss_curve"].append([update, mean_loss])
+        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{self.step.scheduler.get_last_lr()[0]:.1e}")
+        bar.update(len(self.losses))
+        if not self.progress and update % STATUS_LOG_EVERY == 0:
+            self.log(status_line(update, self.cfg.updates, mean_loss, float(np.median(self.rates[-10:]))))
+        self.losses.clear()
+        self.chunk_start = now
+
+    def evaluate(self, update: int) -> None:
+        """Play the current model at every target return and add the results to the metrics."""
+        if self.cfg.eval_episodes == 0:
+            return
+        self.model.eval()
+        live = Policy(self.model, self.meta)
+        for target in self.targets:
+            result = evaluate(
+                live,
+                self.cfg.eval_episodes,
+                target,
+                mode=self.cfg.eval_mode,
+                num_envs=self.cfg.eval_num_envs,
+                seed=self.cfg.seed + 10_000,
+                progress=self.progress,
+            )
+            self.metrics["evals"].append({"update": update, **result.summary()})
+            self.log(f"update {update}: target {target:g}: {result.describe()}")
+        self.model.train()
+
+    def publish(self) -> int:
+        png = learning_curve_png(self.metrics)
+        return publish_policy(
+            self.store, self.name, self.model, self.meta, self.metrics, {"learning_curve.png": png}
+        )
+
+    def save(self, update: int, version: int | None = None) -> None:
+        if self.run is not None:
+            step = self.step
+            self.run.save(
+                update,
+                self.model,
+                step.optimizer,
+                step.scheduler,
+                self.sampler,
+                self.losses,
+                self.metrics,
+                version,
+            )
+
+    def finish(self, train_seconds: float) -> TrainResult:
+        """Evaluate the final model, store its best target as the default, publish it and save the run."""
+        metrics, updates = self.metrics, self.cfg.updates
+        metrics["train_seconds"] = train_seconds
+        metrics["updates"] = updates
+        metrics["updates_per_second_median"] = float(np.median(self.rates)) if self.rates else None
+        metrics["final_loss"] = metrics["loss_curve"][-1][1]
+        self.evaluate(updates)
+        metrics["final_eval"] = [row for row in metrics["evals"] if row["update"] == updates]
+        if metrics["final_eval"]:  # serve with the target that played best at the end, not the first listed
+            best = max(metrics["final_eval"], key=lambda row: row["normalized_mean"])
+            self.meta = self.meta.model_copy(update={"target_return": float(best["target_return"])})
+        metrics["default_target_return"] = self.meta.target_return
+        version = self.publish()
+        self.save(updates, version)
+        self.log(f"published {self.name} version {version} to {self.store.root}")
+        return TrainResult(self.name, version, metrics)
