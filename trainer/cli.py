@@ -82,7 +82,11 @@ def _collect(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the trainer's subcommands to ``dmm``."""
     _register_collect(subparsers)
+    _register_train(subparsers)
+    _register_eval(subparsers)
 
+
+def _register_train(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser(
         "train",
         help="train a policy on a D4RL-style dataset and publish it to the store",
@@ -98,67 +102,93 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--updates", type=_positive_int, help="gradient updates (paper: 100000)")
     train.add_argument("--seed", type=int)
     train.add_argument("--config", type=Path, help="YAML with TrainConfig fields, over the paper's defaults")
-    train.add_argument(
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_model_options(train)
+    _add_evaluation_options(train)
+    _add_hardware_options(train)
+    add_scan_backend_option(train)
+    _add_run_dir_options(train)
+    train.set_defaults(handler=run_train)
+
+
+def _add_model_options(train: argparse.ArgumentParser) -> None:
+    """Which model, and the ablations of DMM."""
+    g = train.add_argument_group("model")
+    g.add_argument(
         "--model",
         choices=["dmm", "dt"],
         help="dmm (default) or the Decision Transformer baseline with its usual settings",
     )
-    train.add_argument(
+    g.add_argument(
         "--local-mixer",
         choices=["dsm", "conv"],
         help="ablation: conv replaces the DSM with a causal depthwise convolution",
     )
-    train.add_argument(
+    g.add_argument(
         "--global-mixer",
         choices=["mamba", "attention"],
         help="ablation: attention replaces the modified Mamba with causal self-attention",
     )
-    train.add_argument("--eval-every", type=int, help="updates between evaluations (0: only at the end)")
-    train.add_argument("--eval-episodes", type=int, help="episodes per target return at each evaluation")
-    train.add_argument("--eval-num-envs", type=_positive_int, help="vector envs evaluated in parallel")
-    train.add_argument("--eval-mode", choices=["window", "recurrent"])
-    train.add_argument(
+
+
+def _add_evaluation_options(train: argparse.ArgumentParser) -> None:
+    """When and how the model is played in its environment while it trains."""
+    g = train.add_argument_group("evaluation")
+    g.add_argument("--eval-every", type=int, help="updates between evaluations (0: only at the end)")
+    g.add_argument("--eval-episodes", type=int, help="episodes per target return at each evaluation")
+    g.add_argument("--eval-num-envs", type=_positive_int, help="vector envs evaluated in parallel")
+    g.add_argument("--eval-mode", choices=["window", "recurrent"])
+    g.add_argument(
         "--target-return",
         type=float,
         action="append",
         dest="target_returns",
         help="evaluation target return (repeatable; default: the environment's)",
     )
-    train.add_argument(
+    g.add_argument(
         "--publish-every-eval",
         action="store_true",
         default=None,
         help="also publish a version at each evaluation",
     )
-    train.add_argument("--device", help="cpu or cuda")
-    train.add_argument(
+
+
+def _add_hardware_options(train: argparse.ArgumentParser) -> None:
+    """Where training runs and whether it is compiled."""
+    g = train.add_argument_group("hardware")
+    g.add_argument("--device", help="cpu or cuda")
+    g.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="torch.compile the model for training (default on; bench/results/train_speed has the gain)",
     )
-    add_scan_backend_option(train)
-    train.add_argument(
+
+
+def _add_run_dir_options(train: argparse.ArgumentParser) -> None:
+    """Keep the training state so that a stopped run can continue."""
+    g = train.add_argument_group("resumable runs")
+    g.add_argument(
         "--run-dir",
         type=Path,
         help="keep the training state here (every --checkpoint-every updates and on SIGTERM/SIGINT), "
         "so that --resume can continue the run",
     )
-    train.add_argument(
+    g.add_argument(
         "--checkpoint-every",
         type=_positive_int,
         default=5000,
         help="updates between saved states with --run-dir (default: 5000)",
     )
-    train.add_argument(
+    g.add_argument(
         "--resume",
         type=Path,
         metavar="RUN_DIR",
         help="continue the run kept in RUN_DIR with its own settings (options given must agree with them)",
     )
-    train.add_argument("--no-progress", action="store_true", help="no progress bars")
-    train.set_defaults(handler=run_train)
 
+
+def _register_eval(subparsers: argparse._SubParsersAction) -> None:
     ev = subparsers.add_parser("eval", help="evaluate a stored policy in its environment")
     ev.add_argument("--store", required=True, help="model store: a folder or s3://bucket/prefix")
     ev.add_argument("--name", required=True)
