@@ -8,9 +8,12 @@ by side: the honest final-checkpoint score of finished runs, in window and (wher
 --mode recurrent`` result is given) recurrent mode; the learning curves at every evaluation, as the
 fair comparison of runs that got to different update counts; and the paper's protocol (the best
 evaluation over updates and target returns) at the budget every model reached and at the full one.
+Run folders stay on the machine that trained them; ``--previous`` keeps the runs of the committed
+report whose folders are not at hand, so a table grows run by run across machines.
 
     python -m bench.scores_report runs/scores-100k:"2-core CPU" runs/device-scores:"H200" \\
-        --recurrent runs/scores-100k/recurrent/*-recurrent.json --out bench/results/scores-100k
+        --recurrent runs/scores-100k/recurrent/*-recurrent.json --out bench/results/scores-100k \\
+        --previous bench/results/scores-100k/results.json
 """
 
 from __future__ import annotations
@@ -84,6 +87,15 @@ def read_run(path: Path, where: str, recurrent: dict[str, dict]) -> dict[str, An
     return row
 
 
+def read_previous(path: Path) -> list[dict]:
+    """The runs of an earlier report (``results.json`` written by this script)."""
+    try:
+        runs = json.loads(path.read_text())["runs"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        sys.exit(f"--previous {path}: not a results.json of bench.{SCRIPT} ({type(err).__name__}: {err})")
+    return [r for r in runs if r.get("variant") in VARIANTS]
+
+
 def second_half_mean(history: list[dict], target: float, updates: int) -> float:
     """The mean of a run's evaluations from half its budget on, final one included, at ``target``.
 
@@ -101,16 +113,26 @@ def second_half_mean(history: list[dict], target: float, updates: int) -> float:
     )
 
 
-def collect(roots: Sequence[str], recurrent: dict[str, dict]) -> list[dict]:
-    """Every run under the roots; where a (variant, seed) was started in two roots, the one further on."""
+def collect(roots: Sequence[str], recurrent: dict[str, dict], previous: Sequence[dict] = ()) -> list[dict]:
+    """Every run under the roots and in ``previous`` (rows of an earlier report); where a (variant,
+    seed) appears twice, the one further on."""
     best: dict[tuple[str, int], dict] = {}
+
+    def offer(row: dict) -> None:
+        key = (row["variant"], row["seed"])
+        if key not in best or row["updates"] > best[key]["updates"]:
+            best[key] = row
+
+    for row in previous:
+        offer(row)
     for spec in roots:
         root, _, where = spec.partition(":")
+        if not Path(root).is_dir():
+            sys.exit(f"{root} is not a folder of runs")
         for path in sorted(Path(root).iterdir()):
             row = read_run(path, where or root, recurrent) if path.is_dir() else None
-            key = (row["variant"], row["seed"]) if row else None
-            if row and (key not in best or row["updates"] > best[key]["updates"]):
-                best[key] = row
+            if row:
+                offer(row)
     return list(best.values())
 
 
@@ -212,8 +234,14 @@ def plot(models: dict[str, list[dict]], targets: Sequence[float]) -> Any:
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=f"bench.{SCRIPT}", description=__doc__.splitlines()[0])
-    p.add_argument("roots", nargs="+", help="run roots, each as ROOT or ROOT:WHERE-IT-WAS-TRAINED")
+    p.add_argument("roots", nargs="*", help="run roots, each as ROOT or ROOT:WHERE-IT-WAS-TRAINED")
     p.add_argument("--recurrent", nargs="*", type=Path, default=[], help="`dmm eval --json` results")
+    p.add_argument(
+        "--previous",
+        type=Path,
+        help="an earlier report's results.json: its runs stay in the table unless a run folder is further on "
+        "(run folders stay on the machine that trained them; the report is what gets committed)",
+    )
     p.add_argument("--out", type=Path, default=default_out("scores-100k"))
     return p.parse_args(argv)
 
@@ -222,9 +250,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     recurrent = {(d := json.loads(p.read_text()))["name"]: d for p in args.recurrent}
-    runs = collect(args.roots, recurrent)
+    previous = read_previous(args.previous) if args.previous else []
+    runs = collect(args.roots, recurrent, previous)
     if not runs:
-        sys.exit(f"no run folders under {', '.join(args.roots)}")
+        sys.exit(f"no run folders under {', '.join(args.roots) or '(no roots given)'} and no --previous runs")
     models: dict[str, list[dict]] = {}
     for r in sorted(runs, key=lambda r: (list(VARIANTS).index(r["variant"]), r["seed"])):
         models.setdefault(r["variant"], []).append(r)
@@ -241,6 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     payload = {
         **report_header(SCRIPT, argv, machine()),
         "roots": args.roots,
+        "previous": str(args.previous) if args.previous else None,
         "target_returns": targets,
         "runs": runs,
     }

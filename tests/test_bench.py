@@ -321,6 +321,31 @@ def test_scores_report_joins_runs_from_several_roots(tmp_path):
     assert "best evaluation up to 3 (seeds)" in md and "best evaluation up to 6 (seeds)" in md
     assert (out / "scores.png").read_bytes().startswith(PNG_MAGIC)
 
+    # the run folders are gone (another machine): the committed report keeps their rows, and a
+    # folder that got further on replaces its row
+    later = tmp_path / "later"
+    torch.save(
+        {**state, "update": 5, "metrics": {"evals": state["metrics"]["evals"]}},
+        _mkdir(later / dt["name"]) / "state.pt",
+    )
+    again = tmp_path / "again"
+    assert report([f"{later}:later", "--previous", str(out / "results.json"), "--out", str(again)]) == 0
+    rows = {r["name"]: r for r in json.loads((again / "results.json").read_text())["runs"]}
+    assert rows["hopper-tiny-dmm-seed0"] == dmm
+    assert (
+        rows["hopper-tiny-dt-seed0"]["trained_on"] == "later" and rows["hopper-tiny-dt-seed0"]["updates"] == 5
+    )
+    assert report(["--previous", str(again / "results.json"), "--out", str(tmp_path / "alone")]) == 0
+    with pytest.raises(SystemExit, match="is not a folder of runs"):
+        report([str(tmp_path / "lost"), "--out", str(tmp_path / "none")])
+    with pytest.raises(SystemExit, match=r"not a results\.json"):
+        report(["--previous", str(recurrent), "--out", str(tmp_path / "none")])
+
+
+def _mkdir(path):
+    path.mkdir(parents=True)
+    return path
+
 
 def test_device_score_data_travel_packed_and_unpack_identical(tmp_path):
     import h5py
