@@ -39,7 +39,7 @@ from bench.common import (
 )
 
 SCRIPT = "scores_report"
-RUN_NAME = re.compile(r"^(?P<dataset>.+)-(?P<variant>[a-z0-9-]+?)-seed(?P<seed>\d+)$")
+RUN_NAME = re.compile(r"^(?P<stem>.+)-seed(?P<seed>\d+)$")  # <dataset>-<variant>-seed<N>
 RESULT_FILE = "result.json"
 
 
@@ -48,7 +48,8 @@ def read_run(path: Path, where: str, recurrent: dict[str, dict]) -> dict[str, An
     import torch
 
     match = RUN_NAME.match(path.name)
-    if not match or match["variant"] not in VARIANTS or not (path / "state.pt").is_file():
+    variant = run_variant(match["stem"]) if match else None
+    if variant is None or not (path / "state.pt").is_file():
         return None
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
     history = [
@@ -57,8 +58,8 @@ def read_run(path: Path, where: str, recurrent: dict[str, dict]) -> dict[str, An
     ]
     row: dict[str, Any] = {
         "name": path.name,
-        "variant": match["variant"],
-        "label": VARIANTS[match["variant"]].label,
+        "variant": variant,
+        "label": VARIANTS[variant].label,
         "seed": int(match["seed"]),
         "trained_on": where,
         "updates": int(state["update"]),
@@ -85,6 +86,12 @@ def read_run(path: Path, where: str, recurrent: dict[str, dict]) -> dict[str, An
             "normalized_std": r["normalized_std"],
         }
     return row
+
+
+def run_variant(stem: str) -> str | None:
+    """The variant a ``<dataset>-<variant>`` name ends with: the longest known one, as variant keys
+    (``attention-global``) and dataset names (``hopper-medium-sim-v4``) both hold hyphens."""
+    return max((v for v in VARIANTS if stem.endswith(f"-{v}")), key=len, default=None)
 
 
 def read_previous(path: Path) -> list[dict]:

@@ -321,17 +321,16 @@ def test_scores_report_joins_runs_from_several_roots(tmp_path):
     assert "best evaluation up to 3 (seeds)" in md and "best evaluation up to 6 (seeds)" in md
     assert (out / "scores.png").read_bytes().startswith(PNG_MAGIC)
 
-    # the run folders are gone (another machine): the committed report keeps their rows, and a
-    # folder that got further on replaces its row
+    # the run folders are gone (another machine): the committed report keeps their rows, a folder
+    # that got further on replaces its row, and a variant with a hyphen in its key is recognised
     later = tmp_path / "later"
-    torch.save(
-        {**state, "update": 5, "metrics": {"evals": state["metrics"]["evals"]}},
-        _mkdir(later / dt["name"]) / "state.pt",
-    )
+    for name in (dt["name"], "hopper-tiny-attention-global-seed0"):
+        torch.save({**state, "update": 5}, _mkdir(later / name) / "state.pt")
     again = tmp_path / "again"
     assert report([f"{later}:later", "--previous", str(out / "results.json"), "--out", str(again)]) == 0
     rows = {r["name"]: r for r in json.loads((again / "results.json").read_text())["runs"]}
     assert rows["hopper-tiny-dmm-seed0"] == dmm
+    assert rows["hopper-tiny-attention-global-seed0"]["variant"] == "attention-global"
     assert (
         rows["hopper-tiny-dt-seed0"]["trained_on"] == "later" and rows["hopper-tiny-dt-seed0"]["updates"] == 5
     )
