@@ -325,7 +325,8 @@ def test_scores_report_joins_runs_from_several_roots(tmp_path):
     # that got further on replaces its row, and a variant with a hyphen in its key is recognised
     later = tmp_path / "later"
     for name in (dt["name"], "hopper-tiny-attention-global-seed0"):
-        torch.save({**state, "update": 5}, _mkdir(later / name) / "state.pt")
+        (later / name).mkdir(parents=True)
+        torch.save({**state, "update": 5}, later / name / "state.pt")
     again = tmp_path / "again"
     assert report([f"{later}:later", "--previous", str(out / "results.json"), "--out", str(again)]) == 0
     rows = {r["name"]: r for r in json.loads((again / "results.json").read_text())["runs"]}
@@ -339,11 +340,6 @@ def test_scores_report_joins_runs_from_several_roots(tmp_path):
         report([str(tmp_path / "lost"), "--out", str(tmp_path / "none")])
     with pytest.raises(SystemExit, match=r"not a results\.json"):
         report(["--previous", str(recurrent), "--out", str(tmp_path / "none")])
-
-
-def _mkdir(path):
-    path.mkdir(parents=True)
-    return path
 
 
 def test_device_score_data_travel_packed_and_unpack_identical(tmp_path):
