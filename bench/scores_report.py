@@ -221,21 +221,25 @@ def protocol_table(models: dict[str, list[dict]], budgets: Sequence[int]) -> str
 
 
 def plot(models: dict[str, list[dict]], targets: Sequence[float]) -> Any:
-    fig, axes = new_figure(width=7.0)
-    ax = axes[0][0]
-    for i, runs in enumerate(models.values()):
-        for target, style in zip(targets, ("-", "--"), strict=False):
+    """One panel per target return, the models in the same colour in each, the legend beneath."""
+    fig, axes = new_figure(ncols=len(targets), width=5.0, height=4.2)
+    for ax, target in zip(axes[0], targets, strict=True):
+        for i, runs in enumerate(models.values()):
             c = curve(runs, target)
             x = np.array(list(c))
             m = np.array([np.mean(v) for v in c.values()])
             s = np.array([np.std(v) for v in c.values()])
-            ax.plot(x, m, style, color=f"C{i}", marker=".", label=f"{runs[0]['label']}, target {target:g}")
+            ax.plot(x, m, color=f"C{i}", marker=".", label=runs[0]["label"])
             ax.fill_between(x, m - s, m + s, color=f"C{i}", alpha=0.15)
             partial = np.array([len(v) < len(runs) for v in c.values()], dtype=bool)
             ax.plot(x[partial], m[partial], "o", color=f"C{i}", markerfacecolor="white")
-    title = "learning curves (mean ± std over seeds; hollow: not every seed got there)"
-    ax.set(xlabel="updates", ylabel="normalized score (100 episodes, window)", title=title)
-    ax.legend(fontsize=7)
+        ax.set(xlabel="updates", title=f"target return {target:g}")
+    axes[0][0].set_ylabel("normalized score (100 episodes, window)")
+    for ax in axes[0][1:]:
+        ax.sharey(axes[0][0])
+    fig.suptitle("learning curves: mean ± std over seeds (hollow: not every seed got there)")
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncols=2, fontsize=8)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     return fig
 
 
