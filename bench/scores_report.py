@@ -154,7 +154,10 @@ def curve(runs: list[dict], target: float) -> dict[int, list[float]]:
 
 
 def mean_std(values: Sequence[float]) -> str:
-    return f"{np.mean(values):.1f} ± {np.std(values):.1f}" if values else "-"
+    """Mean ± std over seeds; one seed has no spread to show, so it is the value alone."""
+    if len(values) < 2:
+        return f"{values[0]:.1f}" if values else "-"
+    return f"{np.mean(values):.1f} ± {np.std(values):.1f}"
 
 
 def final_table(models: dict[str, list[dict]]) -> str:

@@ -318,6 +318,8 @@ def test_scores_report_joins_runs_from_several_roots(tmp_path):
     assert {e["update"] for e in dt["eval_history"]} == {3} and len(dmm["eval_history"]) == 4
     md = (out / "results.md").read_text()
     assert "| DT (K=20) | - |" in md and "seed 0 at 4" in md  # unfinished: no final score
+    window = dmm["final"]["window"]["normalized_mean"]
+    assert f"| DMM (K=8) | 0 | {window:.1f} | {window:.1f} |" in md and "± 0.0" not in md  # one seed: no ±
     assert "best evaluation up to 3 (seeds)" in md and "best evaluation up to 6 (seeds)" in md
     assert (out / "scores.png").read_bytes().startswith(PNG_MAGIC)
 
