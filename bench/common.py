@@ -262,13 +262,15 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
 
 
-def new_figure(ncols: int = 1, width: float = 6.0, height: float = 4.0) -> tuple[Figure, Any]:
+def new_figure(
+    ncols: int = 1, width: float = 6.0, height: float = 4.0, sharey: bool = False
+) -> tuple[Figure, Any]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
+    return plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False, sharey=sharey)
 
 
 def run_worker(

@@ -225,7 +225,7 @@ def protocol_table(models: dict[str, list[dict]], budgets: Sequence[int]) -> str
 
 def plot(models: dict[str, list[dict]], targets: Sequence[float]) -> Any:
     """One panel per target return, the models in the same colour in each, the legend beneath."""
-    fig, axes = new_figure(ncols=len(targets), width=5.0, height=4.2)
+    fig, axes = new_figure(ncols=len(targets), width=5.0, height=4.2, sharey=True)
     for ax, target in zip(axes[0], targets, strict=True):
         for i, runs in enumerate(models.values()):
             c = curve(runs, target)
@@ -238,8 +238,6 @@ def plot(models: dict[str, list[dict]], targets: Sequence[float]) -> Any:
             ax.plot(x[partial], m[partial], "o", color=f"C{i}", markerfacecolor="white")
         ax.set(xlabel="updates", title=f"target return {target:g}")
     axes[0][0].set_ylabel("normalized score (100 episodes, window)")
-    for ax in axes[0][1:]:
-        ax.sharey(axes[0][0])
     fig.suptitle("learning curves: mean ± std over seeds (hollow: not every seed got there)")
     fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncols=2, fontsize=8)
     fig.tight_layout(rect=(0, 0.12, 1, 1))
