@@ -6,14 +6,17 @@ Run benchmarks from the repository root as modules, e.g. ``python -m bench.train
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +35,9 @@ SHARED_HOPPER = REPO_ROOT.parent / "shared" / "data" / "hopper-medium-sim-v4.hdf
 WORKER_PREFIX = "BENCH-RESULT "
 FRESH_POLICY_ENV = "hopper-medium-sim-v4"
 STOP_GRACE_S = 60.0  # a timed-out worker's time between SIGTERM and SIGKILL
+
+_live_workers: set[subprocess.Popen[str]] = set()  # what forward_stop_signals passes a signal on to
+_live_workers_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -287,6 +293,8 @@ def run_worker(
     cmd = [sys.executable, "-m", module, "--worker", json.dumps(spec)]
     stderr = None if stream_stderr else subprocess.PIPE
     with subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True) as proc:
+        with _live_workers_lock:
+            _live_workers.add(proc)
         try:
             stdout, err_text = proc.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -297,11 +305,44 @@ def run_worker(
                 proc.kill()
                 proc.communicate()
             return {"error": f"timed out after {timeout_s:g} s"}
+        finally:
+            with _live_workers_lock:
+                _live_workers.discard(proc)
     for line in reversed(stdout.splitlines()):
         if line.startswith(WORKER_PREFIX):
             return json.loads(line[len(WORKER_PREFIX) :])
     tail = (err_text or stdout).strip().splitlines()[-5:]
     return {"error": f"worker exited with status {proc.returncode}: " + " / ".join(tail)}
+
+
+@contextlib.contextmanager
+def forward_stop_signals() -> Iterator[None]:
+    """While inside, SIGTERM or SIGINT to this process is passed on (as SIGTERM) to every running
+    worker, and this process then exits with status 128 + signal once they have.
+
+    Without it, ``kill`` of a benchmark would leave its workers training with no one to read their
+    results. With it, a resumable training worker saves its state and stops, and the caller's
+    pool waits for that before the exit goes on. Call it from the main thread.
+    """
+
+    def stop(signum: int, _frame: Any) -> None:
+        with _live_workers_lock:
+            workers = list(_live_workers)
+        print(
+            f"{signal.Signals(signum).name}: stopping {len(workers)} worker(s), each saves its state first",
+            file=sys.stderr,
+            flush=True,
+        )
+        for proc in workers:
+            proc.terminate()
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def report_from_worker(result: dict[str, Any]) -> None:

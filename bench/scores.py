@@ -36,6 +36,7 @@ from bench.common import (
     VARIANTS,
     data_label,
     default_out,
+    forward_stop_signals,
     machine,
     markdown_table,
     median,
@@ -239,7 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 **run_worker(MODULE, spec, args.run_timeout, stream_stderr=True),
             }
 
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        # `kill` of this process stops the workers too, each saving its run's state first
+        with forward_stop_signals(), ThreadPoolExecutor(max_workers=args.jobs) as pool:
             runs = list(pool.map(run, specs))
 
     models = []

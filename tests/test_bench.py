@@ -188,6 +188,35 @@ def test_scores_keep_resumable_runs_and_reuse_finished_ones(tmp_path):
     assert ModelStore(tmp_path / "runs" / "store").versions("hopper-tiny-dmm-seed0") == [1]
 
 
+def test_a_signal_to_the_benchmark_stops_its_workers_after_they_save(tmp_path):
+    """``kill`` of a benchmark passes SIGTERM on to its workers and waits for them to save."""
+    import os
+    import signal
+    import time
+
+    parent_code = (
+        "import sys\n"
+        "from bench.common import forward_stop_signals, run_worker\n"
+        "with forward_stop_signals():\n"
+        "    run_worker('tests.stoppable_worker', {'folder': sys.argv[1], 'timeout_s': 60}, 120)\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", parent_code, str(tmp_path)], cwd=REPO, stderr=subprocess.PIPE, text=True
+    )
+    ready = tmp_path / "ready"
+    deadline = time.monotonic() + 60
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    worker_pid = int(ready.read_text())
+    parent.send_signal(signal.SIGTERM)
+    _, err = parent.communicate(timeout=30)
+    assert parent.returncode == 128 + signal.SIGTERM
+    assert "SIGTERM: stopping 1 worker(s)" in err
+    assert (tmp_path / "saved").read_text() == "on SIGTERM"  # saved before the parent exited
+    with pytest.raises(ProcessLookupError):
+        os.kill(worker_pid, 0)  # and reaped, not left running
+
+
 def test_dmm_vs_dt_measures_variants_and_resumes(tmp_path):
     from dmm.trainer.collect import collect
 
