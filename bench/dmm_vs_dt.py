@@ -36,6 +36,7 @@ from bench.common import (
     command_line,
     data_label,
     default_out,
+    forward_stop_signals,
     machine,
     markdown_table,
     new_figure,
@@ -300,7 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     args = parse_args(argv)
     if not args.report:
-        run_all(args)
+        with forward_stop_signals():  # `kill` of this process stops its worker too
+            run_all(args)
     report(args)
     return 0
 
