@@ -61,6 +61,10 @@ VARIANTS: dict[str, Variant] = {
             "attention-global", "DMM, attention global mixer (ablation)", model={"global_mixer": "attention"}
         ),
         Variant("dmm-k20", "DMM (K=20)", model={"context": 20}),
+        # DT's usual width gives it three times DMM's parameters (726k against 236k on hopper):
+        # each model at the other's width, for a comparison at equal size.
+        Variant("dmm-d128", "DMM (K=8), d=128 as DT", model={"d_model": 128}),
+        Variant("dt-d64", "DT (K=20), d=64 as DMM", "dt", {"d_model": 64}),
         Variant(
             "dmm-stream",
             "DMM, residual stream, no timestep embedding",

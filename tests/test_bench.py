@@ -355,7 +355,7 @@ def test_scores_report_joins_runs_from_several_roots(tmp_path):
     # the run folders are gone (another machine): the committed report keeps their rows, a folder
     # that got further on replaces its row, and a variant with a hyphen in its key is recognised
     later = tmp_path / "later"
-    for name in (dt["name"], "hopper-tiny-attention-global-seed0"):
+    for name in (dt["name"], "hopper-tiny-attention-global-seed0", "hopper-tiny-dt-d64-seed0"):
         (later / name).mkdir(parents=True)
         torch.save({**state, "update": 5}, later / name / "state.pt")
     again = tmp_path / "again"
@@ -363,6 +363,7 @@ def test_scores_report_joins_runs_from_several_roots(tmp_path):
     rows = {r["name"]: r for r in json.loads((again / "results.json").read_text())["runs"]}
     assert rows["hopper-tiny-dmm-seed0"] == dmm
     assert rows["hopper-tiny-attention-global-seed0"]["variant"] == "attention-global"
+    assert rows["hopper-tiny-dt-d64-seed0"]["variant"] == "dt-d64"  # not "dt"
     assert (
         rows["hopper-tiny-dt-seed0"]["trained_on"] == "later" and rows["hopper-tiny-dt-seed0"]["updates"] == 5
     )
@@ -371,6 +372,17 @@ def test_scores_report_joins_runs_from_several_roots(tmp_path):
         report([str(tmp_path / "lost"), "--out", str(tmp_path / "none")])
     with pytest.raises(SystemExit, match=r"not a results\.json"):
         report(["--previous", str(recurrent), "--out", str(tmp_path / "none")])
+
+
+def test_width_matched_variants_have_the_other_models_size():
+    from bench.common import fresh_policy
+
+    def size(variant: str) -> int:
+        return sum(p.numel() for p in fresh_policy(variant, "hopper-medium-v2", 0, "cpu").model.parameters())
+
+    assert size("dt") > 3 * size("dmm")  # the two models at their usual settings
+    assert size("dmm-d128") == pytest.approx(size("dt"), rel=0.1)
+    assert size("dt-d64") == pytest.approx(size("dmm"), rel=0.1)
 
 
 def test_device_score_data_travel_packed_and_unpack_identical(tmp_path):
