@@ -42,12 +42,14 @@ _live_workers_lock = threading.Lock()
 
 @dataclass(frozen=True)
 class Variant:
-    """A model to train: an architecture (its bundled YAML applies) and ModelSettings overrides."""
+    """A model to train: an architecture (its bundled YAML applies), ModelSettings overrides and
+    TrainConfig overrides (``train``: the optimization levers)."""
 
     key: str
     label: str
     architecture: str = "dmm"
     model: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
 
 
 VARIANTS: dict[str, Variant] = {
@@ -65,6 +67,20 @@ VARIANTS: dict[str, Variant] = {
         # each model at the other's width, for a comparison at equal size.
         Variant("dmm-d128", "DMM (K=8), d=128 as DT", model={"d_model": 128}),
         Variant("dt-d64", "DT (K=20), d=64 as DMM", "dt", {"d_model": 64}),
+        # Against a final checkpoint that swings from one evaluation to the next (issue: stable finals)
+        Variant("dmm-cosine", "DMM, cosine learning rate", train={"lr_schedule": "cosine"}),
+        Variant("dmm-ema", "DMM, weight average (EMA 0.999)", train={"ema_decay": 0.999}),
+        Variant(
+            "dmm-cosine-ema",
+            "DMM, cosine learning rate + EMA 0.999",
+            train={"lr_schedule": "cosine", "ema_decay": 0.999},
+        ),
+        Variant(
+            "dt-cosine-ema",
+            "DT (K=20), cosine learning rate + EMA 0.999",
+            "dt",
+            train={"lr_schedule": "cosine", "ema_decay": 0.999},
+        ),
         Variant(
             "dmm-stream",
             "DMM, residual stream, no timestep embedding",
@@ -109,7 +125,7 @@ def train_config(variant: Variant, dataset: str, overrides: dict[str, Any] | Non
     """The TrainConfig of ``variant`` on ``dataset`` (paper YAML <- DT YAML <- variant <- overrides)."""
     from dmm.trainer.config import load_train_config
 
-    settings = dict(overrides or {})
+    settings = {**variant.train, **(overrides or {})}
     settings["model"] = {**variant.model, **settings.get("model", {})}
     return load_train_config(dataset, None, settings, architecture=variant.architecture)
 

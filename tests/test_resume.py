@@ -68,9 +68,12 @@ def _stop_at(monkeypatch: pytest.MonkeyPatch, call: int) -> None:
     monkeypatch.setattr(TrainStep, "__call__", counting)
 
 
-def test_a_stopped_and_resumed_run_ends_bit_identical(hopper_random, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "levers", [{}, {"lr_schedule": "cosine", "ema_decay": 0.95}], ids=["paper", "cosine-ema"]
+)
+def test_a_stopped_and_resumed_run_ends_bit_identical(hopper_random, tmp_path, monkeypatch, levers):
     dataset = load_dataset(hopper_random)
-    cfg = load_train_config(dataset.name, overrides=SETTINGS)
+    cfg = load_train_config(dataset.name, overrides={**SETTINGS, **levers})
     straight = train(cfg, dataset, ModelStore(tmp_path / "a"), "m", progress=False, log=_quiet)
 
     run = RunDir(tmp_path / "run", checkpoint_every=15)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
@@ -18,7 +19,7 @@ from dmm.store import ModelStore
 from dmm.trainer.collect import collect
 from dmm.trainer.config import load_train_config
 from dmm.trainer.evaluate import evaluate
-from dmm.trainer.optim import parameter_groups
+from dmm.trainer.optim import lr_factor, make_optimizer, parameter_groups, warmup_length
 from dmm.trainer.train import build_policy, masked_action_mse, train
 
 TINY = {"d_model": 16, "n_layer": 2, "dropout": 0.0}
@@ -51,6 +52,40 @@ def test_weight_decay_excludes_norms_biases_A_log_and_D():
         } <= decayed
     assert {"embed_ln.weight", "ln_f.weight", "head.bias"} <= skipped
     assert {"embed_state.weight", "head.weight"} <= decayed
+
+
+def test_the_warm_up_takes_at_most_a_tenth_of_the_budget():
+    assert warmup_length(10_000, 100_000) == 10_000  # the paper's budget: the paper's warm-up
+    assert warmup_length(10_000, 2_000) == 200  # a short run leaves its warm-up
+    assert warmup_length(0, 50) == 0
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_learning_rate_schedules_step_by_step(schedule):
+    """The scheduler's rate before each update equals the formula: a linear warm-up, then constant or
+    a half cosine that reaches 0 after the last update."""
+    model = torch.nn.Linear(2, 2)
+    updates, lr = 50, 1e-3
+    optimizer, scheduler = make_optimizer(model, lr, 0.0, warmup=10, updates=updates, schedule=schedule)
+    rates = []
+    for _ in range(updates):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    warm = warmup_length(10, updates)
+    assert warm == 5
+    np.testing.assert_allclose(rates[:warm], [lr * (i + 1) / warm for i in range(warm)])
+    assert rates[warm - 1] == pytest.approx(lr)
+    if schedule == "constant":
+        assert rates[warm:] == [lr] * (updates - warm)
+    else:
+        tail = rates[warm:]
+        assert tail[0] == pytest.approx(lr)
+        assert all(a > b for a, b in itertools.pairwise(tail))  # strictly decreasing
+        assert 0 < tail[-1] < 1e-2 * lr  # the last update still moves the weights, barely
+        assert lr_factor(updates, warm, updates, "cosine") == pytest.approx(0.0, abs=1e-12)
+        half = warm + (updates - warm) // 2
+        assert lr_factor(half, warm, updates, "cosine") == pytest.approx(0.5, abs=0.05)
 
 
 def test_paper_configs_per_family(tmp_path):
@@ -177,6 +212,35 @@ def test_training_learns_and_publishes(small_hopper, tmp_path):
     assert loaded.meta.env_id == "Hopper-v4" and loaded.meta.rtg_scale == 1000.0
     np.testing.assert_allclose(loaded.meta.state_mean, dataset.state_mean, rtol=1e-6)
     assert isinstance(loaded.meta, PolicyMeta) and loaded.config.d_model == 16
+
+
+def test_with_ema_the_published_weights_are_the_average_of_every_update(small_hopper, tmp_path, monkeypatch):
+    """The published policy holds avg_t = d * avg_{t-1} + (1 - d) * w_t over the trained weights w_t
+    (avg_1 = w_1), computed here by hand from each update's weights, not the last raw weights."""
+    import dmm.trainer.train as train_module
+
+    decay, seen = 0.9, []
+    original = train_module.TrainStep.__call__
+
+    def recording(self, batch):
+        loss = original(self, batch)
+        seen.append({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+        return loss
+
+    monkeypatch.setattr(train_module.TrainStep, "__call__", recording)
+    dataset = load_dataset(small_hopper)
+    overrides = {"model": TINY, "updates": 30, "eval_episodes": 0, "compile": False, "ema_decay": decay}
+    overrides |= {"learning_rate": 1e-2, "lr_schedule": "cosine", "batch_size": 8}
+    cfg = load_train_config(dataset.name, overrides=overrides)
+    store = ModelStore(tmp_path / "store")
+    train(cfg, dataset, store, "m", progress=False, log=lambda _: None)
+    published = load_policy(store, "m").model.state_dict()
+    average = dict(seen[0])
+    for weights in seen[1:]:
+        average = {k: decay * average[k] + (1 - decay) * weights[k] for k in average}
+    for key, value in published.items():
+        torch.testing.assert_close(value, average[key], rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(published[k], seen[-1][k]) for k in published)  # not the raw weights
 
 
 def test_without_progress_bars_training_logs_status_lines(small_hopper, tmp_path, monkeypatch):

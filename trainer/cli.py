@@ -104,6 +104,7 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--config", type=Path, help="YAML with TrainConfig fields, over the paper's defaults")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_model_options(train)
+    _add_optimization_options(train)
     _add_evaluation_options(train)
     _add_hardware_options(train)
     add_scan_backend_option(train)
@@ -128,6 +129,21 @@ def _add_model_options(train: argparse.ArgumentParser) -> None:
         "--global-mixer",
         choices=["mamba", "attention"],
         help="ablation: attention replaces the modified Mamba with causal self-attention",
+    )
+
+
+def _add_optimization_options(train: argparse.ArgumentParser) -> None:
+    """The learning-rate schedule and the weight average that is served."""
+    g = train.add_argument_group("optimization")
+    g.add_argument(
+        "--lr-schedule",
+        choices=["constant", "cosine"],
+        help="after the warm-up: constant (the paper's) or a half cosine to 0 at the last update",
+    )
+    g.add_argument(
+        "--ema-decay",
+        type=float,
+        help="evaluate and publish an exponential moving average of the weights (e.g. 0.999)",
     )
 
 
@@ -217,6 +233,8 @@ def use_scan_backend(name: str | None, device: str) -> str:
 CONFIG_OPTIONS = (
     "updates",
     "seed",
+    "lr_schedule",
+    "ema_decay",
     "eval_every",
     "eval_episodes",
     "eval_num_envs",

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from dmm.data.minari_datasets import MINARI_PREFIX
 from dmm.errors import ConfigError
 from dmm.model.config import DMMConfig, InferenceMode
+from dmm.trainer.optim import Schedule
 
 
 def _architecture_checks(settings: BaseModel) -> BaseModel:
@@ -37,7 +38,9 @@ ModelSettings = create_model(
 
 class TrainConfig(BaseModel):
     """Paper, Appendix A and Table 5: AdamW, lr 1e-4 with 10k linear warm-up then constant,
-    weight decay 1e-4, grad-norm clip 0.25, batch 64, 100k updates."""
+    weight decay 1e-4, grad-norm clip 0.25, batch 64, 100k updates. The warm-up is capped at a tenth
+    of ``updates``; ``lr_schedule`` and ``ema_decay`` are the levers against a final checkpoint that
+    swings from one evaluation to the next (``dmm.trainer.optim``)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -45,7 +48,11 @@ class TrainConfig(BaseModel):
     updates: int = Field(100_000, gt=0)
     batch_size: int = Field(64, gt=0)
     learning_rate: float = Field(1e-4, gt=0)
-    warmup_updates: int = Field(10_000, ge=0)
+    warmup_updates: int = Field(10_000, ge=0, description="at most a tenth of `updates` is used")
+    lr_schedule: Schedule = Field("constant", description="after the warm-up: constant, or cosine to 0")
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1, description="evaluate and publish an average of the weights with this decay"
+    )
     weight_decay: float = Field(1e-4, ge=0)
     grad_clip: float = Field(0.25, gt=0)
     rtg_scale: float | None = Field(None, gt=0, description="None: the environment's (1000 for locomotion)")

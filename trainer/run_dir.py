@@ -1,10 +1,10 @@
 """A resumable training run: its folder holds what was asked (``run.json``) and where it is (``state.pt``).
 
 ``state.pt`` has everything an update depends on: the update count, model, optimizer and LR-schedule
-states, the torch and sampler RNG states, the losses of the unfinished logging chunk and the
-metrics so far. It is written to a temporary file, flushed to disk and renamed over the previous
-one, so a crash while saving leaves the last good state. Resuming restores all of it, which makes
-an interrupted eager CPU run end with the same weights, bit for bit, as an uninterrupted one.
+states, the weight average (if any), the torch and sampler RNG states, the losses of the unfinished
+logging chunk and the metrics so far. It is written to a temporary file, flushed to disk and renamed
+over the previous one, so a crash while saving leaves the last good state. Resuming restores all of
+it, which makes an interrupted eager CPU run end with the same weights, bit for bit, as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ class RunDir:
         pending_losses: list[float],
         metrics: dict[str, Any],
         published_version: int | None = None,
+        average: torch.nn.Module | None = None,
     ) -> None:
         """Write the state after ``update`` updates (with ``published_version``: the run is finished)."""
         state = {
@@ -85,6 +86,7 @@ class RunDir:
             "pending_losses": list(pending_losses),
             "metrics": {key: metrics[key] for key in ("loss_curve", "evals")},
             "published_version": published_version,
+            "average": None if average is None else average.state_dict(),
         }
         self.path.mkdir(parents=True, exist_ok=True)
         _write_atomically(self.state_file, lambda f: torch.save(state, f))
@@ -96,6 +98,7 @@ class RunDir:
         scheduler: Any,
         sampler: WindowSampler,
         metrics: dict[str, Any],
+        average: torch.nn.Module | None = None,
     ) -> tuple[int, list[float]]:
         """Load the saved state into the given objects; returns (update, pending losses), (0, []) if none."""
         if not self.state_file.exists():
@@ -110,6 +113,8 @@ class RunDir:
             )
         try:
             model.load_state_dict(state["model"])
+            if average is not None:
+                average.load_state_dict(state["average"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             torch.set_rng_state(state["torch_rng"])

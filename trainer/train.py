@@ -19,7 +19,7 @@ from dmm.model.scan import resolve_backend
 from dmm.store import Store
 from dmm.trainer.config import TrainConfig
 from dmm.trainer.evaluate import evaluate
-from dmm.trainer.optim import make_optimizer
+from dmm.trainer.optim import make_optimizer, weight_average
 from dmm.trainer.plots import learning_curve_png
 from dmm.trainer.run_dir import RunDir, TrainingStopped
 
@@ -84,7 +84,8 @@ def build_policy(cfg: TrainConfig, dataset: Dataset) -> tuple[DMMPolicy, PolicyM
 
 
 class TrainStep:
-    """One optimizer update on a batch of windows: masked action MSE, clipping, AdamW, warm-up.
+    """One optimizer update on a batch of windows: masked action MSE, clipping, AdamW, the learning-rate
+    schedule and, with ``cfg.ema_decay``, the weight average (``average``) that is served.
 
     With ``cfg.compile`` the model's forward is compiled on the first call, on a GPU with CUDA graphs
     (``mode="reduce-overhead"``: an update of these small models is bound by kernel launches, and the
@@ -101,8 +102,11 @@ class TrainStep:
         self.device = device
         self.log = log
         self.optimizer, self.scheduler = make_optimizer(
-            model, cfg.learning_rate, cfg.weight_decay, cfg.warmup_updates
+            model, cfg.learning_rate, cfg.weight_decay, cfg.warmup_updates, cfg.updates, cfg.lr_schedule
         )
+        self.average = weight_average(model, cfg.ema_decay)
+        if self.average is not None:
+            self.average.eval()  # only ever evaluated and published
         mode = "reduce-overhead" if device.type == "cuda" else None
         self.forward: Callable[..., torch.Tensor] = torch.compile(model, mode=mode) if cfg.compile else model
 
@@ -131,7 +135,14 @@ class TrainStep:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
+        if self.average is not None:
+            self.average.update_parameters(self.model)
         return loss.item()
+
+    @property
+    def served(self) -> DMMPolicy:
+        """The weights that are evaluated and published: the average where there is one."""
+        return self.model if self.average is None else self.average.module
 
 
 def train(
@@ -197,8 +208,9 @@ class _Training:
         """Load the run's saved state, if any; returns the number of updates already done."""
         if self.run is None:
             return 0
+        step = self.step
         done, self.losses = self.run.restore(
-            self.model, self.step.optimizer, self.step.scheduler, self.sampler, self.metrics
+            self.model, step.optimizer, step.scheduler, self.sampler, self.metrics, step.average
         )
         if done:
             self.log(f"resuming {self.name} at update {done} of {self.cfg.updates} from {self.run.path}")
@@ -248,8 +260,9 @@ class _Training:
         """Play the current model at every target return and add the results to the metrics."""
         if self.cfg.eval_episodes == 0:
             return
-        self.model.eval()
-        live = Policy(self.model, self.meta)
+        served = self.step.served
+        served.eval()
+        live = Policy(served, self.meta)
         for target in self.targets:
             result = evaluate(
                 live,
@@ -267,7 +280,7 @@ class _Training:
     def publish(self) -> int:
         png = learning_curve_png(self.metrics)
         return publish_policy(
-            self.store, self.name, self.model, self.meta, self.metrics, {"learning_curve.png": png}
+            self.store, self.name, self.step.served, self.meta, self.metrics, {"learning_curve.png": png}
         )
 
     def save(self, update: int, version: int | None = None) -> None:
@@ -282,6 +295,7 @@ class _Training:
                 self.losses,
                 self.metrics,
                 version,
+                step.average,
             )
 
     def finish(self, train_seconds: float) -> TrainResult:
