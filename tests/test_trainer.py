@@ -284,3 +284,16 @@ def test_every_architecture_setting_of_the_model_can_be_configured_for_training(
     assert config.resolved_dt_rank == 8
     with pytest.raises(ConfigError, match="state_dim"):
         load_train_config("hopper-medium-v2", overrides={"model": {"state_dim": 3}})
+
+
+def test_without_a_cxx_compiler_training_runs_eagerly_and_says_so_once(small_hopper, monkeypatch):
+    from dmm.trainer.train import TrainStep
+
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    dataset = load_dataset(small_hopper)
+    cfg = load_train_config(dataset.name, overrides={"model": TINY, "compile": True})
+    model, _ = build_policy(cfg, dataset)
+    lines: list[str] = []
+    step = TrainStep(model, cfg, torch.device("cpu"), lines.append)
+    assert step.forward is model
+    assert len(lines) == 1 and "no C++ compiler" in lines[0] and "eagerly" in lines[0]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -83,6 +85,28 @@ def build_policy(cfg: TrainConfig, dataset: Dataset) -> tuple[DMMPolicy, PolicyM
     return model, meta
 
 
+def cxx_compiler() -> str | None:
+    """The C++ compiler torch.compile would build its kernels with (``$CXX``, else g++), or None."""
+    return shutil.which(os.environ.get("CXX") or "g++")
+
+
+def compiled_forward(
+    model: DMMPolicy, wanted: bool, device: torch.device, log: Callable[[str], None]
+) -> Callable[..., torch.Tensor]:
+    """``torch.compile(model)`` where it can work, else the model itself.
+
+    Inductor builds its kernels with a C++ compiler on the CPU and Triton's launcher with a C compiler
+    on a GPU; a slim image has neither, so instead of an attempt that fails with a traceback, training
+    runs eagerly and says so once.
+    """
+    if not wanted:
+        return model
+    if cxx_compiler() is None:
+        log("no C++ compiler found (set CXX or install g++): training runs eagerly, without torch.compile")
+        return model
+    return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None)
+
+
 class TrainStep:
     """One optimizer update on a batch of windows: masked action MSE, clipping, AdamW, the learning-rate
     schedule and, with ``cfg.ema_decay``, the weight average (``average``) that is served.
@@ -107,8 +131,7 @@ class TrainStep:
         self.average = weight_average(model, cfg.ema_decay)
         if self.average is not None:
             self.average.eval()  # only ever evaluated and published
-        mode = "reduce-overhead" if device.type == "cuda" else None
-        self.forward: Callable[..., torch.Tensor] = torch.compile(model, mode=mode) if cfg.compile else model
+        self.forward = compiled_forward(model, cfg.compile, device, log)
 
     def _predict(self, *inputs: torch.Tensor | None) -> torch.Tensor:
         try:
