@@ -26,7 +26,8 @@ a run cut short still leaves what it measured.
 
     bash bench/device_wheels.sh                  # here, once: the wheels the host lacks
     python -m bench.device                       # on the GPU host (writes bench/results/device)
-    python -m bench.device --dry-run --out /tmp/d   # every step at tiny sizes on the CPU
+    python -m bench.device --dry-run             # every step at tiny sizes on the CPU (into a new
+                                                 # temporary folder, printed; --out to choose it)
     python -m bench.device --pack-data           # here: the score data packed to travel
 """
 
@@ -584,7 +585,13 @@ STEP_FUNCTIONS: dict[str, Callable[[Device, Step], None]] = {
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=MODULE, description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=default_out(SCRIPT))
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"results folder (default {default_out(SCRIPT).relative_to(REPO_ROOT)}; with --dry-run a new "
+        "temporary folder, so that a rehearsal never overwrites a GPU host's committed results)",
+    )
     p.add_argument("--dry-run", action="store_true", help="every step at tiny sizes on the CPU")
     p.add_argument("--budget", type=float, default=540.0, help="wall seconds for all steps (default 540)")
     p.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS), help="env always runs first")
@@ -592,7 +599,19 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--score-variants", nargs="+", default=["dmm", "dt"], help="bench.scores variants (default dmm dt)"
     )
     p.add_argument("--score-seeds", nargs="+", type=int, default=[0, 1, 2], help="default 0 1 2")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.out = resolve_out(args.out, args.dry_run)
+    return args
+
+
+def resolve_out(out: Path | None, dry_run: bool) -> Path:
+    """The results folder: ``--out`` when given; else a new temporary folder for a dry run (the
+    committed results of a GPU host stay as they are) and ``bench/results/device`` for a real run."""
+    if out is not None:
+        return out
+    if dry_run:
+        return Path(tempfile.mkdtemp(prefix="dmm-device-dry-run-"))
+    return default_out(SCRIPT)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -605,6 +624,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"packed {SHARED_HOPPER} into {PACKED_DATA} ({PACKED_DATA.stat().st_size / 1e6:.1f} MB)")
         return 0
     args = parse_args(argv)
+    if args.dry_run:
+        print(f"dry run: results go to {args.out}", flush=True)
     device = Device(args, argv)
     for name in ["env", *(s for s in STEPS if s in args.steps and s != "env")]:
         step = Step(name)

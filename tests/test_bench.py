@@ -297,6 +297,30 @@ def test_device_dry_run_rehearses_every_step(tmp_path):
     assert "### serve" in (out / "device.md").read_text()
 
 
+def test_device_dry_run_without_out_leaves_the_committed_results_alone(tmp_path, monkeypatch):
+    """A rehearsal on the CPU must not overwrite the GPU host's results in bench/results/device."""
+    import tempfile
+
+    from bench.common import default_out
+    from bench.device import Device, parse_args
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the temporary folders land here
+    committed = default_out("device")
+    assert parse_args([]).out == committed  # a real run writes the results to commit
+    assert parse_args(["--dry-run", "--out", str(tmp_path / "d")]).out == tmp_path / "d"
+    before = {p: p.stat().st_mtime_ns for p in committed.rglob("*")} if committed.exists() else {}
+    args = parse_args(["--dry-run", "--steps", "env"])
+    assert args.out.parent == tmp_path and args.out.is_dir() and not any(args.out.iterdir())
+    assert committed.resolve() not in args.out.resolve().parents
+    assert parse_args(["--dry-run"]).out != args.out  # a fresh folder each time
+    device = Device(args, ["--dry-run", "--steps", "env"])
+    device.write()
+    assert {p.name for p in args.out.iterdir()} == {"device.json", "device.md"}
+    assert json.loads((args.out / "device.json").read_text())["dry_run"] is True
+    after = {p: p.stat().st_mtime_ns for p in committed.rglob("*")} if committed.exists() else {}
+    assert after == before
+
+
 def test_soak_counts_every_episode_ending_and_frees_every_slot(tmp_path):
     code, payload, md = run_bench(
         "soak", tmp_path, "--sessions", "12", "--duration", "4", "--max-steps", "40",
