@@ -56,8 +56,10 @@ def test_cli_writes_a_d4rl_file_the_loader_reads(tmp_path, hopper_policy_npz):
     assert dataset.num_transitions == 300 and dataset.env == "hopper-random-sim"
     assert dataset.returns.sum() == pytest.approx(arrays["rewards"].sum(dtype=np.float64))
 
+    assert "collect:" in result.stderr  # the progress bar
     again = tmp_path / "again.hdf5"
-    assert run_cli(*args, "--out", again).returncode == 0
+    quiet = run_cli(*args, "--out", again, "--no-progress")
+    assert quiet.returncode == 0 and "collect:" not in quiet.stderr
     repeated, _ = read(again)
     for key in KEYS:
         np.testing.assert_array_equal(arrays[key], repeated[key])

@@ -56,6 +56,7 @@ def _register_collect(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--deterministic", action="store_true", help="take the policy's mean action instead of sampling"
     )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=_collect)
 
 
@@ -72,6 +73,7 @@ def _collect(args: argparse.Namespace) -> int:
         num_envs=args.num_envs,
         deterministic=args.deterministic,
         data_format=args.data_format,
+        progress=not args.no_progress,
     )
     print(f"wrote {args.steps} transitions to {path}")
     if args.data_format == "minari":

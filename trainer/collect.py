@@ -175,7 +175,9 @@ def _make_vector_env(env: str, num_envs: int) -> tuple[Any, str]:
         raise DMMError(f"cannot create environment {env!r}: {err}") from err
 
 
-def _rollout(venv: Any, policy: SACPolicy, steps: int, seed: int, deterministic: bool) -> dict[str, Any]:
+def _rollout(
+    venv: Any, policy: SACPolicy, steps: int, seed: int, deterministic: bool, progress: bool = True
+) -> dict[str, Any]:
     """The first ``steps`` transitions, whole episodes in the order they started."""
     import numpy as np
     from tqdm import tqdm
@@ -189,7 +191,7 @@ def _rollout(venv: Any, policy: SACPolicy, steps: int, seed: int, deterministic:
     observations, _ = venv.reset(seed=[seed + k for k in range(num_envs)])
     first_open = 0  # episodes before it are finished
     finished_steps = 0  # transitions in episodes before first_open
-    with tqdm(total=steps, unit="step", desc="collect") as bar:
+    with tqdm(total=steps, unit="step", desc="collect", disable=not progress) as bar:
         while True:
             noise = None if deterministic else rng.standard_normal((num_envs, policy.act_dim))
             actions = policy.act(observations, noise)  # float64: the env steps with them unrounded
@@ -328,6 +330,7 @@ def collect(
     num_envs: int = 1,
     deterministic: bool = False,
     data_format: str = "hdf5",
+    progress: bool = True,
 ) -> Path:
     """Roll out the policy and write exactly ``steps`` transitions; returns where they went.
 
@@ -349,7 +352,7 @@ def collect(
     venv, env_id = _make_vector_env(env, num_envs)
     try:
         policy = _behaviour_policy(policy_path, venv, env)
-        columns = _rollout(venv, policy, steps, seed, deterministic)
+        columns = _rollout(venv, policy, steps, seed, deterministic, progress)
     finally:
         venv.close()
     if not (columns["terminals"][-1] or columns["timeouts"][-1]):
