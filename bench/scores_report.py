@@ -77,6 +77,7 @@ def read_run(path: Path, where: str, recurrent: dict[str, dict]) -> dict[str, An
             "normalized_std": result["normalized_std_over_episodes"],
         }
         row["second_half"] = second_half_mean(history, result["target_return"], row["updates"])
+        row["swing"] = swing(history, result["target_return"])
     if path.name in recurrent:
         r = recurrent[path.name]
         row["final"]["recurrent"] = {
@@ -100,7 +101,11 @@ def read_previous(path: Path) -> list[dict]:
         runs = json.loads(path.read_text())["runs"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         sys.exit(f"--previous {path}: not a results.json of bench.{SCRIPT} ({type(err).__name__}: {err})")
-    return [r for r in runs if r.get("variant") in VARIANTS]
+    runs = [r for r in runs if r.get("variant") in VARIANTS]
+    for r in runs:  # reports written before the swing was measured
+        if r["finished"] and "swing" not in r:
+            r["swing"] = swing(r["eval_history"], r["final"]["window"]["target_return"])
+    return runs
 
 
 def second_half_mean(history: list[dict], target: float, updates: int) -> float:
@@ -118,6 +123,20 @@ def second_half_mean(history: list[dict], target: float, updates: int) -> float:
             ]
         )
     )
+
+
+SWING_EVALS = 5
+
+
+def swing(history: list[dict], target: float) -> float:
+    """The std of a run's last ``SWING_EVALS`` evaluations at ``target``: how much the score of the
+    checkpoint that happens to be last depends on where training stopped."""
+    scores = [
+        e["normalized_mean"]
+        for e in sorted(history, key=lambda e: e["update"])
+        if e["target_return"] == target
+    ]
+    return float(np.std(scores[-SWING_EVALS:]))
 
 
 def collect(roots: Sequence[str], recurrent: dict[str, dict], previous: Sequence[dict] = ()) -> list[dict]:
@@ -176,6 +195,7 @@ def final_table(models: dict[str, list[dict]]) -> str:
                 mean_std(rec),
                 " / ".join(f"{v:.1f}" for v in rec) or "-",
                 mean_std([r["second_half"] for r in done]),
+                mean_std([r["swing"] for r in done if "swing" in r]),
                 mean_std([r["paper_protocol"] for r in done]),
                 unfinished or "-",
             ]
@@ -189,6 +209,7 @@ def final_table(models: dict[str, list[dict]]) -> str:
             "final, recurrent",
             "per seed",
             "mean of the second half's evaluations",
+            f"swing (std of the last {SWING_EVALS} evaluations)",
             "paper protocol (best evaluation)",
             "unfinished",
         ],
@@ -293,6 +314,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "normalized return; mean ± std over seeds",
         "mean of the second half's evaluations: per seed, the mean of its evaluations (window, first target) "
         "from half its updates on, the final one included; less swayed by one checkpoint's swing",
+        f"swing: per seed, the std of its last {SWING_EVALS} evaluations (window, first target), the final "
+        "one included; mean ± std over seeds",
         "paper protocol (the authors' reporting, for comparison only): the best of the evaluations every "
         f"10k updates at every target return ({', '.join(f'{t:g}' for t in targets)}), per seed",
     ]

@@ -367,6 +367,7 @@ def test_scores_report_joins_runs_from_several_roots(tmp_path):
     assert dmm["final"]["recurrent"]["normalized_mean"] == 1.5
     first = [e["normalized_mean"] for e in dmm["eval_history"] if e["target_return"] == 3600.0]
     assert len(first) == 2 and dmm["second_half"] == pytest.approx(sum(first) / 2)  # updates 3 and 6 of 6
+    assert dmm["swing"] == pytest.approx(abs(first[0] - first[1]) / 2)  # std of the last (two) evaluations
     assert dt["trained_on"] == "gpu" and not dt["finished"] and dt["final"] == {}
     assert {e["update"] for e in dt["eval_history"]} == {3} and len(dmm["eval_history"]) == 4
     md = (out / "results.md").read_text()
@@ -374,6 +375,7 @@ def test_scores_report_joins_runs_from_several_roots(tmp_path):
     window = dmm["final"]["window"]["normalized_mean"]
     assert f"| DMM (K=8) | 0 | {window:.1f} | {window:.1f} |" in md and "± 0.0" not in md  # one seed: no ±
     assert "best evaluation up to 3 (seeds)" in md and "best evaluation up to 6 (seeds)" in md
+    assert "swing (std of the last 5 evaluations)" in md
     assert (out / "scores.png").read_bytes().startswith(PNG_MAGIC)
 
     # the run folders are gone (another machine): the committed report keeps their rows, a folder
