@@ -31,7 +31,7 @@ from werkzeug.serving import make_server
 
 from dmm.server.testing import ServerProcess
 from dmm.store import CorruptVersionError, ModelStore, StoreError, VersionNotFoundError, open_store
-from dmm.store_s3 import S3ModelStore
+from dmm.store.s3 import S3ModelStore
 from dmm.v1 import policy_pb2, policy_pb2_grpc
 
 
@@ -104,8 +104,8 @@ def _publish(store: S3ModelStore, name: str = "hopper", seed: int = 0, **kwargs:
 
 def _keys(store: S3ModelStore, *parts: str | int) -> set[str]:
     """Keys under ``parts``, relative to the store's prefix."""
-    start = len(store._key()) + 1
-    return {key[start:] for key in store.fs.find(store._key(*parts) + "/")}
+    start = len(store.key()) + 1
+    return {key[start:] for key in store.fs.find(store.key(*parts) + "/")}
 
 
 def test_publish_list_load_round_trip_and_the_cache(url: str, aws_env: Path) -> None:
@@ -138,7 +138,7 @@ def test_publish_list_load_round_trip_and_the_cache(url: str, aws_env: Path) -> 
     assert open_store(url).read_config("hopper") == {"seed": 2}
 
     # A cached version is not downloaded again: it loads with its remote weights gone.
-    store.fs.rm(store._key("hopper", 1, "model.safetensors"))
+    store.fs.rm(store.key("hopper", 1, "model.safetensors"))
     assert torch.equal(store.load("hopper", 1).tensors["steps"], torch.arange(5))
 
 
@@ -146,7 +146,7 @@ def test_checksums_are_verified_and_a_damaged_cache_is_fetched_again(url: str, a
     store = open_store(url)
     _publish(store, seed=1)
     _publish(store, seed=2)
-    weights = store._key("hopper", 2, "model.safetensors")
+    weights = store.key("hopper", 2, "model.safetensors")
     data = bytearray(store.fs.cat_file(weights))
     data[-1] ^= 0xFF
     store.fs.pipe_file(weights, bytes(data))
@@ -158,7 +158,7 @@ def test_checksums_are_verified_and_a_damaged_cache_is_fetched_again(url: str, a
     cached.write_text('{"seed": 666}')  # damage on disk after the download
     assert store.load("hopper", 1).config == {"seed": 1}
 
-    store.fs.pipe_file(store._key("hopper", 3, "checksums.sha256"), b"not a manifest\n")
+    store.fs.pipe_file(store.key("hopper", 3, "checksums.sha256"), b"not a manifest\n")
     assert store.versions("hopper") == [1, 2]
     with pytest.raises(CorruptVersionError, match=r"hopper/3/checksums\.sha256 line 1 is malformed"):
         store.resolve("hopper", 3)
@@ -210,14 +210,14 @@ def test_racing_writers_get_distinct_complete_versions(url: str) -> None:
 
     def write(seed: int) -> None:
         store = open_store(url)
-        scan = store._scan
+        scan = store.scan
 
         def scan_then_wait(name: str) -> dict:
             found = scan(name)
             listed.wait(timeout=30)
             return found
 
-        store._scan = scan_then_wait
+        store.scan = scan_then_wait
         got[seed] = _publish(store, seed=seed)
 
     threads = [threading.Thread(target=write, args=(seed,)) for seed in range(writers)]

@@ -72,23 +72,24 @@ from botocore.exceptions import (
 )
 from fsspec.exceptions import FSTimeoutError
 
-from dmm.store import (
-    _MAX_NAME_LEN,
-    _MAX_PUBLISH_ATTEMPTS,
-    _NAME_RE,
-    _VERSION_RE,
+from dmm.store.base import Checkpoint, VersionResolver
+from dmm.store.errors import CorruptVersionError, StoreError
+from dmm.store.layout import (
     CHECKSUMS_FILE,
+    MAX_PUBLISH_ATTEMPTS,
     TMP_PREFIX,
-    Checkpoint,
-    CorruptVersionError,
-    ModelStore,
-    StoreError,
-    VersionResolver,
-    _sha256_file,
-    _validate_name,
     check_required,
+    corrupt_file,
+    is_model_name,
+    is_version_name,
+    missing_file,
     parse_checksums,
+    read_checksums,
+    sha256_file,
+    stale_cutoff,
+    validate_name,
 )
+from dmm.store.local import ModelStore
 
 SCHEME = "s3://"
 CLAIM_FILE = ".claim"
@@ -145,7 +146,7 @@ class S3ModelStore(VersionResolver):
         if refresh_s < 0:
             raise StoreError(f"the store's refresh interval must be >= 0 s, got {refresh_s}")
         self.bucket, self.prefix = parse_url(url)
-        self.root = SCHEME + self._key()
+        self.root = SCHEME + self.key()
         self.refresh_s = refresh_s
         self.cache = ModelStore(default_cache_dir() / self.bucket / self.prefix)
         # A private instance that never caches listings: new versions must show up.
@@ -161,8 +162,8 @@ class S3ModelStore(VersionResolver):
 
     # ----------------------------------------------------------------- S3 access
 
-    def _key(self, *parts: str | int) -> str:
-        """``bucket/prefix/part/...``: the path s3fs takes."""
+    def key(self, *parts: str | int) -> str:
+        """``bucket/prefix/part/...``: the path s3fs takes (the URL without ``s3://``)."""
         return "/".join([self.bucket, *([self.prefix] if self.prefix else []), *map(str, parts)])
 
     def _call(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
@@ -206,14 +207,14 @@ class S3ModelStore(VersionResolver):
 
     # ----------------------------------------------------------------- listing
 
-    def _scan(self, name: str) -> dict[int, tuple[str | None, float]]:
+    def scan(self, name: str) -> dict[int, tuple[str | None, float]]:
         """Every numbered version of ``name``, complete or not: its manifest's ETag (None: no
         manifest) and when its newest object was written. One listing request per 1000 objects."""
-        start = len(self._key(name)) + 1
+        start = len(self.key(name)) + 1
         found: dict[int, tuple[str | None, float]] = {}
-        for key, info in self._call(self.fs.find, self._key(name) + "/", detail=True).items():
+        for key, info in self._call(self.fs.find, self.key(name) + "/", detail=True).items():
             number, _, fname = key[start:].partition("/")
-            if not _VERSION_RE.fullmatch(number):
+            if not is_version_name(number):
                 continue
             etag, newest = found.get(int(number), (None, 0.0))
             if fname == CHECKSUMS_FILE:
@@ -222,12 +223,12 @@ class S3ModelStore(VersionResolver):
         return found
 
     def _listing(self, name: str) -> dict[int, tuple[str | None, float]]:
-        """:meth:`_scan`, reused for ``refresh_s`` seconds."""
+        """:meth:`scan`, reused for ``refresh_s`` seconds."""
         with self._lock:
             cached = self._scans.get(name)
         if cached is not None and time.monotonic() - cached[0] < self.refresh_s:
             return cached[1]
-        scan = self._scan(name)
+        scan = self.scan(name)
         with self._lock:
             self._scans[name] = (time.monotonic(), scan)
         return scan
@@ -241,7 +242,7 @@ class S3ModelStore(VersionResolver):
     def _manifest(self, name: str, number: int, etag: str) -> dict[str, str]:
         """The parsed manifest of a listed version (read once per ETag); CorruptVersionError if it is
         malformed or lacks a required file."""
-        key = self._key(name, number, CHECKSUMS_FILE)
+        key = self.key(name, number, CHECKSUMS_FILE)
         with self._lock:
             cached = self._manifests.get(key)
         if cached is None or cached[0] != etag:
@@ -257,7 +258,7 @@ class S3ModelStore(VersionResolver):
 
     def _remote_manifest(self, name: str, number: int) -> tuple[bytes, dict[str, str]]:
         """The manifest of ``name`` ``number`` as stored, and parsed (required files checked)."""
-        key = self._key(name, number, CHECKSUMS_FILE)
+        key = self.key(name, number, CHECKSUMS_FILE)
         data = self._read(key)
         try:
             text = data.decode("utf-8")
@@ -277,11 +278,11 @@ class S3ModelStore(VersionResolver):
     def _model_dirs(self) -> list[str]:
         """Names of the folders at the store's root that may be models."""
         try:
-            entries = self._call(self.fs.ls, self._key(), detail=True)
+            entries = self._call(self.fs.ls, self.key(), detail=True)
         except FileNotFoundError:  # nothing published under the prefix yet
             return []
         names = [e["name"].rsplit("/", 1)[-1] for e in entries if e["type"] == "directory"]
-        return sorted(n for n in names if _NAME_RE.fullmatch(n) and n != "latest" and len(n) <= _MAX_NAME_LEN)
+        return sorted(n for n in names if is_model_name(n))
 
     def models(self) -> list[str]:
         """Names with at least one complete version, sorted."""
@@ -296,11 +297,11 @@ class S3ModelStore(VersionResolver):
 
     def versions(self, name: str) -> list[int]:
         """Complete versions of ``name``, ascending; ``[]`` if there are none."""
-        _validate_name(name)
+        validate_name(name)
         listing = self._listing(name)
         return [n for n in sorted(listing) if self._is_complete(name, n, listing[n][0])]
 
-    def _explain_incomplete(self, name: str, number: int) -> None:
+    def explain_incomplete(self, name: str, number: int) -> None:
         """A version still being uploaded (no manifest yet) is absent; one whose manifest is there
         but unusable is a CorruptVersionError saying why."""
         etag = self._listing(name).get(number, (None, 0.0))[0]
@@ -326,7 +327,7 @@ class S3ModelStore(VersionResolver):
                 return self.cache.load(name, number, device)
             except CorruptVersionError as err:
                 local = str(self.cache.version_path(name, number))
-                raise CorruptVersionError(str(err).replace(local, SCHEME + self._key(name, number))) from None
+                raise CorruptVersionError(str(err).replace(local, SCHEME + self.key(name, number))) from None
 
     def read_config(self, name: str, version: int | str | None = None) -> dict:
         """``config.json`` of one version (checksum-verified), from the cached copy."""
@@ -345,8 +346,8 @@ class S3ModelStore(VersionResolver):
     def _cached_listing(target: Path) -> dict[str, str] | None:
         """The manifest of a cached version (None if there is none, or it cannot be read)."""
         try:
-            return parse_checksums((target / CHECKSUMS_FILE).read_text(encoding="utf-8"), str(target))
-        except (OSError, UnicodeDecodeError, CorruptVersionError):
+            return read_checksums(target)
+        except CorruptVersionError:
             return None
 
     def _download(
@@ -364,21 +365,22 @@ class S3ModelStore(VersionResolver):
             ) from None
         try:
             for fname, digest in listed.items():
-                key = self._key(name, number, fname)
-                try:
-                    self._call(self.fs.get_file, key, str(tmp / fname))
-                except FileNotFoundError:
-                    raise CorruptVersionError(
-                        f"{SCHEME}{key} is listed in {CHECKSUMS_FILE} but missing"
-                    ) from None
-                if _sha256_file(tmp / fname) != digest:
-                    raise CorruptVersionError(f"{SCHEME}{key} fails its sha256 checksum: the file is corrupt")
+                self._fetch(self.key(name, number, fname), tmp / fname, digest)
             (tmp / CHECKSUMS_FILE).write_bytes(manifest)
             self._install(tmp, target, listed)
         except OSError as err:
             raise StoreError(f"cannot write the download cache {target.parent}: {err}") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def _fetch(self, key: str, local: Path, digest: str) -> None:
+        """Download one listed file and check it against the manifest's ``digest``."""
+        try:
+            self._call(self.fs.get_file, key, str(local))
+        except FileNotFoundError:
+            raise missing_file(SCHEME + key) from None
+        if sha256_file(local) != digest:
+            raise corrupt_file(SCHEME + key)
 
     def _install(self, tmp: Path, target: Path, listed: dict[str, str]) -> None:
         """Rename a downloaded version into place. Another process (a worker of the same server) may
@@ -419,7 +421,7 @@ class S3ModelStore(VersionResolver):
 
         The version is written (validated, serialized, checksummed) by the local store into a
         temporary folder first, so both stores accept and write exactly the same versions."""
-        _validate_name(name)
+        validate_name(name)
         with tempfile.TemporaryDirectory(prefix="dmm-publish-") as tmp:
             staged = ModelStore(tmp)
             source = staged.version_path(name, staged.publish(name, tensors, config, metrics, files))
@@ -430,7 +432,7 @@ class S3ModelStore(VersionResolver):
 
     def _claim(self, name: str) -> int:
         """Take the next free version number by creating its claim object conditionally."""
-        scan = self._scan(name)
+        scan = self.scan(name)
         number = max(scan, default=0) + 1
         claim = {
             "writer": uuid.uuid4().hex,
@@ -439,8 +441,8 @@ class S3ModelStore(VersionResolver):
             "time": datetime.now(timezone.utc).isoformat(),
         }
         body = json.dumps(claim).encode("utf-8")
-        for _ in range(_MAX_PUBLISH_ATTEMPTS):
-            key = self._key(name, number, CLAIM_FILE)
+        for _ in range(MAX_PUBLISH_ATTEMPTS):
+            key = self.key(name, number, CLAIM_FILE)
             try:
                 self._call(self.fs.pipe_file, key, body, mode="create")
             except FileExistsError:  # another writer holds this number
@@ -449,7 +451,7 @@ class S3ModelStore(VersionResolver):
             self._check_conditional_writes(name, number, key, body)
             return number
         raise StoreError(
-            f"could not claim a version number of {name!r} in {self.root} after {_MAX_PUBLISH_ATTEMPTS} tries"
+            f"could not claim a version number of {name!r} in {self.root} after {MAX_PUBLISH_ATTEMPTS} tries"
         )
 
     def _check_conditional_writes(self, name: str, number: int, key: str, body: bytes) -> None:
@@ -468,14 +470,14 @@ class S3ModelStore(VersionResolver):
         )
 
     def _upload(self, name: str, number: int, source: Path) -> None:
-        listed = parse_checksums((source / CHECKSUMS_FILE).read_text(encoding="utf-8"), str(source))
+        listed = read_checksums(source)
         try:
             for fname in sorted(listed):
-                self._call(self.fs.put_file, str(source / fname), self._key(name, number, fname))
+                self._call(self.fs.put_file, str(source / fname), self.key(name, number, fname))
         except BaseException:
             self._discard(name, number)
             raise
-        manifest = self._key(name, number, CHECKSUMS_FILE)
+        manifest = self.key(name, number, CHECKSUMS_FILE)
         try:
             self._call(self.fs.put_file, str(source / CHECKSUMS_FILE), manifest, mode="create")
         except FileExistsError:
@@ -487,7 +489,7 @@ class S3ModelStore(VersionResolver):
     def _discard(self, name: str, number: int) -> None:
         """Best effort after a failed upload: what is left is never listed, and prune_stale removes it."""
         with contextlib.suppress(Exception):
-            self.fs.rm(self._key(name, number) + "/", recursive=True)
+            self.fs.rm(self.key(name, number) + "/", recursive=True)
 
     def prune_stale(self, older_than_s: float = 3600.0) -> list[str]:
         """Delete versions without a manifest (writers killed mid-upload) whose newest object is older
@@ -495,14 +497,12 @@ class S3ModelStore(VersionResolver):
 
         A live writer uploads its files one after another, so a generous age never removes one in
         progress (unless a single file takes longer than that to upload)."""
-        if older_than_s < 0:
-            raise StoreError(f"older_than_s must be >= 0, got {older_than_s}")
-        cutoff = time.time() - older_than_s
+        cutoff = stale_cutoff(older_than_s)
         removed: list[str] = []
         for name in self._model_dirs():
-            for number, (etag, newest) in sorted(self._scan(name).items()):
+            for number, (etag, newest) in sorted(self.scan(name).items()):
                 if etag is None and newest <= cutoff:
-                    self._call(self.fs.rm, self._key(name, number) + "/", recursive=True)
-                    removed.append(SCHEME + self._key(name, number))
+                    self._call(self.fs.rm, self.key(name, number) + "/", recursive=True)
+                    removed.append(SCHEME + self.key(name, number))
             self._forget(name)
         return removed
