@@ -129,6 +129,43 @@ def test_docker_compose_up_works_from_the_repository_root():
     assert not (ROOT / "docker-compose.yml").exists()  # one root file: compose would pick either
 
 
+FALLBACK_V1 = re.compile(
+    r"^(?:DOCKER_BUILDKIT=1 )?docker-compose -f deploy/docker-compose\.yml up --build\b", re.MULTILINE
+)
+
+
+def test_compose_files_name_the_minimum_version_and_the_fallback_for_compose_v1():
+    """`include` needs Compose 2.20; docker-compose 1.29 (v1) runs deploy/docker-compose.yml by name."""
+    header = "\n".join(
+        line.removeprefix("#").strip()
+        for line in (ROOT / "compose.yaml").read_text().splitlines()
+        if line.startswith("#")
+    )
+    readme = (DEPLOY / "README.md").read_text()
+    for text in (header, readme):
+        assert re.search(r"Compose 2\.20 or newer", text, re.IGNORECASE)
+        assert FALLBACK_V1.search(text), "the fallback for docker-compose 1.29 is `docker-compose -f ...`"
+        for line in text.splitlines():
+            if "1.29" in line and "-f deploy/docker-compose.yml" in line:
+                assert "docker-compose -f" in line, f"Compose v1's command is `docker-compose`: {line!r}"
+
+
+@pytest.mark.skipif(
+    shutil.which("docker-compose") is None, reason="docker-compose (Compose v1) not installed"
+)
+def test_deploy_compose_file_is_valid_for_docker_compose_v1():
+    """docker-compose 1.29 (Debian's package) accepts the deployment's file; no Docker engine needed."""
+    for profile in ([], ["--profile", "train"]):
+        proc = subprocess.run(
+            ["docker-compose", "-f", str(COMPOSE), *profile, "config", "-q"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+
+
 def test_compose_has_the_services_and_profiles(compose):
     services = compose["services"]
     assert {"bootstrap", "server", "prometheus", "grafana", "trainer"} <= set(services)
@@ -241,7 +278,22 @@ def test_dockerfile_is_multi_stage_with_a_base_image_argument():
 def test_dockerfile_pins_torch_and_runs_dmm_serve_as_non_root():
     instructions = dockerfile_instructions()
     runs = " ".join(rest for instr, rest in instructions if instr == "RUN")
-    assert re.findall(r"torch\S*", runs) == ["torch==2.13.0"]
+    installs = re.findall(r"pip install ([^;&|]*)", runs)
+    torch_installs = [arg for cmd in installs for arg in cmd.split() if arg.startswith("torch")]
+    assert torch_installs == ["torch==2.13.0"]
+    torch_install = next(cmd for cmd in installs if "torch==" in cmd)
+    assert "--index-url" in torch_install and "--extra-index-url" not in runs  # never PyPI's CUDA torch
+    assert "torch.version.cuda" in runs  # the build checks which torch it got
+
+
+def test_dockerfile_warms_the_numba_cache_for_the_installed_package():
+    """numba keys its cache by source path: the warm-up must import site-packages, not /src/dmm."""
+    instructions = dockerfile_instructions()
+    stages = [i for i, (instr, _) in enumerate(instructions) if instr == "FROM"]
+    build = instructions[stages[0] : stages[1]]
+    workdir = [rest for instr, rest in build if instr == "WORKDIR"][-1]
+    warm_up = next(rest for instr, rest in build if instr == "RUN" and "warm_up" in rest)
+    assert workdir == "/" and "/opt/venv/" in warm_up
     users = [rest for instr, rest in instructions if instr == "USER"]
     assert users and users[-1] not in ("root", "0")
     assert json.loads(dict(instructions)["ENTRYPOINT"]) == ["dmm", "serve"]
