@@ -42,7 +42,7 @@ _live_workers_lock = threading.Lock()
 
 @dataclass(frozen=True)
 class Variant:
-    """A model to train: an architecture (its bundled YAML applies), ModelSettings overrides and
+    """A model to train: an architecture (its bundled YAML applies), DMMSettings overrides and
     TrainConfig overrides (``train``: the optimization levers)."""
 
     key: str
@@ -131,26 +131,16 @@ def train_config(variant: Variant, dataset: str, overrides: dict[str, Any] | Non
 
 
 def fresh_policy(variant: str, env: str, seed: int, device: str) -> Policy:
-    """An untrained policy with the paper's settings for ``env``'s family (identity normalization)."""
-    import torch
-
+    """An untrained policy with the paper's settings for ``env``'s family (identity normalization),
+    built by the trainer's own builder so a benchmark measures the model that training starts from."""
     from dmm.envs import env_spec
-    from dmm.model import DMMConfig, DMMPolicy, Policy, PolicyMeta
+    from dmm.model import Policy
+    from dmm.trainer.train import new_policy
 
     spec = env_spec(env)
-    cfg = train_config(VARIANTS[variant], env)
-    torch.manual_seed(seed)
-    config = DMMConfig(state_dim=spec.obs_dim, act_dim=spec.act_dim, **cfg.model.model_dump())
-    model = DMMPolicy(config).to(device).eval()
-    meta = PolicyMeta(
-        env=env,
-        env_id=spec.env_id,
-        state_mean=[0.0] * spec.obs_dim,
-        state_std=[1.0] * spec.obs_dim,
-        rtg_scale=spec.rtg_scale,
-        target_return=spec.target_returns[0],
-    )
-    return Policy(model, meta)
+    cfg = train_config(VARIANTS[variant], env, {"seed": seed})
+    model, meta = new_policy(cfg, spec, env, ([0.0] * spec.obs_dim, [1.0] * spec.obs_dim))
+    return Policy(model.to(device).eval(), meta)
 
 
 def cpu_model() -> str:

@@ -103,9 +103,28 @@ def test_paper_configs_per_family(tmp_path):
         10_000,
     )
     assert (hopper.weight_decay, hopper.grad_clip, hopper.model.dropout) == (1e-4, 0.25, 0.1)
-    assert load_train_config("walker2d-medium-v2").model.d_model == 32
-    assert load_train_config("antmaze-umaze-v2").model.d_model == 128
-    assert load_train_config("kitchen-mixed-v0").model.d_model == 128
+    # Tables 5 and 6 differ by family only in the width; everything else is the same everywhere.
+    widths = {
+        "halfcheetah-medium-v2": 64,
+        "walker2d-medium-v2": 32,
+        "minari:mujoco/walker2d/medium-v0": 32,
+        "antmaze-umaze-v2": 128,
+        "kitchen-mixed-v0": 128,
+    }
+    but_width = {"model": {"d_model"}}
+    for dataset, width in widths.items():
+        cfg = load_train_config(dataset)
+        assert cfg.model.d_model == width, dataset
+        assert cfg.model_dump(exclude=but_width) == hopper.model_dump(exclude=but_width), dataset
+    dt = load_train_config("walker2d-medium-v2", architecture="dt")
+    assert (dt.model.architecture, dt.model.d_model, dt.model.context, dt.model.n_layer, dt.model.n_head) == (
+        "dt",
+        128,
+        20,
+        3,
+        1,
+    )
+    assert dt.model.max_ep_len == 1000 and dt.updates == hopper.updates
     user = tmp_path / "user.yaml"
     user.write_text("model: {d_model: 24}\nupdates: 50\n")
     cfg = load_train_config("hopper-medium-v2", user, {"updates": 7, "seed": None})
@@ -276,12 +295,14 @@ def test_the_stored_default_target_is_the_one_that_played_best_at_the_end(small_
 def test_every_architecture_setting_of_the_model_can_be_configured_for_training():
     """The trainer's model settings are DMMConfig's own (dims aside), so none can be missing or drift."""
     from dmm.model import DMMConfig
-    from dmm.trainer.config import ModelSettings
+    from dmm.model.config import DMMSettings
+    from dmm.trainer.config import TrainConfig
 
-    assert set(ModelSettings.model_fields) == set(DMMConfig.model_fields) - {"state_dim", "act_dim"}
+    assert TrainConfig.model_fields["model"].annotation is DMMSettings and issubclass(DMMConfig, DMMSettings)
+    assert set(DMMSettings.model_fields) == set(DMMConfig.model_fields) - {"state_dim", "act_dim"}
     cfg = load_train_config("hopper-medium-v2", overrides={"model": {"dt_rank": 8}})
-    config = DMMConfig(state_dim=11, act_dim=3, **cfg.model.model_dump())
-    assert config.resolved_dt_rank == 8
+    config = cfg.model.with_dims(11, 3)
+    assert isinstance(config, DMMConfig) and config.resolved_dt_rank == 8
     with pytest.raises(ConfigError, match="state_dim"):
         load_train_config("hopper-medium-v2", overrides={"model": {"state_dim": 3}})
 

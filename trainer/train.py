@@ -6,7 +6,7 @@ import contextlib
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,8 +15,9 @@ import torch
 from tqdm import tqdm
 
 from dmm.data import Dataset, WindowBatch, WindowSampler
+from dmm.envs import EnvSpec
 from dmm.errors import ConfigError
-from dmm.model import DMMConfig, DMMPolicy, Policy, PolicyMeta, publish_policy
+from dmm.model import DMMPolicy, Policy, PolicyMeta, publish_policy
 from dmm.model.scan import resolve_backend
 from dmm.store import Store
 from dmm.trainer.config import TrainConfig
@@ -59,30 +60,44 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def eval_targets(cfg: TrainConfig, dataset: Dataset) -> list[float]:
+def eval_targets(cfg: TrainConfig, spec: EnvSpec) -> list[float]:
     """The target returns to evaluate at; the first is stored as the policy's default."""
-    return cfg.target_returns or list(dataset.spec.target_returns)
+    return cfg.target_returns or list(spec.target_returns)
+
+
+def new_policy(
+    cfg: TrainConfig, spec: EnvSpec, env: str, state_stats: tuple[Iterable[float], Iterable[float]]
+) -> tuple[DMMPolicy, PolicyMeta]:
+    """A freshly initialized policy (seeded by ``cfg.seed``) for ``spec``'s environment and the
+    metadata it is served with, normalizing states by ``state_stats`` (mean, std).
+
+    The one place a policy's dimensions are filled in (from the environment) and its metadata
+    composed, so training and the benchmarks build the same model from the same config.
+    """
+    torch.manual_seed(cfg.seed)
+    model = DMMPolicy(cfg.model.with_dims(spec.obs_dim, spec.act_dim))
+    mean, std = state_stats
+    meta = PolicyMeta(
+        env=env,
+        env_id=spec.env_id,
+        state_mean=[float(x) for x in mean],
+        state_std=[float(x) for x in std],
+        rtg_scale=cfg.rtg_scale or spec.rtg_scale,
+        target_return=float(eval_targets(cfg, spec)[0]),
+    )
+    return model, meta
 
 
 def build_policy(cfg: TrainConfig, dataset: Dataset) -> tuple[DMMPolicy, PolicyMeta]:
-    """A freshly initialized policy for ``dataset`` and the metadata it is served with."""
+    """A freshly initialized policy for ``dataset``, whose states it normalizes, once the dataset is
+    known to have its environment's dimensions."""
     spec = dataset.spec
     if (dataset.obs_dim, dataset.act_dim) != (spec.obs_dim, spec.act_dim):
         raise ConfigError(
             f"dataset {dataset.name} has states of {dataset.obs_dim} and actions of {dataset.act_dim} dims, "
             f"but {spec.env_id} has {spec.obs_dim} and {spec.act_dim}"
         )
-    torch.manual_seed(cfg.seed)
-    model = DMMPolicy(DMMConfig(state_dim=dataset.obs_dim, act_dim=dataset.act_dim, **cfg.model.model_dump()))
-    meta = PolicyMeta(
-        env=dataset.env or spec.dataset,
-        env_id=spec.env_id,
-        state_mean=[float(x) for x in dataset.state_mean],
-        state_std=[float(x) for x in dataset.state_std],
-        rtg_scale=cfg.rtg_scale or spec.rtg_scale,
-        target_return=float(eval_targets(cfg, dataset)[0]),
-    )
-    return model, meta
+    return new_policy(cfg, spec, dataset.env or spec.dataset, (dataset.state_mean, dataset.state_std))
 
 
 def cxx_compiler() -> str | None:
@@ -208,7 +223,7 @@ class _Training:
         device = _device(cfg.device)
         self.model, self.meta = build_policy(cfg, dataset)
         self.model.to(device).train()
-        self.targets = eval_targets(cfg, dataset)
+        self.targets = eval_targets(cfg, dataset.spec)
         self.sampler = WindowSampler(
             dataset, cfg.model.context, cfg.batch_size, self.meta.rtg_scale, seed=cfg.seed
         )

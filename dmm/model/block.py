@@ -52,7 +52,7 @@ class DMMBlock(nn.Module):
             else DepthwiseConvMixer(d, config.dsm_window)
         )
         self.global_mixer: nn.Module = (
-            ModifiedMamba(d, config.d_state, config.expand, config.resolved_dt_rank)
+            ModifiedMamba(config)
             if config.global_mixer == "mamba"
             else CausalSelfAttention(d, config.n_head, config.dropout)
         )

@@ -10,11 +10,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 InferenceMode = Literal["window", "recurrent"]
 
 
-class DMMConfig(BaseModel):
-    """Architecture of a Decision MetaMamba policy (and of the ablations and the DT baseline).
+class DMMSettings(BaseModel):
+    """Architecture of a Decision MetaMamba policy (and of the ablations and the DT baseline), apart
+    from the dimensions of states and actions: what a training config holds, before a dataset fills
+    the dimensions in (:meth:`with_dims`). The one definition of each setting, its default and bounds.
 
     Defaults are the paper's locomotion settings (Table 5): d=64, 3 layers, DSM window k=6,
-    context K=8 steps (24 tokens), dropout 0.1, Mamba d_state 16 and expand 2.
+    context K=8 steps (24 tokens), dropout 0.1, Mamba d_state 16 and expand 2. The mixers stay
+    None here when not given, meaning the architecture's own (resolved by :class:`DMMConfig`).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -22,8 +25,6 @@ class DMMConfig(BaseModel):
     architecture: Literal["dmm", "dt"] = Field(
         "dmm", description="dmm: DSM + modified Mamba blocks; dt: the Decision Transformer baseline"
     )
-    state_dim: int = Field(gt=0)
-    act_dim: int = Field(gt=0)
     d_model: int = Field(64, gt=0)
     n_layer: int = Field(3, gt=0)
     context: int = Field(8, gt=0, description="K: timesteps per window; 3K tokens")
@@ -51,17 +52,9 @@ class DMMConfig(BaseModel):
     )
     max_ep_len: int = Field(1000, gt=0, description="size of the timestep embedding table")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _dmm_mixers(cls, data: Any) -> Any:
-        """A DMM has both mixers (the paper's unless an ablation is named); the DT baseline neither."""
-        if isinstance(data, dict) and data.get("architecture", "dmm") == "dmm":
-            data = {**data, "local_mixer": data.get("local_mixer") or "dsm"}
-            data["global_mixer"] = data.get("global_mixer") or "mamba"
-        return data
-
     @model_validator(mode="after")
-    def _check(self) -> DMMConfig:
+    def _check(self) -> DMMSettings:
+        """Combinations no model can be built from, refused as early as a training config is read."""
         if self.architecture == "dt" and (self.local_mixer, self.global_mixer) != (None, None):
             raise ValueError("local_mixer and global_mixer select DMM ablations; the DT baseline has neither")
         if (self.global_mixer == "attention" or self.architecture == "dt") and self.d_model % self.n_head:
@@ -70,11 +63,34 @@ class DMMConfig(BaseModel):
 
     @property
     def resolved_dt_rank(self) -> int:
+        """The rank of Mamba's dt projection: ``dt_rank``, else ceil(d_model / 16) as in Mamba."""
         return self.dt_rank if self.dt_rank is not None else math.ceil(self.d_model / 16)
 
     @property
     def d_inner(self) -> int:
+        """Mamba's channels: the model width times ``expand``."""
         return self.expand * self.d_model
+
+    def with_dims(self, state_dim: int, act_dim: int) -> DMMConfig:
+        """These settings for states of ``state_dim`` and actions of ``act_dim`` dimensions."""
+        return DMMConfig(state_dim=state_dim, act_dim=act_dim, **self.model_dump())
+
+
+class DMMConfig(DMMSettings):
+    """A policy's whole architecture: its settings and the dimensions of its states and actions,
+    with the mixers resolved; what a model is built from and ``config.json`` stores."""
+
+    state_dim: int = Field(gt=0)
+    act_dim: int = Field(gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dmm_mixers(cls, data: Any) -> Any:
+        """A DMM has both mixers (the paper's unless an ablation is named); the DT baseline neither."""
+        if isinstance(data, dict) and data.get("architecture", "dmm") == "dmm":
+            data = {**data, "local_mixer": data.get("local_mixer") or "dsm"}
+            data["global_mixer"] = data.get("global_mixer") or "mamba"
+        return data
 
     def describe_architecture(self) -> str:
         if self.architecture == "dt":

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dmm.model.config import DMMSettings
 from dmm.model.scan import Backend, selective_scan, selective_scan_slots_
 
 
@@ -19,19 +20,12 @@ class ModifiedMamba(nn.Module):
     """
 
     def __init__(
-        self,
-        d_model: int,
-        d_state: int = 16,
-        expand: int = 2,
-        dt_rank: int | None = None,
-        dt_min: float = 1e-3,
-        dt_max: float = 1e-1,
-        dt_init_floor: float = 1e-4,
+        self, config: DMMSettings, dt_min: float = 1e-3, dt_max: float = 1e-1, dt_init_floor: float = 1e-4
     ) -> None:
+        """Sizes from ``config``, which derives ``d_inner`` and ``dt_rank`` for every user of them."""
         super().__init__()
-        self.d_inner = expand * d_model
-        self.d_state = d_state
-        self.dt_rank = dt_rank if dt_rank is not None else math.ceil(d_model / 16)
+        d_model, d_state = config.d_model, config.d_state
+        self.d_inner, self.d_state, self.dt_rank = config.d_inner, d_state, config.resolved_dt_rank
         self.scan_backend: Backend | None = None  # None: the process default (dmm.model.scan)
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)

@@ -1,11 +1,13 @@
 """The DMM policy: per-modality embeddings, a stack of DMM blocks and a tanh action head.
 
-Tokens per timestep t are (rtg_t, s_t, a_t), so a context of K steps is 3K tokens. There is no
-positional or timestep embedding: the scan orders the tokens. The action for step t is read at
-the s_t token, which (causally) has seen rtg_t and s_t but not a_t.
+Tokens per timestep t are (rtg_t, s_t, a_t), so a context of K steps is 3K tokens. By default a
+learned embedding of the episode step t is added to all three (``timestep_embedding``, as in DT;
+False leaves it out as the paper does, but then DMM cannot tell "rtg r at step t" and follows the
+target far less). There is no positional embedding: the scan orders the tokens. The action for
+step t is read at the s_t token, which (causally) has seen rtg_t and s_t but not a_t.
 
-``architecture="dt"`` swaps the blocks for GPT blocks and adds DT's timestep embedding, so the
-Decision Transformer baseline shares tokens, head, padding, training and serving with DMM.
+``architecture="dt"`` swaps the blocks for GPT blocks, so the Decision Transformer baseline shares
+tokens, timestep embedding, head, padding, training and serving with DMM.
 """
 
 from __future__ import annotations
