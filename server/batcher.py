@@ -1,8 +1,8 @@
 """Dynamic batching of the steps of many sessions into one forward of a :class:`PolicyRunner`.
 
-Everything here runs on the server's asyncio event loop: stream handlers call :meth:`Batcher.step`
-(one slot) or :meth:`Batcher.step_rows` (the episodes of a vector stream, several slots) and await
-a future; one batcher task per runner collects the pending steps and runs them as one
+Everything here runs on the server's asyncio event loop: stream handlers call :meth:`Batcher.step_rows`
+with the slots of the rows a message steps (one for an Act stream, several for a vector stream) and
+await a future; one batcher task per runner collects the pending steps and runs them as one
 ``PolicyRunner.step`` call. A batch closes when it holds ``max_batch`` steps, when every open slot
 on this runner has a step pending (waiting longer cannot make it bigger), or ``max_delay`` after
 its first step arrived, whichever comes first. A lone session therefore never waits, and the
@@ -93,11 +93,6 @@ class Batcher:
         self.runner.release(slots)
         self._free.extend(slots)
         self._sessions -= len(slots)
-
-    async def step(self, slot: int, state: np.ndarray, rtg: float) -> np.ndarray:
-        """Queue one step of the session in ``slot``; returns its action once its batch has run."""
-        actions = await self.step_rows([slot], state[None], np.array([rtg], dtype=np.float64))
-        return actions[0]
 
     async def step_rows(self, slots: list[int], states: np.ndarray, rtgs: np.ndarray) -> np.ndarray:
         """Queue one step of each of ``slots`` (never split over batches); their actions [n, act_dim]."""

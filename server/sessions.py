@@ -1,5 +1,6 @@
-"""Per-stream session state: one Act stream is one episode in one slot of one runner; one ActVector
-stream is N episodes in N slots of one runner."""
+"""Per-stream session state. There is one kind of session: N episodes (rows), each in its own slot of
+one runner, with its own return-to-go and step count. An ``ActVector`` stream holds the N its start
+asks for; an ``Act`` stream is a session of one row."""
 
 from __future__ import annotations
 
@@ -10,22 +11,29 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dmm.server.pool import Lease
+from dmm.server.rtg import ReturnsToGo
 
 
 @dataclass(eq=False)  # identity semantics: sessions live in a set
 class Session:
-    """What a stream handler keeps between messages; the context itself lives in the runner slot."""
+    """What a stream handler keeps between messages; each row's model context lives in its runner slot."""
 
     lease: Lease
-    rtg: float
+    rtg: ReturnsToGo
     task: asyncio.Task | None
-    steps: int = 0
-    target_return: float = 0.0  # the rtg it started with: target - rtg is the return so far
+    # The step index of each row in its current episode (the number of actions it has taken).
+    row_steps: np.ndarray
+    steps: int = 0  # the actions of all rows
+    episodes_recorded: int = 0
     started_at: float = field(default_factory=time.monotonic)
     # Why the session ended when another party (shutdown) ended it; None while it runs.
     end_reason: str | None = field(default=None)
-    # The sum of the rewards the client reported; None once a step gave an explicit rtg instead.
-    episode_return: float | None = 0.0
+
+    @classmethod
+    def open(cls, lease: Lease, target: float, task: asyncio.Task | None) -> Session:
+        """A session of one row per slot of ``lease``, every row at ``target``."""
+        rows = len(lease.slots)
+        return cls(lease, ReturnsToGo(target, rows), task, np.zeros(rows, dtype=np.int64))
 
     @property
     def model(self) -> str:
@@ -35,39 +43,22 @@ class Session:
     def version(self) -> int:
         return self.lease.policy.version
 
-
-@dataclass(eq=False)
-class VectorSession(Session):
-    """An ActVector stream: one slot per row (episode), each with its own return-to-go, step count
-    and return so far. ``steps`` counts the actions of all rows; ``rtg`` stays the target return."""
-
-    row_rtg: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    row_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    row_return: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    episodes_recorded: int = 0
-
-    @classmethod
-    def open(cls, lease: Lease, target: float, task: asyncio.Task | None) -> VectorSession:
-        n = len(lease.slots)
-        return cls(
-            lease,
-            target,
-            task,
-            target_return=target,
-            row_rtg=np.full(n, target),
-            row_steps=np.zeros(n, dtype=np.int64),
-            row_return=np.zeros(n),
-        )
-
     @property
     def episodes(self) -> int:
+        """The rows (episodes at once) of the session."""
         return len(self.lease.slots)
+
+    def advance(self, rows: np.ndarray) -> np.ndarray:
+        """The rows took an action: the step indices it answers."""
+        steps = self.row_steps[rows].copy()
+        self.row_steps[rows] += 1
+        self.steps += rows.size
+        return steps
 
     def restart(self, rows: np.ndarray) -> None:
         """New episodes in ``rows`` (their old ones were recorded)."""
-        self.row_rtg[rows] = self.target_return
+        self.rtg.restart(rows)
         self.row_steps[rows] = 0
-        self.row_return[rows] = 0.0
         self.lease.batcher.restart([self.lease.slots[r] for r in rows])
 
 

@@ -1,0 +1,258 @@
+"""The one code path of both streaming RPCs: it reads a stream's messages, opens its session, turns
+each step into one block of rows for the batcher (an Act stream's block has one row) and answers it,
+records the episodes that end, and ends the session however the stream ends. What differs between
+``Act`` and ``ActVector`` is only how messages read and replies look (:mod:`dmm.server.streams`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from typing import Any, cast
+
+import grpc
+import numpy as np
+
+from dmm.envs import normalized_score
+from dmm.errors import DMMError
+from dmm.model import InferenceMode
+from dmm.server import logs
+from dmm.server.checks import Abort, check_float32, invalid
+from dmm.server.metrics import ServerMetrics
+from dmm.server.pool import Lease, ModelPool
+from dmm.server.sessions import Session, SessionTable
+from dmm.server.status import Unreadable, refuse, store_status
+from dmm.server.streams import StepInput, StreamFormat
+from dmm.v1 import policy_pb2
+from dmm.v1.modes import MODE_NAME
+
+# How long a handler waits after EOF for grpc to report a client cancellation (end-of-session only).
+CANCEL_WINDOW_S = 0.005
+
+
+class Dispatcher:
+    """Runs the streams of one server: its open sessions, their limits and their metrics."""
+
+    def __init__(
+        self,
+        pool: ModelPool,
+        metrics: ServerMetrics,
+        *,
+        default_mode: InferenceMode,
+        max_sessions: int,
+        idle_timeout_s: float,
+    ) -> None:
+        self.pool = pool
+        self.metrics = metrics
+        self.default_mode = default_mode
+        self.idle_timeout_s = idle_timeout_s
+        self.sessions = SessionTable(max_sessions)
+        self.shutting_down = False
+
+    async def run(self, context: grpc.aio.ServicerContext, stream: StreamFormat) -> None:
+        """Read a stream's messages and answer each until the stream, the session or the server ends;
+        every way out ends the session and is counted."""
+        session: Session | None = None
+        reason = "completed"
+        try:
+            while (request := await self._read(context, session)) is not grpc.aio.EOF:
+                arrived = time.perf_counter()
+                session, reply = await self._message(stream, request, session)
+                if reply is None:
+                    break  # the client's end
+                await context.write(reply)
+                if reply.WhichOneof("kind") != "started":
+                    session.lease.latency.observe(time.perf_counter() - arrived)
+        except Abort as abort:
+            reason = abort.reason
+            model = session.model if session else None
+            await refuse(self.metrics, context, abort.code, abort.details, model)
+        except asyncio.CancelledError:
+            # The client went away (or its deadline passed), or shutdown ended the session.
+            reason = session.end_reason if session and session.end_reason else "cancelled"
+            if reason == "shutdown":
+                self.metrics.errors.labels(grpc.StatusCode.UNAVAILABLE.name).inc()
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "server shutting down; the session ended")
+            raise
+        finally:
+            if session is not None:
+                self._close(session, stream, reason)
+
+    async def _read(self, context: grpc.aio.ServicerContext, session: Session | None) -> Any:
+        """The stream's next message, or EOF; an Abort when it is idle too long or unreadable."""
+        try:
+            async with asyncio.timeout(self.idle_timeout_s):
+                request = await context.read()
+        except TimeoutError:
+            raise Abort(
+                grpc.StatusCode.ABORTED,
+                f"session evicted: no message for {self.idle_timeout_s:g} s (idle timeout)",
+                "evicted",
+            ) from None
+        if isinstance(request, Unreadable):
+            raise Abort(request.code, request.details)
+        if request is grpc.aio.EOF:
+            # A half-close ends the episode normally. A client that cancels also ends the read with
+            # EOF, and grpc cancels this task shortly after: free the slots now, then wait a moment so
+            # that a cancellation is counted as one (CancelledError).
+            if session is not None:
+                self.pool.release(session.lease)
+            await asyncio.sleep(CANCEL_WINDOW_S)
+        return request
+
+    async def _message(
+        self, stream: StreamFormat, request: Any, session: Session | None
+    ) -> tuple[Session, Any]:
+        """One message of a stream: the session and the reply (None after the client's end)."""
+        kind = request.WhichOneof("kind")
+        if kind == "start":
+            start, episodes = stream.read_start(request.start, session)
+            session = await self._open(start, episodes)
+            return session, stream.started(session)
+        if kind not in ("step", "end"):
+            raise invalid(f"empty {type(request).__name__}: set start or step")
+        if session is None:
+            raise Abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{kind} before start: the first message of an {stream.rpc} stream must be a start",
+            )
+        if kind == "end":
+            rows, rewards = stream.read_end(session, request.end)
+            self._record(session, rows, rewards)
+            return session, None
+        return session, await self._step(stream, session, stream.read_step(session, request.step))
+
+    async def _step(self, stream: StreamFormat, session: Session, step: StepInput) -> Any:
+        """Apply the step's rewards (recording and restarting the episodes that ended) or explicit rtgs,
+        run its rows as one block, and answer with their actions."""
+        if step.rewards is not None:
+            ended = step.restart
+            self._record(session, step.rows[ended], step.rewards[ended])
+            if ended.any():
+                session.restart(step.rows[ended])
+            session.rtg.reward(step.rows[~ended], step.rewards[~ended])
+        elif step.rtgs is not None:
+            session.rtg.give(step.rows, step.rtgs, first=session.row_steps[step.rows] == 0)
+        lease = session.lease
+        slots = [lease.slots[r] for r in step.rows.tolist()]
+        try:
+            actions = await lease.batcher.step_rows(slots, step.states, session.rtg.values[step.rows])
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:
+            raise Abort(grpc.StatusCode.INTERNAL, f"inference failed: {type(err).__name__}: {err}") from None
+        if not np.isfinite(actions).all():  # never an action outside [-1, 1] with OK
+            row = int(step.rows[np.flatnonzero(~np.isfinite(actions).all(axis=1))[0]])
+            raise Abort(grpc.StatusCode.INTERNAL, stream.non_finite(session, row))
+        steps = session.advance(step.rows)
+        lease.actions.inc(step.rows.size)
+        return stream.actions(session, step.rows, steps, actions)
+
+    def _record(self, session: Session, rows: np.ndarray, rewards: np.ndarray) -> None:
+        """The rows' episodes ended with these last rewards: each one whose return is known goes to
+        the metrics (return, length and normalized score, per model version)."""
+        returns = session.rtg.finish(rows, rewards)
+        labels = (session.model, str(session.version))
+        for row, episode_return in zip(rows.tolist(), returns.tolist(), strict=True):
+            if math.isnan(episode_return):
+                continue  # explicit rtgs: the return is not known
+            session.episodes_recorded += 1
+            self.metrics.episode_return.labels(*labels).observe(episode_return)
+            self.metrics.episode_length.labels(*labels).observe(int(session.row_steps[row]))
+            try:
+                score = normalized_score(session.lease.policy.meta.env, episode_return)
+            except DMMError:  # an environment without D4RL reference scores
+                continue
+            self.metrics.episode_normalized_score.labels(*labels).observe(score)
+
+    async def _open(self, start: policy_pb2.Start, episodes: int | None) -> Session:
+        """A new session of ``episodes`` rows (None: an Act stream's one), counted against the limit."""
+        if self.shutting_down:
+            raise Abort(grpc.StatusCode.UNAVAILABLE, "server shutting down; no new sessions")
+        if not start.model:
+            raise invalid("start.model is empty: name the model to run")
+        if start.mode != policy_pb2.INFERENCE_MODE_UNSPECIFIED and start.mode not in MODE_NAME:
+            raise invalid(f"unknown inference mode {start.mode}")
+        mode = cast(InferenceMode, MODE_NAME.get(start.mode, self.default_mode))
+        if start.HasField("target_return"):
+            check_float32("target_return", start.target_return)
+        slots = episodes or 1
+        if not self.sessions.reserve(slots):
+            asked = f" ({slots} asked for)" if episodes else ""
+            raise Abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server is at its limit of {self.sessions.max_sessions} sessions{asked}; retry later",
+            )
+        try:
+            lease = await self._lease(start, mode, episodes)
+        except BaseException:
+            self.sessions.unreserve(slots)
+            raise
+        target = start.target_return if start.HasField("target_return") else lease.policy.meta.target_return
+        session = Session.open(lease, target, asyncio.current_task())
+        self.sessions.add(session)
+        logs.event(
+            logging.INFO,
+            "session started",
+            model=session.model,
+            version=session.version,
+            mode=lease.mode,
+            target_return=target,
+            **({"episodes": episodes} if episodes else {}),
+            sessions=len(self.sessions),
+        )
+        self.metrics.sessions_started.labels(session.model).inc(slots)
+        self.metrics.active_sessions.labels(session.model).inc(slots)
+        return session
+
+    async def _lease(self, start: policy_pb2.Start, mode: InferenceMode, episodes: int | None) -> Lease:
+        """Slots for the session in the version it asks for (or is routed to), checked against the
+        client's env dimensions; the store's errors become their statuses."""
+        try:
+            version = await self.pool.resolve(
+                start.model, start.version if start.HasField("version") else None
+            )
+            lease = await self.pool.acquire(start.model, version, mode, episodes)
+        except ValueError as err:  # the model cannot run this mode
+            raise Abort(grpc.StatusCode.FAILED_PRECONDITION, str(err)) from None
+        except Exception as err:
+            raise Abort(*store_status(err, self.pool.store.root)) from None
+        cfg = lease.policy.config
+        for field, expected in (("state_dim", cfg.state_dim), ("act_dim", cfg.act_dim)):
+            if start.HasField(field) and getattr(start, field) != expected:
+                self.pool.release(lease)
+                raise invalid(
+                    f"start.{field}={getattr(start, field)} but model {lease.policy.name} version "
+                    f"{lease.policy.version} has {field}={expected}"
+                )
+        return lease
+
+    def _close(self, session: Session, stream: StreamFormat, reason: str) -> None:
+        """The session is over: its slots go back, and its end is logged and counted."""
+        logs.event(
+            logging.INFO,
+            "session ended",
+            model=session.model,
+            version=session.version,
+            mode=session.lease.mode,
+            steps=session.steps,
+            **stream.ended(session),
+            reason=reason,
+            seconds=round(time.monotonic() - session.started_at, 3),
+        )
+        slots = session.episodes
+        self.pool.release(session.lease)
+        self.sessions.discard(session)
+        self.sessions.unreserve(slots)
+        self.metrics.active_sessions.labels(session.model).dec(slots)
+        self.metrics.sessions_ended.labels(session.model, reason).inc(slots)
+
+    def end_all(self) -> int:
+        """Shutdown: end every open session with UNAVAILABLE; returns how many were open."""
+        open_sessions = self.sessions.sessions()
+        for session in open_sessions:
+            session.end_reason = "shutdown"
+            if session.task is not None:
+                session.task.cancel()
+        return len(open_sessions)
