@@ -513,3 +513,100 @@ def test_concurrent_processes_get_distinct_versions(tmp_path: Path) -> None:
         ckpt = store.load("hopper", version)
         assert ckpt.config == {"writer": i}
         assert torch.equal(ckpt.tensors["w"], torch.full((64,), float(i)))
+
+
+# ----------------------------------------------------------------- training markers
+
+
+def test_a_model_being_trained_is_named_as_such_until_its_run_ends(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    _publish(store, "hopper-medium-sim-v4")
+    with store.mark_training("hopper-medium-v2", 20000, "docker compose logs -f train-online") as marker:
+        assert (marker.model, marker.updates, marker.pid) == ("hopper-medium-v2", 20000, os.getpid())
+        assert store.training("hopper-medium-v2") == marker
+        assert store.training("hopper-medium-sim-v4") is None
+        for call in (lambda: store.resolve("hopper-medium-v2"), lambda: store.load("hopper-medium-v2", 1)):
+            with pytest.raises(ModelNotFoundError) as info:
+                call()
+            assert info.value.remote_message() == (
+                "model 'hopper-medium-v2' is being trained (started 0 s ago); "
+                "available models: hopper-medium-sim-v4"
+            )
+            assert (
+                f"being trained into store {tmp_path} (started 0 s ago, 20000 updates, log: docker compose"
+                in str(info.value)
+            )
+        assert store.models() == ["hopper-medium-sim-v4"]  # the marker folder is never a model
+        assert (tmp_path / ".training" / "hopper-medium-v2.json").is_file()
+    assert not (tmp_path / ".training" / "hopper-medium-v2.json").exists()
+    with pytest.raises(ModelNotFoundError) as info:
+        store.resolve("hopper-medium-v2")
+    assert (
+        info.value.remote_message()
+        == "unknown model 'hopper-medium-v2'; available models: hopper-medium-sim-v4"
+    )
+
+
+def test_the_marker_goes_when_the_run_fails_and_its_heartbeat_keeps_it_fresh(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    with (
+        pytest.raises(RuntimeError, match="diverged"),
+        store.mark_training("walker", 10, "log", heartbeat_s=0.02) as m,
+    ):
+        deadline = time.monotonic() + 10
+        while (fresh := store.training("walker")) is not None and fresh.heartbeat == m.heartbeat:
+            assert time.monotonic() < deadline, "the heartbeat was never refreshed"
+            time.sleep(0.01)
+        assert fresh is not None and fresh.started == m.started and fresh.heartbeat > m.heartbeat
+        raise RuntimeError("diverged")
+    assert store.training("walker") is None and list((tmp_path / ".training").iterdir()) == []
+
+
+def test_stale_and_unreadable_markers_are_ignored(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from dmm.store.layout import TRAINING_STALE_S, TrainingMarker
+
+    store = ModelStore(tmp_path)
+    now = time.time()
+    killed = TrainingMarker("hopper", now - 7200, now - TRAINING_STALE_S - 1, 100, "log", "host", 1)
+    store.write_training_marker(killed)
+    assert store.training("hopper") is None
+    with pytest.raises(ModelNotFoundError, match="unknown model 'hopper'"):
+        store.resolve("hopper")
+    store.write_training_marker(replace(killed, heartbeat=now))
+    assert store.training("hopper") == replace(killed, heartbeat=now)
+    with pytest.raises(ModelNotFoundError) as info:
+        store.latest("hopper")
+    assert "is being trained (started 2 h 0 min ago)" in info.value.remote_message()
+    for bad in (
+        b"{not json",
+        b"[1, 2]",
+        b'{"model": "hopper"}',
+        b"\xff",
+        json.dumps({**killed.__dict__, "pid": "x"}).encode(),
+    ):
+        (tmp_path / ".training" / "hopper.json").write_bytes(bad)
+        assert store.training("hopper") is None, bad
+    (tmp_path / ".training" / "hopper.json").write_bytes(
+        replace(killed, model="other", heartbeat=now).to_bytes()
+    )
+    assert store.training("hopper") is None, "a marker names the model it is about"
+    assert store.models() == [] and not any(
+        p.name.startswith(".tmp-") for p in (tmp_path / ".training").iterdir()
+    )
+
+
+def test_started_ago_reads_like_a_person_would_say_it() -> None:
+    from dmm.store.errors import started_ago
+
+    assert [started_ago(1000 - s, now=1000) for s in (-5, 0, 59, 60, 179, 3599, 3600, 7325)] == [
+        "started 0 s ago",
+        "started 0 s ago",
+        "started 59 s ago",
+        "started 1 min ago",
+        "started 2 min ago",
+        "started 59 min ago",
+        "started 1 h 0 min ago",
+        "started 2 h 2 min ago",
+    ]

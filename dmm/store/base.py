@@ -1,19 +1,27 @@
 """What every store backend shares: the :class:`Store` protocol that the trainer and the server use,
 the :class:`Checkpoint` a load returns, and :class:`VersionResolver`, which turns ``latest`` or a
-number into a version the same way for every backend."""
+number into a version the same way for every backend, and keeps the "being trained" markers."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import socket
+import threading
+import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from dmm.store.errors import ModelNotFoundError, VersionNotFoundError
-from dmm.store.layout import parse_version, validate_name
+from dmm.store.errors import ModelNotFoundError, StoreError, VersionNotFoundError, started_ago
+from dmm.store.layout import TRAINING_HEARTBEAT_S, TrainingMarker, parse_version, validate_name
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -58,12 +66,20 @@ class Store(Protocol):
         files: dict[str, bytes | os.PathLike[str]] | None = None,
     ) -> int: ...
 
+    def training(self, name: str) -> TrainingMarker | None: ...
+
+    def mark_training(
+        self, name: str, updates: int, log: str, heartbeat_s: float = TRAINING_HEARTBEAT_S
+    ) -> contextlib.AbstractContextManager[TrainingMarker]: ...
+
 
 class VersionResolver(ABC):
-    """``latest`` and ``resolve`` over a store's complete versions, the same for every backend.
+    """``latest`` and ``resolve`` over a store's complete versions, the same for every backend, and
+    the markers of models being trained (:class:`~dmm.store.layout.TrainingMarker`).
 
     A backend gives ``root``, :meth:`models`, :meth:`versions` and :meth:`explain_incomplete`, so
-    that a damaged version is reported as such instead of as absent.
+    that a damaged version is reported as such instead of as absent, and reads, writes and removes
+    the marker files.
     """
 
     root: Path | str
@@ -80,6 +96,63 @@ class VersionResolver(ABC):
     def explain_incomplete(self, name: str, number: int) -> None:
         """Raise CorruptVersionError if version ``number`` of ``name`` exists but is unusable."""
 
+    @abstractmethod
+    def read_training_marker(self, name: str) -> bytes | None:
+        """The bytes of ``name``'s marker file, or None when there is none."""
+
+    @abstractmethod
+    def write_training_marker(self, marker: TrainingMarker) -> None:
+        """Create or replace the marker of ``marker.model``, atomically for readers."""
+
+    @abstractmethod
+    def remove_training_marker(self, name: str) -> None:
+        """Remove ``name``'s marker; no error when there is none."""
+
+    def training(self, name: str) -> TrainingMarker | None:
+        """The marker of a run training ``name`` now; None when there is none, or it is stale or
+        unreadable (the marker only adds to a message, so reading it never fails a request)."""
+        try:
+            data = self.read_training_marker(validate_name(name))
+        except StoreError:
+            return None
+        marker = None if data is None else TrainingMarker.from_bytes(data)
+        if marker is None or marker.model != name or marker.is_stale():
+            return None
+        return marker
+
+    @contextlib.contextmanager
+    def mark_training(
+        self, name: str, updates: int, log: str, heartbeat_s: float = TRAINING_HEARTBEAT_S
+    ) -> Iterator[TrainingMarker]:
+        """Mark ``name`` as being trained (``updates`` of them, progress in ``log``) for the ``with``
+        block, refreshing the heartbeat every ``heartbeat_s`` s; the marker is removed however the
+        block ends, and one left by a killed process goes stale."""
+        now = time.time()
+        marker = TrainingMarker(
+            validate_name(name), now, now, updates, log, socket.gethostname(), os.getpid()
+        )
+        self.write_training_marker(marker)
+        stop = threading.Event()
+        beat = threading.Thread(
+            target=self._beat, args=(marker, stop, heartbeat_s), name=f"training-marker-{name}", daemon=True
+        )
+        beat.start()
+        try:
+            yield marker
+        finally:
+            stop.set()
+            beat.join()
+            self.remove_training_marker(name)
+
+    def _beat(self, marker: TrainingMarker, stop: threading.Event, heartbeat_s: float) -> None:
+        """Refresh the marker until ``stop``. A failed refresh is logged, not raised: training goes on,
+        and at worst the marker goes stale (the model is then only "unknown" until it is published)."""
+        while not stop.wait(heartbeat_s):
+            try:
+                self.write_training_marker(replace(marker, heartbeat=time.time()))
+            except StoreError as err:
+                logger.warning("cannot refresh the training marker of %s: %s", marker.model, err)
+
     def latest(self, name: str) -> int:
         """The highest complete version of ``name``."""
         found = self.versions(name)
@@ -90,8 +163,17 @@ class VersionResolver(ABC):
     def _model_not_found(self, name: str) -> ModelNotFoundError:
         available = self.models()
         listing = ", ".join(available) if available else "none"
+        marker = self.training(name)
+        if marker is None:
+            return ModelNotFoundError(
+                f"unknown model {name!r} in store {self.root}; available models: {listing}", name, available
+            )
         return ModelNotFoundError(
-            f"unknown model {name!r} in store {self.root}; available models: {listing}", name, available
+            f"model {name!r} is being trained into store {self.root} ({started_ago(marker.started)}, "
+            f"{marker.updates} updates, log: {marker.log}); available models: {listing}",
+            name,
+            available,
+            marker.started,
         )
 
     def resolve(self, name: str, version: int | str | None = None) -> int:

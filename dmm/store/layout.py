@@ -15,14 +15,23 @@ integer name and a ``checksums.sha256`` that lists ``model.safetensors``, ``conf
 verifies every listed checksum and raises :class:`CorruptVersionError` naming the file rather than
 serving a damaged version. Names starting with ``.tmp-`` are a writer's work in progress: readers
 ignore them.
+
+``<root>/.training/<name>.json`` says that a run is training model ``name`` right now (a
+:class:`TrainingMarker`), so that a request for a model that is not published yet can say it is on
+its way. The run refreshes the marker's heartbeat every :data:`TRAINING_HEARTBEAT_S` seconds and
+removes it when it ends; one not refreshed for :data:`TRAINING_STALE_S` seconds was left by a killed
+run and is ignored. The folder's name starts with a dot, which no model name does, so it is never
+listed as a model.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import time
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dmm.store.errors import CorruptVersionError, StoreError
@@ -34,6 +43,10 @@ CHECKSUMS_FILE = "checksums.sha256"
 REQUIRED_FILES = (WEIGHTS_FILE, CONFIG_FILE, METRICS_FILE)
 RESERVED_FILES = (*REQUIRED_FILES, CHECKSUMS_FILE)
 TMP_PREFIX = ".tmp-"
+TRAINING_DIR = ".training"
+# A training run rewrites its marker this often; a marker older than TRAINING_STALE_S is a dead run's.
+TRAINING_HEARTBEAT_S = 60.0
+TRAINING_STALE_S = 600.0
 # How many version numbers a writer tries before giving up (each one lost to a racing writer).
 MAX_PUBLISH_ATTEMPTS = 1000
 
@@ -159,3 +172,45 @@ def stale_cutoff(older_than_s: float) -> float:
     if older_than_s < 0:
         raise StoreError(f"older_than_s must be >= 0, got {older_than_s}")
     return time.time() - older_than_s
+
+
+# ----------------------------------------------------------------- training markers
+
+
+@dataclass(frozen=True)
+class TrainingMarker:
+    """What ``<root>/.training/<name>.json`` records about a run training ``model`` (times: epoch s)."""
+
+    model: str
+    started: float
+    heartbeat: float
+    updates: int
+    log: str
+    host: str
+    pid: int
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), indent=2).encode("utf-8")
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> TrainingMarker | None:
+        """The marker ``data`` holds, or None when it is not one: a marker only adds to a message, so
+        an unreadable one is ignored rather than turned into an error."""
+        try:
+            fields = json.loads(data.decode("utf-8"))
+            marker = cls(**fields)
+        except (UnicodeDecodeError, json.JSONDecodeError, TypeError):
+            return None
+        numbers = (marker.started, marker.heartbeat, marker.updates, marker.pid)
+        if not isinstance(marker.model, str) or not all(isinstance(v, (int, float)) for v in numbers):
+            return None
+        return marker
+
+    def is_stale(self, now: float | None = None) -> bool:
+        """Whether the run stopped refreshing the marker long ago: it was killed, the marker is left."""
+        return (time.time() if now is None else now) - self.heartbeat > TRAINING_STALE_S
+
+
+def training_marker_name(name: str) -> str:
+    """File name of model ``name``'s marker inside :data:`TRAINING_DIR`."""
+    return f"{validate_name(name)}.json"

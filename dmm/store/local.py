@@ -4,7 +4,8 @@ A version is written into ``<root>/<name>/.tmp-<uuid>/`` (files and folder fsync
 to ``<root>/<name>/<n>``. The rename is atomic, so a reader sees either no version ``n`` or a complete
 one. When two writers race for the same number, the loser's rename fails because the target exists,
 and it retries with the next number. A writer killed mid-way leaves only a ``.tmp-*`` folder, which
-readers ignore and :meth:`ModelStore.prune_stale` removes.
+readers ignore and :meth:`ModelStore.prune_stale` removes. A training marker
+(``<root>/.training/<name>.json``) is replaced the same way: written under a temporary name, renamed.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from dmm.store.layout import (
     METRICS_FILE,
     REQUIRED_FILES,
     TMP_PREFIX,
+    TRAINING_DIR,
     WEIGHTS_FILE,
+    TrainingMarker,
     check_required,
     corrupt_file,
     format_checksums,
@@ -42,6 +45,7 @@ from dmm.store.layout import (
     read_checksums,
     sha256_file,
     stale_cutoff,
+    training_marker_name,
     validate_name,
 )
 
@@ -340,6 +344,38 @@ class ModelStore(VersionResolver):
         raise StoreError(
             f"could not claim a version number in {model_dir} after {MAX_PUBLISH_ATTEMPTS} tries"
         )
+
+    # ----------------------------------------------------------------- training markers
+
+    def _marker_path(self, name: str) -> Path:
+        return self.root / TRAINING_DIR / training_marker_name(name)
+
+    def read_training_marker(self, name: str) -> bytes | None:
+        """The bytes of ``name``'s marker, None when there is none (or it cannot be read)."""
+        try:
+            return self._marker_path(name).read_bytes()
+        except OSError:
+            return None
+
+    def write_training_marker(self, marker: TrainingMarker) -> None:
+        """Write the marker to a temporary name and rename it over the old one, so a reader never
+        sees half a marker."""
+        path = self._marker_path(marker.model)
+        tmp = path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(marker.to_bytes())
+            os.replace(tmp, path)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise StoreError(f"cannot write the training marker {path}: {err}") from None
+
+    def remove_training_marker(self, name: str) -> None:
+        path = self._marker_path(name)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as err:
+            raise StoreError(f"cannot remove the training marker {path}: {err}") from None
 
     def prune_stale(self, older_than_s: float = 3600.0) -> list[Path]:
         """Remove ``.tmp-*`` folders left by killed writers, untouched for ``older_than_s`` seconds.

@@ -9,7 +9,8 @@
                               <extra files>
                               checksums.sha256    the manifest: uploaded last
 
-so ``aws s3 sync s3://bucket/prefix models`` gives a folder ``ModelStore`` reads as it is.
+so ``aws s3 sync s3://bucket/prefix models`` gives a folder ``ModelStore`` reads as it is; the
+training markers are ``<prefix>/.training/<name>.json`` too.
 
 S3 has no rename, so a version cannot appear all at once as a folder does. Instead:
 
@@ -78,6 +79,8 @@ from dmm.store.layout import (
     CHECKSUMS_FILE,
     MAX_PUBLISH_ATTEMPTS,
     TMP_PREFIX,
+    TRAINING_DIR,
+    TrainingMarker,
     check_required,
     corrupt_file,
     is_model_name,
@@ -87,6 +90,7 @@ from dmm.store.layout import (
     read_checksums,
     sha256_file,
     stale_cutoff,
+    training_marker_name,
     validate_name,
 )
 from dmm.store.local import ModelStore
@@ -490,6 +494,24 @@ class S3ModelStore(VersionResolver):
         """Best effort after a failed upload: what is left is never listed, and prune_stale removes it."""
         with contextlib.suppress(Exception):
             self.fs.rm(self.key(name, number) + "/", recursive=True)
+
+    # ----------------------------------------------------------------- training markers
+
+    def read_training_marker(self, name: str) -> bytes | None:
+        """The bytes of ``name``'s marker (``<prefix>/.training/<name>.json``), None when there is none."""
+        try:
+            return self._call(self.fs.cat_file, self.key(TRAINING_DIR, training_marker_name(name)))
+        except FileNotFoundError:
+            return None
+
+    def write_training_marker(self, marker: TrainingMarker) -> None:
+        """Upload the marker; S3 replaces an object at once, so readers see the old or the new one."""
+        key = self.key(TRAINING_DIR, training_marker_name(marker.model))
+        self._call(self.fs.pipe_file, key, marker.to_bytes())
+
+    def remove_training_marker(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._call(self.fs.rm, self.key(TRAINING_DIR, training_marker_name(name)))
 
     def prune_stale(self, older_than_s: float = 3600.0) -> list[str]:
         """Delete versions without a manifest (writers killed mid-upload) whose newest object is older
