@@ -1,13 +1,17 @@
-"""One-shot store bootstrap, so that a fresh ``docker compose up`` serves a policy with no manual step.
+"""One-shot store bootstrap, so that a fresh ``docker compose up`` serves a policy within a minute.
 
-If the store already holds a model, nothing is done. Otherwise the D4RL dataset ``--dataset``
-(``hopper-medium-v2``) is downloaded (from D4RL's server, or the mirror ``$D4RL_BASE_URL``) and a
-small model is trained on it and published under the dataset's name, so that
-``PolicyClient("localhost:50051").rollout(env="hopper-medium-v2")`` finds it. Offline, a small
-dataset is collected instead with a bundled D4RL reference policy (``dmm collect``) and the model is
-published under ``--name`` (``hopper-medium-sim-v4``); the log then prints the rollout command that
-works. Either way it is a demonstration policy, trained for minutes, not a benchmark result: train a
-real one with the compose ``trainer`` service (see deploy/README.md).
+If the store already holds a model, nothing is done. Otherwise every model of the pre-trained store
+shipped with the deployment (``--pretrained``: ``pretrained/`` beside this file, ``/opt/dmm/pretrained``
+in the image) is published into it at once: each version is loaded through the store, which verifies
+its checksums, and published with its config, metrics and extra files. That takes seconds, and the
+server then serves ``hopper-medium-sim-v4``. A better model, ``hopper-medium-v2``, follows from the
+background compose service ``train-online`` (train_online.py beside this file).
+
+Without a pre-trained store (a checkout the checkpoint has not been added to), a demonstration model
+is made instead, so that the deployment still serves something: a small dataset is collected with
+the bundled D4RL reference policy (``dmm collect``), a model is trained on it for a few minutes and
+published under ``--name`` (``hopper-medium-sim-v4``). It plays badly; the log prints the rollout
+command that works.
 
 Every option can also be set by an environment variable (``DMM_BOOTSTRAP_*``, ``DMM_STORE``), which
 is how docker-compose.yml configures it. Exit status: 0 when the store has a model at the end,
@@ -22,8 +26,14 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-DEFAULT_POLICY = Path(__file__).resolve().parent / "policies" / "hopper_online_5.npz"
+if TYPE_CHECKING:
+    from dmm.store import Checkpoint, Store
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_PRETRAINED = HERE / "pretrained"
+DEFAULT_POLICY = HERE / "policies" / "hopper_online_5.npz"
 
 
 def _env(name: str, default: str) -> str:
@@ -32,46 +42,48 @@ def _env(name: str, default: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--store", default=_env("DMM_STORE", "/models"), help="model store folder")
+    parser.add_argument("--store", default=_env("DMM_STORE", "/models"), help="model store to fill")
     parser.add_argument(
-        "--dataset",
-        default=_env("DMM_BOOTSTRAP_DATASET", "hopper-medium-v2"),
-        help="D4RL dataset to download, train on and publish under its name ('' : collect only)",
+        "--pretrained",
+        type=Path,
+        default=Path(_env("DMM_BOOTSTRAP_PRETRAINED", str(DEFAULT_PRETRAINED))),
+        help="store folder of the pre-trained models published into an empty store",
     )
-    parser.add_argument(
+    fallback = parser.add_argument_group("fallback without pre-trained models: collect and train")
+    fallback.add_argument(
         "--name",
         default=_env("DMM_BOOTSTRAP_NAME", "hopper-medium-sim-v4"),
-        help="model name of the offline fallback (collected data)",
+        help="model name (a dataset name of --env)",
     )
-    parser.add_argument(
+    fallback.add_argument(
         "--env", default=_env("DMM_BOOTSTRAP_ENV", "Hopper-v4"), help="gymnasium env to collect in"
     )
-    parser.add_argument(
+    fallback.add_argument(
         "--policy",
         type=Path,
         default=Path(_env("DMM_BOOTSTRAP_POLICY", str(DEFAULT_POLICY))),
         help="D4RL reference policy (.npz) that collects the dataset",
     )
-    parser.add_argument(
+    fallback.add_argument(
         "--steps", type=int, default=int(_env("DMM_BOOTSTRAP_STEPS", "20000")), help="transitions to collect"
     )
-    parser.add_argument(
+    fallback.add_argument(
         "--updates", type=int, default=int(_env("DMM_BOOTSTRAP_UPDATES", "1000")), help="training updates"
     )
-    parser.add_argument(
+    fallback.add_argument(
         "--eval-episodes",
         type=int,
         default=int(_env("DMM_BOOTSTRAP_EVAL_EPISODES", "2")),
         help="evaluation episodes per target return after training (0: none)",
     )
-    parser.add_argument(
+    fallback.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=_env("DMM_BOOTSTRAP_COMPILE", "1") not in ("0", "false", "no"),
         help="torch.compile the model for training (pays off from a few hundred updates)",
     )
-    parser.add_argument("--seed", type=int, default=int(_env("DMM_BOOTSTRAP_SEED", "0")))
-    parser.add_argument(
+    fallback.add_argument("--seed", type=int, default=int(_env("DMM_BOOTSTRAP_SEED", "0")))
+    fallback.add_argument(
         "--workdir",
         type=Path,
         default=None,
@@ -80,21 +92,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def store_models(store: str | os.PathLike) -> list[str]:
-    """Names of the models with at least one complete version in ``store``."""
+def bootstrap(args: argparse.Namespace) -> int:
+    """Fill an empty store from the pre-trained store, else by collecting and training; return 0 when
+    the store then has a model."""
+    from dmm.errors import DMMError
+    from dmm.store import open_store
+
+    try:
+        target = open_store(args.store)
+        models = target.models()
+        if models:
+            print(f"bootstrap: store {args.store} already has {', '.join(models)}; nothing to do")
+            return 0
+        checkpoints = load_pretrained(args.pretrained)
+        if checkpoints:
+            publish_pretrained(checkpoints, target)
+            return 0
+    except DMMError as err:
+        print(f"bootstrap: error: {err}", file=sys.stderr)
+        return 1
+    print(f"bootstrap: no pre-trained models in {args.pretrained}; training a demonstration model instead")
+    return collect_and_train(args)
+
+
+def load_pretrained(source: Path) -> list[Checkpoint]:
+    """Every version of every model in the store folder ``source``, loaded and checksum-verified
+    (``[]`` when there is no such folder; a file there is an error). All are read before any is
+    published, so that a damaged pre-trained store leaves the target empty instead of half-filled."""
     from dmm.store import ModelStore
 
-    return ModelStore(store).models()
+    if not source.exists():
+        return []
+    store = ModelStore(source)
+    return [store.load(name, version) for name in store.models() for version in store.versions(name)]
 
 
-def bootstrap(args: argparse.Namespace) -> int:
-    """Download (or collect) and train into an empty store; return 0 when the store then has a model."""
+def publish_pretrained(checkpoints: Sequence[Checkpoint], target: Store) -> None:
+    """Publish ``checkpoints`` into ``target``, each with its config, metrics and extra files."""
+    from dmm.store.layout import RESERVED_FILES, read_checksums
+
+    for ckpt in checkpoints:
+        extra = {f: ckpt.path / f for f in read_checksums(ckpt.path) if f not in RESERVED_FILES}
+        version = target.publish(ckpt.name, ckpt.tensors, ckpt.config, ckpt.metrics, extra or None)
+        print(f"bootstrap: published the pre-trained {ckpt.name} version {ckpt.version} as version {version}")
+    _print_rollout(str(target.root), sorted({ckpt.name for ckpt in checkpoints}))
+
+
+def collect_and_train(args: argparse.Namespace) -> int:
+    """The fallback: collect a small dataset with the reference policy, train on it, publish it."""
     from dmm.cli import main as dmm_main
+    from dmm.store import open_store
 
-    models = store_models(args.store)
-    if models:
-        print(f"bootstrap: store {args.store} already has {', '.join(models)}; nothing to do")
-        return 0
     refusal = _refusal(args)
     if refusal:
         print(f"bootstrap: error: {refusal}", file=sys.stderr)
@@ -102,34 +150,35 @@ def bootstrap(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="dmm-bootstrap-") as tmp:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        downloaded = _download(args.dataset) if args.dataset else None
-        if downloaded is not None:
-            name, dataset = args.dataset, downloaded
-        else:
-            name, dataset = args.name, workdir / f"{args.name}.hdf5"
-            print(f"bootstrap: store {args.store} is empty; collecting {args.steps} steps of {args.env}")
-            collect = ["collect", "--env", args.env, "--policy", str(args.policy), "--steps", str(args.steps)]
-            status = dmm_main([*collect, "--out", str(dataset), "--seed", str(args.seed)])
-            if status != 0:
-                return status
-        print(f"bootstrap: training {name} for {args.updates} updates")
-        train = ["train", "--dataset", str(dataset), "--store", str(args.store), "--name", name]
+        dataset = workdir / f"{args.name}.hdf5"
+        print(f"bootstrap: collecting {args.steps} steps of {args.env}")
+        collect = ["collect", "--env", args.env, "--policy", str(args.policy), "--steps", str(args.steps)]
+        status = dmm_main([*collect, "--out", str(dataset), "--seed", str(args.seed)])
+        if status != 0:
+            return status
+        print(f"bootstrap: training {args.name} for {args.updates} updates")
+        train = ["train", "--dataset", str(dataset), "--store", str(args.store), "--name", args.name]
         train += ["--updates", str(args.updates), "--eval-episodes", str(args.eval_episodes)]
         status = dmm_main([*train, "--compile" if args.compile else "--no-compile"])
         if status != 0:
             return status
-    if name not in store_models(args.store):
-        print(f"bootstrap: error: training finished but {args.store} has no model {name}", file=sys.stderr)
+    if args.name not in open_store(args.store).models():
+        print(
+            f"bootstrap: error: training finished but {args.store} has no model {args.name}", file=sys.stderr
+        )
         return 1
-    print(f"bootstrap: store {args.store} now serves {name}; try it with")
-    print(f"  dmm rollout --target localhost:50051 --env {name}")
-    print(f'  or in Python: PolicyClient("localhost:50051").rollout(env="{name}")')
+    _print_rollout(args.store, [args.name])
     return 0
 
 
+def _print_rollout(store: str, names: Sequence[str]) -> None:
+    print(f"bootstrap: store {store} now serves {', '.join(names)}; try it with")
+    print(f"  dmm rollout --target localhost:50051 --env {names[0]}")
+    print(f'  or in Python: PolicyClient("localhost:50051").rollout(env="{names[0]}")')
+
+
 def _refusal(args: argparse.Namespace) -> str | None:
-    """Why the options cannot work, or None."""
-    from dmm.data import dataset_url
+    """Why the fallback's options cannot work, or None."""
     from dmm.envs import env_spec
     from dmm.errors import DMMError
 
@@ -141,30 +190,12 @@ def _refusal(args: argparse.Namespace) -> str | None:
         name_env, collect_env = env_spec(args.name).env_id, env_spec(args.env).env_id
     except DMMError as err:
         return str(err)
-    if args.dataset:
-        try:
-            dataset_url(args.dataset)
-        except DMMError as err:
-            return f"--dataset: {err}"
     if name_env != collect_env:
         return (
             f"model name {args.name!r} is a {name_env} dataset name, but the data is collected in "
             f"{collect_env}; use a name like 'hopper-medium-sim-v4' for Hopper-v4"
         )
     return None
-
-
-def _download(dataset: str) -> Path | None:
-    """The D4RL file of ``dataset`` (downloaded into the D4RL cache), or None when it cannot be had."""
-    from dmm.data import fetch_dataset
-    from dmm.errors import DMMError
-
-    print(f"bootstrap: fetching the D4RL dataset {dataset}")
-    try:
-        return fetch_dataset(dataset)
-    except DMMError as err:
-        print(f"bootstrap: {err}; falling back to collected data", file=sys.stderr)
-        return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

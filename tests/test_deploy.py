@@ -3,7 +3,8 @@
 The compose file, Dockerfile, Prometheus and Grafana files must agree with each other and only
 reference files that exist; the dashboard must be valid and query only the contract's metrics.
 healthcheck.py and bootstrap.py run in the image; here they run against a real gRPC health
-service and a real model store.
+service and a real model store (bootstrap.py's fallback here; its pre-trained path and
+train_online.py in test_bootstrap.py).
 """
 
 from __future__ import annotations
@@ -168,16 +169,63 @@ def test_deploy_compose_file_is_valid_for_docker_compose_v1():
 
 def test_compose_has_the_services_and_profiles(compose):
     services = compose["services"]
-    assert {"bootstrap", "server", "prometheus", "grafana", "trainer"} <= set(services)
+    assert {"bootstrap", "server", "prometheus", "grafana", "trainer", "train-online"} <= set(services)
     assert services["trainer"]["profiles"] == ["train"], "trainer must not start with a plain `up`"
-    for name in ("bootstrap", "server", "prometheus", "grafana"):
+    for name in ("bootstrap", "server", "prometheus", "grafana", "train-online"):
         assert "profiles" not in services[name], f"{name} must start with a plain `docker compose up`"
-    assert services["server"]["depends_on"]["bootstrap"]["condition"] == "service_completed_successfully"
+    assert services["server"]["depends_on"] == {"bootstrap": {"condition": "service_completed_successfully"}}
+
+
+def test_compose_trains_online_in_the_background(compose):
+    """train-online runs beside the server (which never waits for it), after the bootstrap, with the
+    D4RL cache and the store, and records in the store's marker where its progress is shown."""
+    online = compose["services"]["train-online"]
+    assert online["entrypoint"] == ["python", "/opt/dmm/train_online.py"]
+    assert online["depends_on"]["bootstrap"]["condition"] == "service_completed_successfully"
+    assert online["restart"] == "no"
+    assert set(online["volumes"]) == {"models:/models", "d4rl-cache:/home/dmm/.d4rl"}
+    env = {k: interpolate(str(v)) for k, v in online["environment"].items()}
+    assert env["DMM_STORE"] == "/models" and env["DMM_TRAIN_ONLINE_UPDATES"] == "20000"
+    assert env["DMM_TRAIN_ONLINE_DATASET"] == "hopper-medium-v2"
+    assert env["DMM_TRAIN_ONLINE_LOG"] == "docker compose logs -f train-online"
+    for name, service in compose["services"].items():
+        assert "train-online" not in service.get("depends_on", {}), f"{name} must not wait for train-online"
+
+
+def test_the_image_holds_the_pretrained_store_where_bootstrap_looks():
+    """deploy/pretrained is copied beside bootstrap.py, which is where its default --pretrained points
+    and what compose passes; no dockerignore pattern drops a file of it."""
+    import fnmatch
+
+    copies = {
+        rest.split()[-1]: rest.split()[:-1] for instr, rest in dockerfile_instructions() if instr == "COPY"
+    }
+    assert copies["/opt/dmm/pretrained"] == ["deploy/pretrained"]
+    assert "deploy/bootstrap.py" in copies["/opt/dmm/"] and "deploy/train_online.py" in copies["/opt/dmm/"]
+    assert load_module("bootstrap").DEFAULT_PRETRAINED == DEPLOY / "pretrained"
+    env = yaml.safe_load(COMPOSE.read_text())["services"]["bootstrap"]["environment"]
+    assert env["DMM_BOOTSTRAP_PRETRAINED"] == "/opt/dmm/pretrained"
+    patterns = [
+        line.strip()
+        for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    probes = ["deploy/pretrained/README.md"] + [
+        f"deploy/pretrained/hopper-medium-sim-v4/1/{f}"
+        for f in ("model.safetensors", "config.json", "metrics.json", "checksums.sha256", "curve.png")
+    ]
+    for probe in probes:
+        parts = probe.split("/")
+        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]  # a pattern drops a folder too
+        for pattern in patterns:
+            anchored = any(fnmatch.fnmatch(prefix, pattern) for prefix in prefixes)
+            anywhere = pattern.startswith("**/") and any(fnmatch.fnmatch(part, pattern[3:]) for part in parts)
+            assert not (anchored or anywhere), f"{pattern!r} in Dockerfile.dockerignore excludes {probe}"
 
 
 def test_compose_build_context_and_dockerfile_exist(compose):
     built = [name for name, svc in compose["services"].items() if "build" in svc]
-    assert {"bootstrap", "server", "trainer"} <= set(built)
+    assert {"bootstrap", "server", "trainer", "train-online"} <= set(built)
     for name in built:
         build = compose["services"][name]["build"]
         context = (DEPLOY / build["context"]).resolve()
@@ -186,7 +234,7 @@ def test_compose_build_context_and_dockerfile_exist(compose):
         args = {k: interpolate(v) for k, v in build["args"].items()}
         assert args["BASE_IMAGE"] == "python:3.11-slim"
     images = {interpolate(compose["services"][name]["image"]) for name in built}
-    assert len(images) == 1, f"bootstrap, server and trainer must share one image, got {images}"
+    assert len(images) == 1, f"bootstrap, server, trainer and train-online must share one image, got {images}"
 
 
 def test_compose_volumes_and_bind_mounts_exist(compose):
@@ -210,7 +258,7 @@ def test_compose_volumes_and_bind_mounts_exist(compose):
         name: [v for v in svc.get("volumes", []) if v.split(":")[1] == "/models"]
         for name, svc in compose["services"].items()
     }
-    for name in ("bootstrap", "server", "trainer"):
+    for name in ("bootstrap", "server", "trainer", "train-online"):
         assert store_mounts[name] == ["models:/models"], f"{name} must mount the shared store volume"
 
 
@@ -468,7 +516,8 @@ def test_healthcheck_fails_for_an_unreachable_server(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# bootstrap.py against a real store (collect and train replaced by recording fakes)
+# bootstrap.py's fallback without pre-trained models, against a real store (collect and train
+# replaced by recording fakes)
 
 
 def publish_tiny(store: Path, name: str) -> None:
@@ -483,10 +532,9 @@ def publish_tiny(store: Path, name: str) -> None:
 def recorded_cli(monkeypatch, tmp_path):
     """Replace dmm.cli.main: record each command; `train` publishes a version like the real one.
 
-    D4RL is unreachable here (its mirror is a closed local port), as on a machine without internet.
+    There is no pre-trained store, so the bootstrap takes its fallback: collect, then train.
     """
-    monkeypatch.setenv("D4RL_BASE_URL", "http://127.0.0.1:9")
-    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "d4rl-cache"))
+    monkeypatch.setenv("DMM_BOOTSTRAP_PRETRAINED", str(tmp_path / "no-pretrained"))
     calls: list[list[str]] = []
     behaviour = {"collect": 0, "train": 0, "train_publishes": True}
 
@@ -589,7 +637,7 @@ def test_bootstrap_for_real_serves_a_trained_model(tmp_path):
 
     store = tmp_path / "store"
     argv = ["--store", str(store), "--steps", "300", "--updates", "2", "--eval-episodes", "0", "--no-compile"]
-    command = [sys.executable, str(DEPLOY / "bootstrap.py"), *argv]
+    command = [sys.executable, str(DEPLOY / "bootstrap.py"), *argv, "--pretrained", str(tmp_path / "none")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "now serves hopper-medium-sim-v4" in result.stdout
@@ -601,80 +649,14 @@ def test_bootstrap_for_real_serves_a_trained_model(tmp_path):
     assert ModelStore(store).versions("hopper-medium-sim-v4") == [1]
 
 
-def test_bootstrap_offline_falls_back_and_prints_the_rollout_that_works(tmp_path, recorded_cli, capsys):
+def test_bootstrap_without_pretrained_models_prints_the_rollout_that_works(tmp_path, recorded_cli, capsys):
     calls, _ = recorded_cli
     assert load_module("bootstrap").main(["--store", str(tmp_path / "store"), "--eval-episodes", "0"]) == 0
     assert [c[0] for c in calls] == ["collect", "train"]
-    out, err = capsys.readouterr()
-    assert "cannot download hopper_medium-v2.hdf5" in err and "falling back to collected data" in err
+    out = capsys.readouterr().out
+    assert "no pre-trained models in" in out and "training a demonstration model instead" in out
     assert "dmm rollout --target localhost:50051 --env hopper-medium-sim-v4" in out
     assert 'rollout(env="hopper-medium-sim-v4")' in out
-
-
-def test_bootstrap_refuses_an_unknown_d4rl_dataset(tmp_path, recorded_cli, capsys):
-    calls, _ = recorded_cli
-    assert load_module("bootstrap").main(["--store", str(tmp_path), "--dataset", "hopper-mediun-v2"]) == 2
-    assert "'hopper-mediun-v2' is not a D4RL dataset name" in capsys.readouterr().err
-    assert calls == []
-
-
-@pytest.fixture
-def d4rl_mirror(tmp_path, d4rl_hopper_file):
-    """A local HTTP server laid out as D4RL's, holding a small hopper-medium-v2 file."""
-    import http.server
-    import threading
-    from functools import partial
-
-    root = tmp_path / "mirror"
-    (root / "gym_mujoco_v2").mkdir(parents=True)
-    shutil.copy(d4rl_hopper_file, root / "gym_mujoco_v2" / "hopper_medium-v2.hdf5")
-    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    server.server_close()
-
-
-@pytest.fixture
-def d4rl_hopper_file(tmp_path):
-    """A small file in D4RL's layout with Hopper's dimensions (random values)."""
-    import numpy as np
-    from conftest import write_hdf5
-
-    rng = np.random.default_rng(0)
-    n = 600
-    terminals, timeouts = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
-    terminals[[150, 420]], timeouts[-1] = True, True
-    arrays = {
-        "observations": rng.normal(size=(n, 11)).astype(np.float32),
-        "actions": rng.uniform(-1, 1, size=(n, 3)).astype(np.float32),
-        "rewards": rng.uniform(0, 3, size=n).astype(np.float32),
-        "terminals": terminals,
-        "timeouts": timeouts,
-    }
-    return write_hdf5(tmp_path / "source.hdf5", arrays)
-
-
-def test_bootstrap_downloads_d4rl_and_serves_the_model_the_client_asks_for(
-    tmp_path, d4rl_mirror, monkeypatch
-):
-    """The promised pair: bootstrap an empty store, serve it, rollout(env="hopper-medium-v2")."""
-    from dmm.client import PolicyClient
-    from dmm.server.testing import ServerProcess
-
-    monkeypatch.setenv("D4RL_BASE_URL", d4rl_mirror)
-    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "d4rl-cache"))
-    store = tmp_path / "store"
-    argv = ["--store", str(store), "--updates", "3", "--eval-episodes", "0", "--no-compile"]
-    assert load_module("bootstrap").main(argv) == 0
-    assert (tmp_path / "d4rl-cache" / "hopper_medium-v2.hdf5").is_file()
-    with ServerProcess(store) as server, PolicyClient(server.target) as client:
-        result = client.rollout(
-            env="hopper-medium-v2", episodes=1, num_envs=1, max_episode_steps=5, progress=False
-        )
-    assert result.model == "hopper-medium-v2" and result.lengths == [5]
 
 
 def test_healthcheck_probes_a_tls_server_with_its_ca_and_a_client_certificate(tmp_path):
