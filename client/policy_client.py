@@ -1,6 +1,8 @@
 """Client of ``dmm.v1.PolicyService``: remote rollouts over gymnasium envs, model listing.
 
-Torch-free: it needs only grpc, numpy, gymnasium (imported when an env is made) and the stubs.
+Torch-free: it needs only grpc, numpy, gymnasium (imported when an env is made) and the stubs. The
+episodes are played by :mod:`dmm.episodes`, the loop ``dmm eval`` plays its own with; this module adds
+the actors that ask the server for the actions.
 """
 
 from __future__ import annotations
@@ -13,14 +15,14 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, Literal
 
 import grpc
 import numpy as np
 
 from dmm.client.channel import open_channel
-from dmm.envs import env_spec, make_env, normalized_score
+from dmm.envs import env_spec, normalized_score
+from dmm.episodes import Actor, EpisodeEngine, Episodes, Started, Step
 from dmm.errors import DMMError
 from dmm.v1 import policy_pb2, policy_pb2_grpc
 from dmm.v1.modes import MODE_ENUM, MODE_NAME
@@ -97,15 +99,6 @@ class RolloutResult:
             f"return {self.mean_return:.1f} ± {self.std_return:.1f}, "
             f"normalized score {self.mean_normalized_score:.1f} ± {self.std_normalized_score:.1f}"
         )
-
-
-@dataclass
-class _Episode:
-    ret: float
-    length: int
-    version: int
-    mode: str
-    target_return: float
 
 
 class _Stream:
@@ -253,191 +246,143 @@ class PolicyClient:
             start.version = version
         if target_return is not None:
             start.target_return = target_return
-        make = partial(
-            make_env, env, **({"max_episode_steps": max_episode_steps} if max_episode_steps else {})
-        )
+        make_kwargs = {"max_episode_steps": max_episode_steps} if max_episode_steps else {}
 
         from tqdm.auto import tqdm
 
         bar = tqdm(total=episodes, desc=f"rollout {start.model}", unit="ep", disable=not progress)
         try:
             if vectorized:
-                done = _VectorRollout(self._stub, make, start, episodes, seed, bar).run(
-                    min(num_envs, episodes)
-                )
+                with EpisodeEngine(env, min(num_envs, episodes), **make_kwargs) as engine:
+                    played = [engine.play(_VectorActor(self._stub, start), episodes, seed, bar.update)]
             else:
-                done = self._threaded_rollout(make, start, episodes, num_envs, seed, bar)
+                played = self._threaded_rollout(env, make_kwargs, start, episodes, num_envs, seed, bar)
         finally:
             bar.close()
-        returns = [r.ret for r in done]
-        return RolloutResult(
-            env=env,
-            model=start.model,
-            mode=done[0].mode,
-            returns=returns,
-            lengths=[r.length for r in done],
-            normalized_scores=[float(s) for s in normalized_score(env, np.asarray(returns))],
-            versions=[r.version for r in done],
-            target_return=done[0].target_return,
-        )
+        return _rollout_result(env, start.model, played)
 
     def _threaded_rollout(
         self,
-        make: Callable[[], Any],
+        env: str,
+        make_kwargs: dict[str, Any],
         start: policy_pb2.Start,
         episodes: int,
         num_envs: int,
         seed: int,
         bar: Any,
-    ) -> list[_Episode]:
-        """One Act stream per episode, ``num_envs`` threads each with its own env."""
-        results: list[_Episode | None] = [None] * episodes
+    ) -> list[Episodes]:
+        """One Act stream per episode, ``num_envs`` threads each with its own env; episode ``i`` is
+        the engine's only episode, seeded ``seed + i``."""
+        results: list[Episodes | None] = [None] * episodes
         next_episode = iter(range(episodes))
         lock = threading.Lock()
 
+        def update() -> None:
+            with lock:
+                bar.update(1)
+
         def worker() -> None:
-            gym_env = make()
-            try:
+            with EpisodeEngine(env, 1, **make_kwargs) as engine:
                 while True:
                     with lock:
                         index = next(next_episode, None)
                     if index is None:
                         return
-                    results[index] = self._episode(gym_env, start, seed + index)
-                    with lock:
-                        bar.update(1)
-            finally:
-                gym_env.close()
+                    results[index] = engine.play(_ActActor(self._stub, start), 1, seed + index, update)
 
         with ThreadPoolExecutor(min(num_envs, episodes), thread_name_prefix="dmm-rollout") as pool:
             for future in [pool.submit(worker) for _ in range(min(num_envs, episodes))]:
                 future.result()
         return [r for r in results if r is not None]
 
-    def _episode(self, gym_env: Any, start: policy_pb2.Start, seed: int) -> _Episode:
-        stream = _Stream(self._stub.Act, timeout=None)
-        try:
-            started = stream.send(policy_pb2.ActRequest(start=start)).started
-            obs, _info = gym_env.reset(seed=seed)
-            step = policy_pb2.Step(state=np.asarray(obs, dtype=np.float64).ravel().tolist())
-            total, length = 0.0, 0
-            while True:
-                reply = stream.send(policy_pb2.ActRequest(step=step))
-                action = np.asarray(reply.action.action, dtype=np.float32)
-                obs, reward, terminated, truncated, _info = gym_env.step(action)
-                total += float(reward)
-                length += 1
-                if terminated or truncated:
-                    break
-                state = np.asarray(obs, dtype=np.float64).ravel().tolist()
-                step = policy_pb2.Step(state=state, reward=float(reward))
-        except BaseException:
-            stream.cancel()
-            raise
-        stream.finish(policy_pb2.ActRequest(end=policy_pb2.End(reward=float(reward))))
-        return _Episode(total, length, started.version, MODE_NAME[started.mode], started.target_return)
+
+def _rollout_result(env: str, model: str, played: list[Episodes]) -> RolloutResult:
+    """One :class:`RolloutResult` of the engine's results (one per stream), in episode order."""
+    returns = np.concatenate([p.returns for p in played])
+    return RolloutResult(
+        env=env,
+        model=model,
+        mode=played[0].started.mode,
+        returns=[float(r) for r in returns],
+        lengths=[int(n) for p in played for n in p.lengths],
+        normalized_scores=[float(s) for s in normalized_score(env, returns)],
+        versions=[int(p.started.version) for p in played for _ in p.lengths],
+        target_return=played[0].started.target_return,
+    )
 
 
-class _VectorRollout:
-    """``episodes`` episodes over one ActVector stream and one gymnasium vector env whose rows take
-    the next episode as theirs end (the env resets only those rows, with the episode's seed)."""
+class _VectorActor(Actor):
+    """The server's actor over one ActVector stream: a row per env, the server's slots and RTGs."""
 
-    def __init__(
-        self,
-        stub: policy_pb2_grpc.PolicyServiceStub,
-        make: Callable[[], Any],
-        start: policy_pb2.Start,
-        episodes: int,
-        seed: int,
-        bar: Any,
-    ) -> None:
-        self.stub, self.make, self.start = stub, make, start
-        self.episodes, self.seed, self.bar = episodes, seed, bar
-        self.results: list[_Episode | None] = [None] * episodes
+    def __init__(self, stub: policy_pb2_grpc.PolicyServiceStub, start: policy_pb2.Start) -> None:
+        self.stub, self.start_message = stub, start
+        self.stream: _Stream | None = None
+        self.act_dim = 0
 
-    def run(self, n: int) -> list[_Episode]:
-        from gymnasium.vector import AutoresetMode, SyncVectorEnv
-
-        venv = SyncVectorEnv([self.make] * n, autoreset_mode=AutoresetMode.DISABLED)
-        stream = _Stream(self.stub.ActVector, timeout=None)
-        try:
-            request = policy_pb2.VectorRequest(start=policy_pb2.VectorStart(start=self.start, episodes=n))
-            started = stream.send(request).started.session
-            end = self._play(venv, stream, started)
-        except BaseException:
-            stream.cancel()
-            raise
-        finally:
-            venv.close()
-        stream.finish(end)
-        return [r for r in self.results if r is not None]
-
-    def _play(
-        self, venv: Any, stream: _Stream, started: policy_pb2.SessionStarted
-    ) -> policy_pb2.VectorRequest:
-        """Step until every episode has ended; returns the VectorEnd of the rows whose last episode
-        ended (it records them on the server)."""
-        n, act_dim = venv.num_envs, started.act_dim
-        episode_of: list[int | None] = list(range(n))  # each row's episode; None once it has none
-        next_episode = n
-        returns, lengths = np.zeros(n), np.zeros(n, dtype=np.int64)
-        last_rewards: dict[
-            int, float
-        ] = {}  # rows whose last episode is over: its final reward, for VectorEnd
-        obs, _ = venv.reset(seed=[self.seed + i for i in range(n)])
-        step = policy_pb2.VectorStep(states=np.asarray(obs, dtype=np.float64).ravel().tolist())
-        while True:
-            reply = stream.send(policy_pb2.VectorRequest(step=step)).actions
-            actions = np.zeros((n, act_dim), dtype=np.float32)
-            actions[list(reply.rows)] = np.asarray(reply.actions, dtype=np.float32).reshape(-1, act_dim)
-            obs, reward, terminated, truncated, _ = venv.step(actions)
-            active = np.array([e is not None for e in episode_of])
-            returns[active] += reward[active]
-            lengths[active] += 1
-            done = np.flatnonzero(terminated | truncated)
-            restart = []
-            for row in done.tolist():
-                if episode_of[row] is not None:
-                    self._record(row, episode_of[row], started, returns, lengths)
-                    if next_episode < self.episodes:
-                        episode_of[row], next_episode = next_episode, next_episode + 1
-                        restart.append(row)
-                    else:
-                        episode_of[row] = None
-                        last_rewards[row] = float(reward[row])
-            if all(e is None for e in episode_of):
-                end = policy_pb2.VectorEnd(rows=list(last_rewards), rewards=list(last_rewards.values()))
-                return policy_pb2.VectorRequest(end=end)
-            if done.size:  # rows with a new episode, and idle rows that a vector env must keep going
-                seeds = [
-                    self.seed + e if r in restart and e is not None else None
-                    for r, e in enumerate(episode_of)
-                ]
-                mask = np.zeros(n, dtype=bool)
-                mask[done] = True
-                obs, _ = venv.reset(seed=seeds, options={"reset_mask": mask})
-            rows = [r for r, e in enumerate(episode_of) if e is not None]
-            step = policy_pb2.VectorStep(
-                rows=rows,
-                states=np.asarray(obs, dtype=np.float64)[rows].ravel().tolist(),
-                rewards=reward[rows].tolist(),
-                restart=restart,
-            )
-
-    def _record(
-        self,
-        row: int,
-        episode: int,
-        started: policy_pb2.SessionStarted,
-        returns: np.ndarray,
-        lengths: np.ndarray,
-    ) -> None:
-        self.results[episode] = _Episode(
-            float(returns[row]),
-            int(lengths[row]),
-            started.version,
-            MODE_NAME[started.mode],
-            started.target_return,
+    def start(self, rows: int) -> Started:
+        self.stream = _Stream(self.stub.ActVector, timeout=None)
+        request = policy_pb2.VectorRequest(
+            start=policy_pb2.VectorStart(start=self.start_message, episodes=rows)
         )
-        returns[row], lengths[row] = 0.0, 0
-        self.bar.update(1)
+        started = self.stream.send(request).started.session
+        self.act_dim = started.act_dim
+        return Started(started.target_return, MODE_NAME[started.mode], started.version)
+
+    def act(self, step: Step) -> np.ndarray:
+        message = policy_pb2.VectorStep(states=step.states.ravel().tolist())
+        if step.rewards is not None:  # the first step steps every row and names none
+            message.rows.extend(step.rows.tolist())
+            message.rewards.extend(step.rewards.tolist())
+            message.restart.extend(step.rows[step.restart].tolist())
+        assert self.stream is not None, "start() first"
+        reply = self.stream.send(policy_pb2.VectorRequest(step=message)).actions
+        if list(reply.rows) != step.rows.tolist():
+            raise PolicyServiceError(
+                grpc.StatusCode.INTERNAL,
+                f"the server answered rows {list(reply.rows)} to a step of rows {step.rows.tolist()}",
+            )
+        return np.asarray(reply.actions, dtype=np.float32).reshape(-1, self.act_dim)
+
+    def finish(self, rows: np.ndarray, rewards: np.ndarray) -> None:
+        """VectorEnd records the rows' last episodes on the server; then the stream ends with OK."""
+        assert self.stream is not None, "start() first"
+        end = policy_pb2.VectorEnd(rows=rows.tolist(), rewards=rewards.tolist())
+        self.stream.finish(policy_pb2.VectorRequest(end=end))
+
+    def cancel(self) -> None:
+        if self.stream is not None:
+            self.stream.cancel()
+
+
+class _ActActor(Actor):
+    """The server's actor over one Act stream: one row, one episode (what a robot runs)."""
+
+    def __init__(self, stub: policy_pb2_grpc.PolicyServiceStub, start: policy_pb2.Start) -> None:
+        self.stub, self.start_message = stub, start
+        self.stream: _Stream | None = None
+
+    def start(self, rows: int) -> Started:
+        if rows != 1:
+            raise DMMError(f"an Act stream plays one episode in one env, not {rows}")
+        self.stream = _Stream(self.stub.Act, timeout=None)
+        started = self.stream.send(policy_pb2.ActRequest(start=self.start_message)).started
+        return Started(started.target_return, MODE_NAME[started.mode], started.version)
+
+    def act(self, step: Step) -> np.ndarray:
+        if step.restart.any():
+            raise DMMError("an Act stream is one episode: it cannot restart")
+        message = policy_pb2.Step(state=step.states[0].tolist())
+        if step.rewards is not None:
+            message.reward = float(step.rewards[0])
+        assert self.stream is not None, "start() first"
+        reply = self.stream.send(policy_pb2.ActRequest(step=message))
+        return np.asarray(reply.action.action, dtype=np.float32)[None]
+
+    def finish(self, rows: np.ndarray, rewards: np.ndarray) -> None:
+        """End records the episode on the server; then the stream ends with OK."""
+        assert self.stream is not None, "start() first"
+        self.stream.finish(policy_pb2.ActRequest(end=policy_pb2.End(reward=float(rewards[0]))))
+
+    def cancel(self) -> None:
+        if self.stream is not None:
+            self.stream.cancel()

@@ -1,4 +1,8 @@
-"""Policy evaluation in batched gymnasium vector environments: one forward for all envs per step."""
+"""Policy evaluation in batched gymnasium vector environments: one forward for all envs per step.
+
+The episodes are played by :mod:`dmm.episodes`, the loop ``PolicyClient.rollout`` plays its own
+with; this module adds the local actor, a :class:`PolicyRunner` over the policy.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from dmm.envs import env_spec, make_vector_env, normalized_score
+from dmm.envs import env_spec, normalized_score
+from dmm.episodes import Actor, EpisodeEngine, Started, Step
 from dmm.errors import ConfigError
 from dmm.model import Policy, PolicyRunner
 from dmm.model.config import InferenceMode
@@ -55,6 +60,31 @@ def check_compatible(policy: Policy, env: str) -> None:
         )
 
 
+class RunnerActor(Actor):
+    """The local actor: a :class:`PolicyRunner` with one slot per env row, conditioned on the
+    engine's returns-to-go (``target_return`` less each episode's rewards so far)."""
+
+    def __init__(self, policy: Policy, mode: InferenceMode, target_return: float) -> None:
+        self.policy, self.mode, self.target_return = policy, mode, float(target_return)
+        self.runner: PolicyRunner | None = None
+
+    def start(self, rows: int) -> Started:
+        self.runner = PolicyRunner(self.policy, self.mode, capacity=rows)
+        self.runner.reset(range(rows))
+        return Started(self.target_return, self.mode, getattr(self.policy, "version", None))
+
+    def act(self, step: Step) -> np.ndarray:
+        assert self.runner is not None, "start() first"
+        self.runner.reset(step.rows[step.restart].tolist())
+        return self.runner.step(step.rows, step.states, step.rtgs)
+
+    def finish(self, rows: np.ndarray, rewards: np.ndarray) -> None:
+        """Nothing to record: the engine's returns are the evaluation's."""
+
+    def cancel(self) -> None:
+        """Nothing to release beyond the runner's buffers, which go with the actor."""
+
+
 def evaluate(
     policy: Policy,
     episodes: int,
@@ -67,57 +97,18 @@ def evaluate(
 ) -> EvalResult:
     """Run ``episodes`` episodes, ``num_envs`` at a time, conditioning on ``target_return``.
 
-    Env i is reset with seed ``seed + i``; gymnasium's autoreset continues its generator for the
-    next episode, so results are reproducible for a given (seed, num_envs). Results are in the
-    order episodes started (env 0..n-1 first), not the order they ended.
+    Episode k resets its env with seed ``seed + k`` (:mod:`dmm.episodes`, the loop
+    ``PolicyClient.rollout`` runs too), so results are reproducible for a given seed whatever
+    ``num_envs`` is. Results are in episode order, not the order episodes ended.
     """
     env = env or policy.meta.env
     check_compatible(policy, env)
     if episodes < 1:
         raise ConfigError(f"episodes must be positive, got {episodes}")
-    n = min(num_envs, episodes)
-    vec = make_vector_env(env, n)
-    runner = PolicyRunner(policy, mode, capacity=n)
-    finished: dict[int, tuple[float, int]] = {}  # episode number (in start order) -> (return, length)
-    try:
-        obs, _ = vec.reset(seed=seed)
-        runner.reset(range(n))
-        rtg = np.full(n, target_return, dtype=np.float64)
-        ep_return = np.zeros(n)
-        ep_length = np.zeros(n, dtype=np.int64)
-        running = np.ones(n, dtype=bool)  # env i is inside an episode we count
-        resetting = np.zeros(n, dtype=bool)  # env i's next step is gymnasium's autoreset step
-        episode = np.arange(n)  # the episode number env i is running
-        started = n
-        actions = np.zeros((n, policy.config.act_dim), dtype=np.float32)
-        with tqdm(
-            total=episodes, desc=f"eval {env} R={target_return:g} ({mode})", disable=not progress
-        ) as bar:
-            while len(finished) < episodes:
-                acting = np.flatnonzero(running & ~resetting)
-                actions[:] = 0.0
-                if acting.size:
-                    actions[acting] = runner.step(acting, obs[acting], rtg[acting])
-                was_resetting = resetting.copy()
-                obs, reward, terminated, truncated, _ = vec.step(actions)
-                for i in np.flatnonzero(was_resetting):  # obs[i] now starts a new episode
-                    resetting[i] = False
-                    runner.reset([i])
-                    rtg[i], ep_return[i], ep_length[i] = target_return, 0.0, 0
-                for i in acting:
-                    ep_return[i] += reward[i]
-                    ep_length[i] += 1
-                    rtg[i] -= reward[i]
-                    if terminated[i] or truncated[i]:
-                        finished[int(episode[i])] = (float(ep_return[i]), int(ep_length[i]))
-                        bar.update(1)
-                        if started < episodes:
-                            episode[i] = started
-                            started += 1
-                            resetting[i] = True
-                        else:
-                            running[i] = False
-    finally:
-        vec.close()
-    returns, lengths = zip(*(finished[k] for k in range(episodes)), strict=True)
-    return EvalResult(env, float(target_return), mode, np.array(returns), np.array(lengths))
+    desc = f"eval {env} R={target_return:g} ({mode})"
+    with (
+        EpisodeEngine(env, min(num_envs, episodes)) as engine,
+        tqdm(total=episodes, desc=desc, disable=not progress) as bar,
+    ):
+        played = engine.play(RunnerActor(policy, mode, target_return), episodes, seed, lambda: bar.update(1))
+    return EvalResult(env, float(target_return), mode, played.returns, played.lengths)
