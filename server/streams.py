@@ -100,7 +100,7 @@ class ActFormat(StreamFormat):
 
     rpc = "Act"
     _ROW = np.zeros(1, dtype=np.int64)
-    _GOING = np.zeros(1, dtype=bool)
+    _NO_RESTART = np.zeros(1, dtype=bool)
 
     def read_start(self, start: policy_pb2.Start, session: Session | None) -> tuple[policy_pb2.Start, None]:
         if session is not None:
@@ -128,7 +128,7 @@ class ActFormat(StreamFormat):
         if which == "rtg":
             given = np.array([step.rtg])
             session.rtg.check_given(given, where)
-            return StepInput(self._ROW, states, None, self._GOING, given)
+            return StepInput(self._ROW, states, None, self._NO_RESTART, given)
         if which == "reward":
             if n == 0:
                 raise invalid(
@@ -136,11 +136,11 @@ class ActFormat(StreamFormat):
                     "(or an explicit rtg)"
                 )
             rewards = np.array([step.reward])
-            session.rtg.check_rewards(self._ROW, rewards, self._GOING, where)
-            return StepInput(self._ROW, states, rewards, self._GOING)
+            session.rtg.check_rewards(self._ROW, rewards, self._NO_RESTART, where)
+            return StepInput(self._ROW, states, rewards, self._NO_RESTART)
         if n > 0:
             raise invalid(f"step {n} has neither the reward of the last action nor an explicit rtg")
-        return StepInput(self._ROW, states, None, self._GOING)
+        return StepInput(self._ROW, states, None, self._NO_RESTART)
 
     def read_end(self, session: Session, end: policy_pb2.End) -> tuple[np.ndarray, np.ndarray]:
         if session.steps == 0:

@@ -87,6 +87,33 @@ def test_vector_actions_equal_act_actions_and_a_row_restarts_alone(channel: grpc
         np.testing.assert_allclose(got[:, row], want, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["window", "recurrent"])
+def test_an_act_stream_and_a_one_episode_vector_stream_answer_alike(
+    server: ServerProcess, channel: grpc.Channel, mode: str
+) -> None:
+    """An Act stream is served as a vector stream of one row: same actions, steps, rtgs and episode."""
+    rng = np.random.default_rng(1)
+    states, rewards = rng.normal(size=(STEPS, STATE_DIM)), rng.uniform(0, 3, size=STEPS)
+    count, total = episode_metrics(server)
+    act = Stream(channel)
+    act.start(mode=MODE_ENUM[mode], target_return=TARGET_RETURN)
+    by_act = [act.step(states[0])] + [
+        act.step(s, reward=r) for s, r in zip(states[1:], rewards, strict=False)
+    ]
+    act.end(float(rewards[-1]))
+    assert act.finish() == grpc.StatusCode.OK
+    vec = Stream(channel, rpc="ActVector")
+    vec.send(vector_start(episodes=1, mode=MODE_ENUM[mode], target_return=TARGET_RETURN))
+    by_vec = [vec.send(vector_step(states[:1])).actions]
+    by_vec += [vec.send(vector_step(s[None], [r])).actions for s, r in zip(states[1:], rewards, strict=False)]
+    vec.put(policy_pb2.VectorRequest(end=policy_pb2.VectorEnd(rows=[0], rewards=[float(rewards[-1])])))
+    assert vec.finish() == grpc.StatusCode.OK
+    np.testing.assert_allclose([a.action for a in by_act], [v.actions for v in by_vec], atol=1e-6)
+    assert [(a.step, a.rtg) for a in by_act] == [(v.steps[0], v.rtgs[0]) for v in by_vec]
+    new_count, new_total = episode_metrics(server)
+    assert new_count - count == 2 and new_total - total == pytest.approx(2 * float(np.sum(rewards)))
+
+
 def test_a_step_of_some_rows_answers_only_them(channel: grpc.Channel) -> None:
     stream = Stream(channel, rpc="ActVector")
     stream.send(vector_start())
