@@ -399,3 +399,42 @@ def test_a_d4rl_mirror_keeps_the_official_paths(monkeypatch):
         dataset_url("hopper-medium-v2") == "https://mirror.example/d4rl/gym_mujoco_v2/hopper_medium-v2.hdf5"
     )
     assert all(e["dataset_url"].startswith(download.OFFICIAL_BASE_URL) for e in reference_table().values())
+
+
+def test_stream_rows_walk_whole_trajectories_and_the_other_rows_are_windows(tiny_dataset):
+    """Each stream row shows a trajectory from its first step to its last, K steps per batch (its last
+    chunk right-padded), fresh only when it starts one; the remaining rows are random windows."""
+    from dmm.data import StreamSampler
+
+    K, rows = 3, 2
+    sampler = StreamSampler(tiny_dataset, context=K, batch_size=5, rtg_scale=10.0, stream_rows=rows, seed=1)
+    walked: list[list[np.ndarray]] = [[] for _ in range(rows)]
+    done: list[list[np.ndarray]] = [[] for _ in range(rows)]
+    for _ in range(40):
+        batch = sampler.sample()
+        assert batch.states.shape == (5, K, tiny_dataset.obs_dim) and batch.fresh[rows:].all()
+        for r in range(rows):
+            if batch.fresh[r] and walked[r]:
+                done[r].append(np.concatenate(walked[r]))
+                walked[r] = []
+            real = batch.mask[r]
+            assert real[0] and (real == (np.arange(K) < real.sum())).all()  # padding only at the end
+            assert (batch.timesteps[r][real] == batch.timesteps[r][0] + np.arange(real.sum())).all()
+            walked[r].append(batch.states[r][real])
+    finished = [states for row in done for states in row]
+    normalized = [
+        (t.observations - tiny_dataset.state_mean) / tiny_dataset.state_std for t in tiny_dataset.trajectories
+    ]
+    assert finished
+    for states in finished:
+        assert any(
+            len(states) == len(expected) and np.allclose(states, expected, rtol=1e-6)
+            for expected in normalized
+        )
+    again = StreamSampler(tiny_dataset, context=K, batch_size=5, rtg_scale=10.0, stream_rows=rows, seed=1)
+    for _ in range(7):
+        again.sample()
+    saved = again.state()
+    first = again.sample()
+    again.set_state(saved)
+    np.testing.assert_array_equal(again.sample().states, first.states)

@@ -391,3 +391,42 @@ def test_stepping_the_model_from_its_initial_state_equals_the_full_forward_on_ev
                 rtg[:, : t + 1], states[:, : t + 1], actions[:, : t + 1], timesteps=timesteps[:, : t + 1]
             )
             torch.testing.assert_close(action, full[:, -1], rtol=1e-9, atol=1e-9)
+
+
+def test_a_sequence_run_chunk_by_chunk_with_its_carried_state_equals_one_piece_and_the_steps():
+    """forward_carried continues a sequence exactly (training's stream rows, and rebuilding a session):
+    chunks of 3 steps, right-padded at the end, give the actions of the whole sequence at once and of
+    the recurrent step."""
+    model = _policy(seed=5)
+    T, S, A = 8, model.config.state_dim, model.config.act_dim
+    torch.manual_seed(2)
+    rtg, states, actions = (torch.randn(1, T, n).double() for n in (1, S, A))
+    timesteps = torch.arange(T).unsqueeze(0)
+    with torch.no_grad():
+        whole = model(rtg, states, actions, timesteps=timesteps)
+        pieces, state = [], None
+        for start in range(0, T, 3):
+            chunk = slice(start, start + 3)
+            n = rtg[:, chunk].shape[1]
+
+            def pad(x: torch.Tensor, n: int = n) -> torch.Tensor:
+                return torch.cat([x, x.new_zeros(1, 3 - n, *x.shape[2:])], dim=1)
+
+            mask = torch.arange(3).unsqueeze(0) < n
+            out, state = model.forward_carried(
+                pad(rtg[:, chunk]),
+                pad(states[:, chunk]),
+                pad(actions[:, chunk]),
+                mask,
+                pad(timesteps[:, chunk]),
+                state,
+            )
+            pieces.append(out[:, :n])
+        torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=1e-9, atol=1e-9)
+        step_state = model.initial_state(1)
+        for t in range(T):
+            prev = actions[:, t - 1] if t else torch.zeros(1, A, dtype=torch.float64)
+            action, step_state = model.step(
+                step_state, rtg[:, t], states[:, t], prev, torch.tensor([t > 0]), timesteps[:, t]
+            )
+            torch.testing.assert_close(action, whole[:, t], rtol=1e-9, atol=1e-9)

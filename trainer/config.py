@@ -30,6 +30,14 @@ class TrainConfig(BaseModel):
     model: DMMSettings = Field(
         default_factory=DMMSettings, description="the architecture; a dataset fills in the dimensions"
     )
+    stream_fraction: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="share of each batch's rows that walk whole trajectories, K steps per update, "
+        "carrying the recurrent state from update to update (what recurrent inference sees); "
+        "the others are the paper's random windows",
+    )
     updates: int = Field(100_000, gt=0)
     batch_size: int = Field(64, gt=0)
     learning_rate: float = Field(1e-4, gt=0)

@@ -1,7 +1,8 @@
 """A resumable training run: its folder holds what was asked (``run.json``) and where it is (``state.pt``).
 
 ``state.pt`` has everything an update depends on: the update count, model, optimizer and LR-schedule
-states, the weight average (if any), the torch and sampler RNG states, the losses of the unfinished
+states, the weight average (if any), the torch RNG, where the sampler is (its RNG; with stream
+rows, each row's place and carried recurrent state), the losses of the unfinished
 logging chunk and the metrics so far. It is written to a temporary file, flushed to disk and renamed
 over the previous one, so a crash while saving leaves the last good state. Resuming restores all of
 it, which makes an interrupted eager CPU run end with the same weights, bit for bit, as an uninterrupted one.
@@ -22,6 +23,7 @@ import torch
 from dmm.data import WindowSampler
 from dmm.errors import ConfigError, DMMError
 from dmm.model import DMMPolicy
+from dmm.model.block import BlockState
 
 RUN_FILE = "run.json"
 STATE_FILE = "state.pt"
@@ -74,6 +76,7 @@ class RunDir:
         metrics: dict[str, Any],
         published_version: int | None = None,
         average: torch.nn.Module | None = None,
+        carry: list[BlockState] | None = None,
     ) -> None:
         """Write the state after ``update`` updates (with ``published_version``: the run is finished)."""
         state = {
@@ -82,11 +85,12 @@ class RunDir:
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
-            "sampler_rng": sampler.rng_state(),
+            "sampler": sampler.state(),
             "pending_losses": list(pending_losses),
             "metrics": {key: metrics[key] for key in ("loss_curve", "evals")},
             "published_version": published_version,
             "average": None if average is None else average.state_dict(),
+            "carry": None if carry is None else [(s.local, s.ssm) for s in carry],
         }
         self.path.mkdir(parents=True, exist_ok=True)
         _write_atomically(self.state_file, lambda f: torch.save(state, f))
@@ -99,10 +103,11 @@ class RunDir:
         sampler: WindowSampler,
         metrics: dict[str, Any],
         average: torch.nn.Module | None = None,
-    ) -> tuple[int, list[float]]:
-        """Load the saved state into the given objects; returns (update, pending losses), (0, []) if none."""
+    ) -> tuple[int, list[float], list[BlockState] | None]:
+        """Load the saved state into the given objects; returns the update, the pending losses and the
+        stream rows' carried state: (0, [], None) if there is none."""
         if not self.state_file.exists():
-            return 0, []
+            return 0, [], None
         try:
             state = torch.load(self.state_file, map_location="cpu", weights_only=False)
         except Exception as err:  # a truncated or foreign file
@@ -118,9 +123,11 @@ class RunDir:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             torch.set_rng_state(state["torch_rng"])
-            sampler.set_rng_state(state["sampler_rng"])
+            sampler.set_state(state["sampler"] if "sampler" in state else {"rng": state["sampler_rng"]})
             metrics.update(state["metrics"])
-            return int(state["update"]), list(state["pending_losses"])
+            carry = state.get("carry")
+            carried = None if carry is None else [BlockState(local, ssm) for local, ssm in carry]
+            return int(state["update"]), list(state["pending_losses"]), carried
         except Exception as err:  # a state that does not fit this run
             raise ConfigError(f"{self.state_file} is damaged ({type(err).__name__}: {err})") from None
 

@@ -14,10 +14,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dmm.data import Dataset, WindowBatch, WindowSampler
+from dmm.data import Dataset, StreamSampler, WindowBatch, WindowSampler
 from dmm.envs import EnvSpec
 from dmm.errors import ConfigError
 from dmm.model import DMMPolicy, Policy, PolicyMeta, publish_policy
+from dmm.model.block import BlockState
 from dmm.model.scan import resolve_backend
 from dmm.store import Store
 from dmm.trainer.config import TrainConfig
@@ -106,20 +107,32 @@ def cxx_compiler() -> str | None:
 
 
 def compiled_forward(
-    model: DMMPolicy, wanted: bool, device: torch.device, log: Callable[[str], None]
-) -> Callable[..., torch.Tensor]:
-    """``torch.compile(model)`` where it can work, else the model itself.
+    forward: Callable[..., Any], wanted: bool, device: torch.device, log: Callable[[str], None]
+) -> Callable[..., Any]:
+    """``torch.compile(forward)`` (a model or its method) where it can work, else ``forward`` itself.
 
     Inductor builds its kernels with a C++ compiler on the CPU and Triton's launcher with a C compiler
     on a GPU; a slim image has neither, so instead of an attempt that fails with a traceback, training
     runs eagerly and says so once.
     """
     if not wanted:
-        return model
+        return forward
     if cxx_compiler() is None:
         log("no C++ compiler found (set CXX or install g++): training runs eagerly, without torch.compile")
-        return model
-    return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None)
+        return forward
+    return torch.compile(forward, mode="reduce-overhead" if device.type == "cuda" else None)
+
+
+def make_sampler(cfg: TrainConfig, dataset: Dataset, model: DMMPolicy, rtg_scale: float) -> WindowSampler:
+    """Random windows, with ``cfg.stream_fraction`` of each batch's rows walking whole trajectories."""
+    context, rows = cfg.model.context, round(cfg.stream_fraction * cfg.batch_size)
+    if not rows:
+        return WindowSampler(dataset, context, cfg.batch_size, rtg_scale, seed=cfg.seed)
+    if not model.config.supports_recurrent:
+        raise ConfigError(
+            f"stream_fraction carries a recurrent state; the {model.config.describe_architecture()} has none"
+        )
+    return StreamSampler(dataset, context, cfg.batch_size, rtg_scale, rows, seed=cfg.seed)
 
 
 class TrainStep:
@@ -146,17 +159,27 @@ class TrainStep:
         self.average = weight_average(model, cfg.ema_decay)
         if self.average is not None:
             self.average.eval()  # only ever evaluated and published
-        self.forward = compiled_forward(model, cfg.compile, device, log)
+        self.eager = model.forward_carried
+        self.forward = compiled_forward(self.eager, cfg.compile, device, log)
+        self.carry: list[BlockState] | None = None  # the stream rows' state after the last update
 
-    def _predict(self, *inputs: torch.Tensor | None) -> torch.Tensor:
+    def _predict(self, *inputs: Any) -> tuple[torch.Tensor, list[BlockState]]:
         try:
             return self.forward(*inputs)
         except Exception as err:  # a compiler failure on this platform: train eagerly instead
-            if self.forward is self.model:
+            if self.forward is self.eager:
                 raise
             self.log(f"torch.compile failed ({type(err).__name__}: {err}); training without compiling")
-            self.forward = self.model
+            self.forward = self.eager
             return self.forward(*inputs)
+
+    def _carried(self, fresh: np.ndarray | None) -> list[BlockState] | None:
+        """The state each row continues from: the last update's for stream rows that go on (detached:
+        backpropagation stops at the update's chunk), zero for rows that start afresh."""
+        if fresh is None or self.carry is None or fresh.all():
+            return None
+        keep = torch.from_numpy(~fresh).to(self.device)[:, None, None]
+        return [BlockState(s.local.detach() * keep, s.ssm.detach() * keep) for s in self.carry]
 
     def __call__(self, batch: WindowBatch) -> float:
         """Update on ``batch``; returns the loss (reading it also synchronizes a GPU)."""
@@ -164,9 +187,10 @@ class TrainStep:
             torch.from_numpy(x).to(self.device)
             for x in (batch.rtg, batch.states, batch.actions, batch.mask, batch.timesteps)
         )
-        pred = self._predict(
-            rtg, states, actions, mask, timesteps if self.model.config.timestep_embedding else None
-        )
+        timesteps = timesteps if self.model.config.timestep_embedding else None
+        pred, carry = self._predict(rtg, states, actions, mask, timesteps, self._carried(batch.fresh))
+        if batch.fresh is not None:
+            self.carry = carry
         loss = masked_action_mse(pred, actions, mask)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -224,9 +248,7 @@ class _Training:
         self.model, self.meta = build_policy(cfg, dataset)
         self.model.to(device).train()
         self.targets = eval_targets(cfg, dataset.spec)
-        self.sampler = WindowSampler(
-            dataset, cfg.model.context, cfg.batch_size, self.meta.rtg_scale, seed=cfg.seed
-        )
+        self.sampler = make_sampler(cfg, dataset, self.model, self.meta.rtg_scale)
         self.step = TrainStep(self.model, cfg, device, log)
         mamba = self.model.config.global_mixer == "mamba"
         self.metrics: dict[str, Any] = {
@@ -247,7 +269,7 @@ class _Training:
         if self.run is None:
             return 0
         step = self.step
-        done, self.losses = self.run.restore(
+        done, self.losses, step.carry = self.run.restore(
             self.model, step.optimizer, step.scheduler, self.sampler, self.metrics, step.average
         )
         if done:
@@ -334,6 +356,7 @@ class _Training:
                 self.metrics,
                 version,
                 step.average,
+                step.carry,
             )
 
     def finish(self, train_seconds: float) -> TrainResult:

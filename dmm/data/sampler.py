@@ -1,6 +1,6 @@
 """Random context windows for training, built with one vectorized gather per batch.
 
-The padding rule, shared with inference: a window ends at a timestep chosen uniformly over all
+The padding rule, shared with window inference: a window ends at a timestep chosen uniformly over all
 timesteps of the dataset and covers ``[max(trajectory start, end - K + 1), end]``. A window that
 would reach before its trajectory's start is shorter; it is left-padded with zeros, and
 ``mask`` is False at the pads. Windows never cross a trajectory boundary.
@@ -20,13 +20,15 @@ from dmm.errors import ConfigError
 @dataclass(frozen=True, eq=False)
 class WindowBatch:
     """``states [B, K, S]`` normalized, ``actions [B, K, A]``, ``rtg [B, K, 1]`` scaled, ``mask [B, K]``,
-    ``timesteps [B, K]`` (step within the trajectory; 0 at padding)."""
+    ``timesteps [B, K]`` (step within the trajectory; 0 at padding); ``fresh [B]`` (with a
+    :class:`StreamSampler`) is False for rows that continue the previous batch's row."""
 
     states: np.ndarray
     actions: np.ndarray
     rtg: np.ndarray
     mask: np.ndarray
     timesteps: np.ndarray
+    fresh: np.ndarray | None = None
 
 
 class WindowSampler:
@@ -72,12 +74,12 @@ class WindowSampler:
         """``(state_mean, state_std)`` used to normalize states (float32, shape ``[S]``)."""
         return self.state_mean.copy(), self.state_std.copy()
 
-    def rng_state(self) -> dict:
-        """The position of the sampling RNG (what a resumed run restores)."""
-        return self._rng.bit_generator.state
+    def state(self) -> dict:
+        """Where the sampler is: its RNG (what a resumed run restores)."""
+        return {"rng": self._rng.bit_generator.state}
 
-    def set_rng_state(self, state: dict) -> None:
-        self._rng.bit_generator.state = state
+    def set_state(self, state: dict) -> None:
+        self._rng.bit_generator.state = state["rng"]
 
     def sample(self) -> WindowBatch:
         """``batch_size`` windows with ends drawn uniformly over all timesteps."""
@@ -100,3 +102,62 @@ class WindowSampler:
         rtg[pad] = 0.0
         timesteps = np.where(mask, index - self._trajectory_start[ends][:, None], 0)
         return WindowBatch(states=states, actions=actions, rtg=rtg[..., None], mask=mask, timesteps=timesteps)
+
+
+class StreamSampler(WindowSampler):
+    """Batches whose first ``stream_rows`` rows each walk through a whole trajectory, ``context`` steps
+    per batch, from its first step to its last; the other rows are random windows as above.
+
+    Recurrent inference feeds a policy the whole episode so far through its state, while random
+    windows only ever show it ``context`` steps from a zero state. A stream row continues in the
+    next batch where it stopped (``fresh`` False), so a trainer that carries the row's recurrent state
+    from batch to batch (truncated backpropagation through time) trains on the states that inference
+    builds over whole episodes. A stream row's last chunk of a trajectory is right-padded (``mask``
+    False); the row then starts a trajectory drawn uniformly, so every step is seen equally often.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        context: int,
+        batch_size: int,
+        rtg_scale: float,
+        stream_rows: int,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(dataset, context, batch_size, rtg_scale, seed)
+        if not 0 <= stream_rows <= batch_size:
+            raise ConfigError(f"stream rows must be in [0, batch size {batch_size}], got {stream_rows}")
+        lengths = np.array([len(t) for t in dataset.trajectories], dtype=np.int64)
+        self._starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+        self._ends = self._starts + lengths
+        self._cursor = np.zeros(stream_rows, dtype=np.int64)  # next step of each stream row
+        self._row_end = np.zeros(stream_rows, dtype=np.int64)  # its trajectory's end: a new one is due
+
+    def state(self) -> dict:
+        return {**super().state(), "cursor": self._cursor.copy(), "row_end": self._row_end.copy()}
+
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        self._cursor, self._row_end = np.array(state["cursor"]), np.array(state["row_end"])
+
+    def sample(self) -> WindowBatch:
+        fresh = self._cursor >= self._row_end
+        picks = self._rng.integers(0, len(self._starts), size=int(fresh.sum()))
+        self._cursor[fresh], self._row_end[fresh] = self._starts[picks], self._ends[picks]
+        index = self._cursor[:, None] + np.arange(self.context)[None, :]
+        mask = index < self._row_end[:, None]
+        index = np.where(mask, index, self._cursor[:, None])
+        timesteps = np.where(mask, index - self._trajectory_start[index], 0)
+        self._cursor += self.context
+        pad = ~mask
+        states, actions, rtg = self._states[index], self._actions[index], self._rtg[index]
+        states[pad], actions[pad], rtg[pad] = 0.0, 0.0, 0.0
+        parts = [(states, actions, rtg[..., None], mask, timesteps)]
+        if len(fresh) < self.batch_size:
+            w = self.windows(self._rng.integers(0, self.num_timesteps, size=self.batch_size - len(fresh)))
+            parts.append((w.states, w.actions, w.rtg, w.mask, w.timesteps))
+        joined = [np.concatenate(column) for column in zip(*parts, strict=True)]
+        rows = np.ones(self.batch_size, dtype=bool)
+        rows[: len(fresh)] = fresh
+        return WindowBatch(*joined, fresh=rows)

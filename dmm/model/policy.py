@@ -95,9 +95,26 @@ class DMMPolicy(nn.Module):
         False at padding; timesteps [b, T] (episode step of each position) only for DT. Returns
         actions [b, T, A]; rows at padding are meaningless.
         """
+        return self.forward_carried(rtg, states, actions, mask, timesteps, None)[0]
+
+    def forward_carried(
+        self,
+        rtg: torch.Tensor,
+        states: torch.Tensor,
+        actions: torch.Tensor,
+        mask: torch.Tensor | None,
+        timesteps: torch.Tensor | None,
+        state: list[BlockState] | None,
+    ) -> tuple[torch.Tensor, list[BlockState | None]]:
+        """:meth:`forward` over a chunk that continues a sequence: ``state`` is the recurrent state
+        after the steps before it (None: the chunk starts the sequence) and the state after the chunk
+        is returned with the actions, so a long sequence runs chunk by chunk with the same result as in
+        one piece, and as recurrent inference step by step. Training carries it from update to update
+        (``TrainConfig.stream_fraction``). Padding in a continued chunk goes at its end (right).
+        """
         token_mask = None if mask is None else mask.repeat_interleave(TOKENS_PER_STEP, dim=1)
-        h, _ = self._blocks(self._tokens(rtg, states, actions, timesteps), token_mask, None)
-        return self._action(h[:, 1::TOKENS_PER_STEP])
+        h, new_state = self._blocks(self._tokens(rtg, states, actions, timesteps), token_mask, state)
+        return self._action(h[:, 1::TOKENS_PER_STEP]), new_state
 
     def initial_state(self, batch: int, device: torch.device | str | None = None) -> list[BlockState]:
         """The recurrent state of ``batch`` sequences that have not started."""
