@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
+
+from dmm.cli_common import add_name_option, add_target_return_option, add_version_option, positive_int
 
 TOKEN_ENV = "DMM_TOKEN"  # the bearer token when --token-file is not given
 
@@ -19,12 +22,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--target", default="localhost:50051", help="server address (default: localhost:50051)")
     p.add_argument("--env", default="hopper-medium-v2", help="dataset / env name (default: hopper-medium-v2)")
-    p.add_argument("--episodes", type=int, default=10, help="episodes to run (default: 10)")
-    p.add_argument("--num-envs", type=int, default=4, help="episodes run at once (default: 4)")
+    p.add_argument(
+        "--episodes", type=positive_int, default=10, help="episodes per target return (default: 10)"
+    )
+    p.add_argument("--num-envs", type=positive_int, default=4, help="episodes run at once (default: 4)")
     p.add_argument("--seed", type=int, default=0, help="episode i resets with seed+i (default: 0)")
-    p.add_argument("--model", default=None, help="model name (default: the env name)")
-    p.add_argument("--version", type=int, default=None, help="model version (default: latest)")
-    p.add_argument("--target-return", type=float, default=None, help="default: the model's own")
+    add_name_option(p, default="the env name")
+    # The name's older spelling here (it never meant anything else in this command): scripts keep working.
+    p.add_argument("--model", dest="name", help=argparse.SUPPRESS)
+    add_version_option(p)
+    add_target_return_option(p, default="the model's own")
     p.add_argument("--mode", choices=("window", "recurrent"), default=None, help="default: the server's")
     p.add_argument("--max-episode-steps", type=int, default=None, help="default: the env's limit")
     p.add_argument(
@@ -35,11 +42,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     security = p.add_argument_group("security")
-    security.add_argument("--tls-ca", help="PEM CA certificate of the server's certificate: connect with TLS")
-    security.add_argument("--tls-cert", help="PEM client certificate, for a server that wants mutual TLS")
-    security.add_argument("--tls-key", help="PEM private key of --tls-cert")
     security.add_argument(
-        "--token-file", help=f"file whose first line is the bearer token (default: ${TOKEN_ENV}, if set)"
+        "--tls-ca", type=Path, help="PEM CA certificate of the server's certificate: connect with TLS"
+    )
+    security.add_argument(
+        "--tls-cert", type=Path, help="PEM client certificate, for a server that wants mutual TLS"
+    )
+    security.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    security.add_argument(
+        "--token-file",
+        type=Path,
+        help=f"file whose first line is the bearer token (default: ${TOKEN_ENV}, if set)",
     )
     p.set_defaults(handler=_rollout)
 
@@ -51,18 +64,19 @@ def _rollout(args: argparse.Namespace) -> int:
     token = read_token(args.token_file) if args.token_file else os.environ.get(TOKEN_ENV) or None
     tls = {"tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key}
     with PolicyClient(args.target, token=token, **tls) as client:
-        result = client.rollout(
-            env=args.env,
-            episodes=args.episodes,
-            target_return=args.target_return,
-            num_envs=args.num_envs,
-            seed=args.seed,
-            model=args.model,
-            version=args.version,
-            mode=args.mode,
-            progress=not args.no_progress,
-            max_episode_steps=args.max_episode_steps,
-            vectorized=not args.per_episode_streams,
-        )
-    print(result)
+        for target_return in args.target_returns or [None]:
+            result = client.rollout(
+                env=args.env,
+                episodes=args.episodes,
+                target_return=target_return,
+                num_envs=args.num_envs,
+                seed=args.seed,
+                model=args.name,
+                version=args.version,
+                mode=args.mode,
+                progress=not args.no_progress,
+                max_episode_steps=args.max_episode_steps,
+                vectorized=not args.per_episode_streams,
+            )
+            print(f"{result}, target {result.target_return:g}", flush=True)
     return 0

@@ -2,21 +2,25 @@
 
 Each application module (``dmm.trainer.cli``, ``dmm.server.cli``, ``dmm.client.cli``) exposes
 ``register(subparsers)``, which adds its subcommands with ``set_defaults(handler=...)``. Those
-modules import only argparse at module level, so ``dmm rollout`` never pays for importing torch.
+modules import no torch at module level, so ``dmm rollout`` never pays for importing it. What they
+share (options, argparse types) lives in ``dmm.cli_common``: this module imports them, and they never
+import it back.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from dmm.client import cli as client_cli
 from dmm.errors import DMMError
+from dmm.server import cli as server_cli
+from dmm.trainer import cli as trainer_cli
 
 # Each application's CLI module and the install extra its commands need (None: the base install).
-APP_CLIS = {"dmm.trainer.cli": "train", "dmm.server.cli": "serve", "dmm.client.cli": None}
+APP_CLIS = ((trainer_cli, "train"), (server_cli, "serve"), (client_cli, None))
 # Top-level modules that only an extra installs: a command that misses one names the extra.
 EXTRA_MODULES = frozenset(
     [
@@ -41,16 +45,6 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def add_scan_backend_option(parser: argparse.ArgumentParser) -> None:
-    """``--scan-backend``, shared by the commands that run a model (checked by dmm.model.scan)."""
-    parser.add_argument(
-        "--scan-backend",
-        metavar="NAME",
-        help="selective-scan backend: auto, torch, numba or cuda "
-        "(default: $DMM_SCAN_BACKEND, else auto: cuda on a GPU with mamba_ssm, numba on the CPU)",
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
         prog="dmm", description="Decision MetaMamba: train, store and serve offline-RL policies."
@@ -58,9 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=OneLineErrorParser
     )
-    for module, extra in APP_CLIS.items():
+    for module, extra in APP_CLIS:
         known = set(subparsers.choices)
-        importlib.import_module(module).register(subparsers)
+        module.register(subparsers)
         for name in set(subparsers.choices) - known:
             subparsers.choices[name].set_defaults(extra=extra)
     return parser

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dmm.cli import add_scan_backend_option
+from dmm.cli_common import add_scan_backend_option
 from dmm.server.logs import FORMATS, LEVELS
 from dmm.server.options import CPU_MAX_BATCH, GPU_MAX_BATCH, ServeOptions, default
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import pytest
 from conftest import SHARED_HOPPER_POLICY, random_sac_policy
+
+from dmm.errors import ConfigError
 
 TINY_YAML = "model: {d_model: 16, n_layer: 2}\nwarmup_updates: 50\nlearning_rate: 1.0e-3\n"
 
@@ -120,6 +123,20 @@ def test_collect_train_eval_end_to_end(trained):
         assert summary["normalized_mean"] == pytest.approx(expected)
 
 
+def test_eval_plays_each_target_return_given(trained):
+    """``--target-return`` is repeatable in dmm eval as in dmm train: one JSON line per target."""
+    targets = ("1000", "3600")
+    result = dmm(
+        *("eval", "--store", trained, "--name", "hopper-tiny", "--episodes", "1", "--num-envs", "1"),
+        *(arg for target in targets for arg in ("--target-return", target)),
+        *("--version", "latest", "--json", "--no-progress"),
+    )
+    assert result.returncode == 0, result.stderr
+    summaries = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [s["target_return"] for s in summaries] == [1000.0, 3600.0]
+    assert {(s["version"], s["episodes"]) for s in summaries} == {(1, 1)}
+
+
 @pytest.mark.parametrize(
     ("args", "command", "pattern"),
     [
@@ -164,7 +181,7 @@ def test_collect_train_eval_end_to_end(trained):
                 "hopper-tiny.hdf5",
                 "--store",
                 "s",
-                "--model",
+                "--arch",
                 "dt",
                 "--local-mixer",
                 "conv",
@@ -172,12 +189,83 @@ def test_collect_train_eval_end_to_end(trained):
             "train",
             "ablations",
         ),
+        (
+            ["train", "--dataset", "hopper-tiny.hdf5", "--store", "s", "--model", "dt"],
+            "train",
+            r"--model is now --arch \(the architecture: dmm or dt\); the model's name in the store is --name",
+        ),
+        (["eval", "--store", "store", "--name", "hopper-tiny", "--version", "newest"], "eval", "or 'latest'"),
+        (["eval", "--store", "store", "--name", "hopper-tiny", "--target-return", "inf"], "eval", "finite"),
+        (["rollout", "--num-envs", "0"], "rollout", "--num-envs: must be a positive integer"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(workdir, trained, args, command, pattern):
     result = dmm(*args, cwd=workdir)
     assert_one_line_error(result, command, pattern)
     assert not (workdir / "s").exists()
+
+
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    from dmm.cli import build_parser
+
+    (commands,) = (a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(commands.choices)
+
+
+def test_a_flag_means_the_same_in_every_command():
+    """A flag that several commands take parses the same way into the same attribute in each of them
+    (whether it is required may differ: ``dmm train --resume`` needs no ``--store``).
+
+    The one exception is ``--model``: ``dmm train`` refuses it (it named the architecture, now
+    ``--arch``), ``dmm rollout`` keeps it as the older spelling of ``--name``. Both hide it from --help.
+    """
+    seen: dict[str, dict[str, tuple]] = {}
+    for command, parser in _subcommands().items():
+        for action in parser._actions:
+            choices = tuple(action.choices) if action.choices is not None else None
+            shape = (action.dest, action.type, type(action), action.nargs, choices)
+            for flag in action.option_strings:
+                seen.setdefault(flag, {})[command] = shape
+    assert {"--name", "--version", "--target-return", "--episodes", "--num-envs"} <= set(seen)
+    differing = {flag: by for flag, by in seen.items() if len(set(by.values())) > 1}
+    assert set(differing) == {"--model"}, differing
+    assert seen["--model"]["rollout"][0] == "name"
+    assert all(action.help == argparse.SUPPRESS for action in _model_flags())
+    assert seen["--target-return"]["eval"][0] == "target_returns"
+
+
+def _model_flags() -> list[argparse.Action]:
+    return [a for p in _subcommands().values() for a in p._actions if "--model" in a.option_strings]
+
+
+def test_the_architecture_is_arch_and_the_store_name_is_name_everywhere():
+    from dmm.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["train", "--dataset", "d", "--store", "s", "--arch", "dt", "--name", "n"])
+    assert (args.arch, args.name) == ("dt", "n")
+    args = parser.parse_args(["rollout", "--model", "old", "--version", "latest", "--target-return", "1"])
+    assert (args.name, args.version, args.target_returns) == ("old", None, [1.0])
+    args = parser.parse_args(["eval", "--store", "s", "--name", "n", "--version", "3"])
+    assert (args.version, args.target_returns) == (3, None)
+
+
+def test_a_run_started_before_arch_resumes_with_its_architecture():
+    """Runs saved by earlier versions keep the architecture under ``model`` in run.json's options."""
+    from dmm.cli import build_parser
+    from dmm.trainer.cli import RUN_OPTIONS, _resumed_options
+
+    saved = {key: None for key in RUN_OPTIONS if key != "arch"} | {
+        "model": "dt",
+        "dataset": "d",
+        "store": "s",
+    }
+    args = build_parser().parse_args(["train", "--resume", "run"])
+    _resumed_options(args, saved)
+    assert (args.arch, args.dataset, args.store) == ("dt", "d", "s")
+    args = build_parser().parse_args(["train", "--resume", "run", "--arch", "dmm"])
+    with pytest.raises(ConfigError, match="--arch dmm differs from the run's dt"):
+        _resumed_options(args, saved)
 
 
 def test_serve_flags_default_to_the_server_options_and_import_no_torch():

@@ -8,15 +8,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dmm.cli import add_scan_backend_option
+from dmm.cli_common import (
+    add_name_option,
+    add_renamed_option,
+    add_scan_backend_option,
+    add_target_return_option,
+    add_version_option,
+    positive_int,
+)
 from dmm.errors import ConfigError
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def _register_collect(subparsers: argparse._SubParsersAction) -> None:
@@ -52,7 +52,9 @@ def _register_collect(subparsers: argparse._SubParsersAction) -> None:
         help="hdf5 (default, D4RL layout) or minari",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of resets and action noise (default 0)")
-    parser.add_argument("--num-envs", type=int, default=1, help="environments stepped together (default 1)")
+    parser.add_argument(
+        "--num-envs", type=positive_int, default=1, help="environments stepped together (default 1)"
+    )
     parser.add_argument(
         "--deterministic", action="store_true", help="take the policy's mean action instead of sampling"
     )
@@ -100,12 +102,12 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
         help="D4RL name (hopper-medium-v2), a .hdf5/.pkl path or minari:<dataset id> (required)",
     )
     train.add_argument("--store", help="model store: a folder or s3://bucket/prefix (required)")
-    train.add_argument("--name", help="model name in the store (default: the dataset name)")
-    train.add_argument("--updates", type=_positive_int, help="gradient updates (paper: 100000)")
+    add_name_option(train, default="the dataset name")
+    train.add_argument("--updates", type=positive_int, help="gradient updates (paper: 100000)")
     train.add_argument("--seed", type=int)
     train.add_argument("--config", type=Path, help="YAML with TrainConfig fields, over the paper's defaults")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _add_model_options(train)
+    _add_architecture_options(train)
     _add_optimization_options(train)
     _add_evaluation_options(train)
     _add_hardware_options(train)
@@ -114,13 +116,16 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     train.set_defaults(handler=run_train)
 
 
-def _add_model_options(train: argparse.ArgumentParser) -> None:
-    """Which model, and the ablations of DMM."""
-    g = train.add_argument_group("model")
+def _add_architecture_options(train: argparse.ArgumentParser) -> None:
+    """Which architecture, and the ablations of DMM (``--model`` named the architecture before ``--arch``)."""
+    g = train.add_argument_group("architecture")
     g.add_argument(
-        "--model",
+        "--arch",
         choices=["dmm", "dt"],
         help="dmm (default) or the Decision Transformer baseline with its usual settings",
+    )
+    add_renamed_option(
+        g, "--model", "is now --arch (the architecture: dmm or dt); the model's name in the store is --name"
     )
     g.add_argument(
         "--local-mixer",
@@ -154,15 +159,9 @@ def _add_evaluation_options(train: argparse.ArgumentParser) -> None:
     g = train.add_argument_group("evaluation")
     g.add_argument("--eval-every", type=int, help="updates between evaluations (0: only at the end)")
     g.add_argument("--eval-episodes", type=int, help="episodes per target return at each evaluation")
-    g.add_argument("--eval-num-envs", type=_positive_int, help="vector envs evaluated in parallel")
+    g.add_argument("--eval-num-envs", type=positive_int, help="vector envs evaluated in parallel")
     g.add_argument("--eval-mode", choices=["window", "recurrent"])
-    g.add_argument(
-        "--target-return",
-        type=float,
-        action="append",
-        dest="target_returns",
-        help="evaluation target return (repeatable; default: the environment's)",
-    )
+    add_target_return_option(g, default="the environment's")
     g.add_argument(
         "--publish-every-eval",
         action="store_true",
@@ -194,7 +193,7 @@ def _add_run_dir_options(train: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--checkpoint-every",
-        type=_positive_int,
+        type=positive_int,
         default=5000,
         help="updates between saved states with --run-dir (default: 5000)",
     )
@@ -209,16 +208,16 @@ def _add_run_dir_options(train: argparse.ArgumentParser) -> None:
 def _register_eval(subparsers: argparse._SubParsersAction) -> None:
     ev = subparsers.add_parser("eval", help="evaluate a stored policy in its environment")
     ev.add_argument("--store", required=True, help="model store: a folder or s3://bucket/prefix")
-    ev.add_argument("--name", required=True)
-    ev.add_argument("--version", default=None, help="version number or 'latest' (default)")
-    ev.add_argument("--episodes", type=_positive_int, default=10)
-    ev.add_argument("--target-return", type=float, help="default: the one stored with the policy")
+    add_name_option(ev, default=None)
+    add_version_option(ev)
+    ev.add_argument("--episodes", type=positive_int, default=10, help="episodes per target return")
+    add_target_return_option(ev, default="the one stored with the policy")
     ev.add_argument("--mode", choices=["window", "recurrent"], default="window")
-    ev.add_argument("--num-envs", type=_positive_int, default=10)
+    ev.add_argument("--num-envs", type=positive_int, default=10, help="vector envs evaluated in parallel")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--env", help="environment / dataset name (default: the policy's)")
-    ev.add_argument("--device", default="cpu")
-    ev.add_argument("--json", action="store_true", help="print the result as JSON")
+    ev.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    ev.add_argument("--json", action="store_true", help="print each target's result as a line of JSON")
     add_scan_backend_option(ev)
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(handler=run_eval)
@@ -247,7 +246,7 @@ CONFIG_OPTIONS = (
     "compile",
 )
 # The options that define a training run (what --resume restores and refuses to change).
-RUN_OPTIONS = ("dataset", "store", "name", "config", "model", "local_mixer", "global_mixer", *CONFIG_OPTIONS)
+RUN_OPTIONS = ("dataset", "store", "name", "config", "arch", "local_mixer", "global_mixer", *CONFIG_OPTIONS)
 
 
 def _run_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -255,7 +254,12 @@ def _run_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _resumed_options(args: argparse.Namespace, saved: dict[str, Any]) -> None:
-    """Fill ``args`` from the run's saved options; an option given now must agree with them."""
+    """Fill ``args`` from the run's saved options; an option given now must agree with them.
+
+    Runs started before ``--arch`` saved the architecture as ``model``: they resume with it.
+    """
+    if "arch" not in saved:
+        saved = {**saved, "arch": saved.get("model")}
     for key, value in _run_options(args).items():
         if value is not None and value != saved.get(key):
             flag = "--" + key.replace("_", "-")
@@ -270,7 +274,7 @@ def _train_config(args: argparse.Namespace) -> Any:
 
     overrides = {key: getattr(args, key) for key in CONFIG_OPTIONS}
     overrides["model"] = {"local_mixer": args.local_mixer, "global_mixer": args.global_mixer}
-    return load_train_config(args.dataset, args.config, overrides, architecture=args.model or "dmm")
+    return load_train_config(args.dataset, args.config, overrides, architecture=args.arch or "dmm")
 
 
 def _run_dir(args: argparse.Namespace, cfg: Any) -> Any:
@@ -334,28 +338,28 @@ def run_eval(args: argparse.Namespace) -> int:
     store = open_store(args.store)  # before the scan backend's compilation: a bad store fails at once
     backend = use_scan_backend(args.scan_backend, args.device)
     policy = load_policy(store, args.name, args.version, device=args.device)
-    target = args.target_return if args.target_return is not None else policy.meta.target_return
-    result = evaluate(
-        policy,
-        args.episodes,
-        target,
-        env=args.env,
-        mode=args.mode,
-        num_envs=args.num_envs,
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
-    summary = {
-        "name": policy.name,
-        "version": policy.version,
-        "env": result.env,
-        "scan_backend": backend,
-        **result.summary(),
-    }
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        where = f"{policy.name} v{policy.version} on {result.env}, target {target:g}"
-        where += f", {args.mode}, {backend} scan"
-        print(f"{where}: {result.describe()}")
+    for target in args.target_returns or [policy.meta.target_return]:
+        result = evaluate(
+            policy,
+            args.episodes,
+            target,
+            env=args.env,
+            mode=args.mode,
+            num_envs=args.num_envs,
+            seed=args.seed,
+            progress=not args.no_progress,
+        )
+        summary = {
+            "name": policy.name,
+            "version": policy.version,
+            "env": result.env,
+            "scan_backend": backend,
+            **result.summary(),
+        }
+        if args.json:
+            print(json.dumps(summary), flush=True)
+        else:
+            where = f"{policy.name} v{policy.version} on {result.env}, target {target:g}"
+            where += f", {args.mode}, {backend} scan"
+            print(f"{where}: {result.describe()}", flush=True)
     return 0
