@@ -401,13 +401,13 @@ def test_a_d4rl_mirror_keeps_the_official_paths(monkeypatch):
     assert all(e["dataset_url"].startswith(download.OFFICIAL_BASE_URL) for e in reference_table().values())
 
 
-def test_stream_rows_walk_whole_trajectories_and_the_other_rows_are_windows(tiny_dataset):
-    """Each stream row shows a trajectory from its first step to its last, K steps per batch (its last
+def test_episode_rows_walk_whole_trajectories_and_the_other_rows_are_windows(tiny_dataset):
+    """Each episode row shows a trajectory from its first step to its last, K steps per batch (its last
     chunk right-padded), fresh only when it starts one; the remaining rows are random windows."""
-    from dmm.data import StreamSampler
+    from dmm.data import EpisodeSampler
 
     K, rows = 3, 2
-    sampler = StreamSampler(tiny_dataset, context=K, batch_size=5, rtg_scale=10.0, stream_rows=rows, seed=1)
+    sampler = EpisodeSampler(tiny_dataset, context=K, batch_size=5, rtg_scale=10.0, episode_rows=rows, seed=1)
     walked: list[list[np.ndarray]] = [[] for _ in range(rows)]
     done: list[list[np.ndarray]] = [[] for _ in range(rows)]
     for _ in range(40):
@@ -431,7 +431,7 @@ def test_stream_rows_walk_whole_trajectories_and_the_other_rows_are_windows(tiny
             len(states) == len(expected) and np.allclose(states, expected, rtol=1e-6)
             for expected in normalized
         )
-    again = StreamSampler(tiny_dataset, context=K, batch_size=5, rtg_scale=10.0, stream_rows=rows, seed=1)
+    again = EpisodeSampler(tiny_dataset, context=K, batch_size=5, rtg_scale=10.0, episode_rows=rows, seed=1)
     for _ in range(7):
         again.sample()
     saved = again.state()

@@ -394,7 +394,7 @@ def test_stepping_the_model_from_its_initial_state_equals_the_full_forward_on_ev
 
 
 def test_a_sequence_run_chunk_by_chunk_with_its_carried_state_equals_one_piece_and_the_steps():
-    """forward_carried continues a sequence exactly (training's stream rows, and rebuilding a session):
+    """forward_carried continues a sequence exactly (training's episode rows, and rebuilding a session):
     chunks of 3 steps, right-padded at the end, give the actions of the whole sequence at once and of
     the recurrent step."""
     model = _policy(seed=5)

@@ -70,8 +70,8 @@ def _stop_at(monkeypatch: pytest.MonkeyPatch, call: int) -> None:
 
 @pytest.mark.parametrize(
     "levers",
-    [{}, {"lr_schedule": "cosine", "ema_decay": 0.95}, {"stream_fraction": 0.5}],
-    ids=["paper", "cosine-ema", "stream"],
+    [{}, {"lr_schedule": "cosine", "ema_decay": 0.95}, {"episode_fraction": 0.5}],
+    ids=["paper", "cosine-ema", "episodes"],
 )
 def test_a_stopped_and_resumed_run_ends_bit_identical(hopper_random, tmp_path, monkeypatch, levers):
     dataset = load_dataset(hopper_random)

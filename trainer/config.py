@@ -30,7 +30,7 @@ class TrainConfig(BaseModel):
     model: DMMSettings = Field(
         default_factory=DMMSettings, description="the architecture; a dataset fills in the dimensions"
     )
-    stream_fraction: float = Field(
+    episode_fraction: float = Field(
         0.0,
         ge=0.0,
         le=1.0,

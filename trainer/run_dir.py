@@ -105,7 +105,7 @@ class RunDir:
         average: torch.nn.Module | None = None,
     ) -> tuple[int, list[float], list[BlockState] | None]:
         """Load the saved state into the given objects; returns the update, the pending losses and the
-        stream rows' carried state: (0, [], None) if there is none."""
+        episode rows' carried state: (0, [], None) if there is none."""
         if not self.state_file.exists():
             return 0, [], None
         try:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dmm.data import Dataset, StreamSampler, WindowBatch, WindowSampler
+from dmm.data import Dataset, EpisodeSampler, WindowBatch, WindowSampler
 from dmm.envs import EnvSpec
 from dmm.errors import ConfigError
 from dmm.model import DMMPolicy, Policy, PolicyMeta, publish_policy
@@ -124,15 +124,15 @@ def compiled_forward(
 
 
 def make_sampler(cfg: TrainConfig, dataset: Dataset, model: DMMPolicy, rtg_scale: float) -> WindowSampler:
-    """Random windows, with ``cfg.stream_fraction`` of each batch's rows walking whole trajectories."""
-    context, rows = cfg.model.context, round(cfg.stream_fraction * cfg.batch_size)
+    """Random windows, with ``cfg.episode_fraction`` of each batch's rows walking whole trajectories."""
+    context, rows = cfg.model.context, round(cfg.episode_fraction * cfg.batch_size)
     if not rows:
         return WindowSampler(dataset, context, cfg.batch_size, rtg_scale, seed=cfg.seed)
     if not model.config.supports_recurrent:
         raise ConfigError(
-            f"stream_fraction carries a recurrent state; the {model.config.describe_architecture()} has none"
+            f"episode_fraction carries a recurrent state; the {model.config.describe_architecture()} has none"
         )
-    return StreamSampler(dataset, context, cfg.batch_size, rtg_scale, rows, seed=cfg.seed)
+    return EpisodeSampler(dataset, context, cfg.batch_size, rtg_scale, rows, seed=cfg.seed)
 
 
 class TrainStep:
@@ -161,7 +161,7 @@ class TrainStep:
             self.average.eval()  # only ever evaluated and published
         self.eager = model.forward_carried
         self.forward = compiled_forward(self.eager, cfg.compile, device, log)
-        self.carry: list[BlockState] | None = None  # the stream rows' state after the last update
+        self.carry: list[BlockState] | None = None  # the episode rows' state after the last update
 
     def _predict(self, *inputs: Any) -> tuple[torch.Tensor, list[BlockState]]:
         try:
@@ -174,7 +174,7 @@ class TrainStep:
             return self.forward(*inputs)
 
     def _carried(self, fresh: np.ndarray | None) -> list[BlockState] | None:
-        """The state each row continues from: the last update's for stream rows that go on (detached:
+        """The state each row continues from: the last update's for episode rows that go on (detached:
         backpropagation stops at the update's chunk), zero for rows that start afresh."""
         if fresh is None or self.carry is None or fresh.all():
             return None

@@ -5,7 +5,7 @@ from dmm.data.dataset import Dataset, load_dataset
 from dmm.data.download import cache_path, dataset_url, default_cache_dir, fetch_dataset
 from dmm.data.formats import load_hdf5, load_pickle, read_hdf5_attrs
 from dmm.data.minari_datasets import MINARI_PREFIX, load_minari, minari_root
-from dmm.data.sampler import StreamSampler, WindowBatch, WindowSampler
+from dmm.data.sampler import EpisodeSampler, WindowBatch, WindowSampler
 from dmm.data.trajectory import (
     Trajectory,
     returns_to_go,
@@ -17,7 +17,7 @@ from dmm.data.trajectory import (
 __all__ = [
     "MINARI_PREFIX",
     "Dataset",
-    "StreamSampler",
+    "EpisodeSampler",
     "Trajectory",
     "WindowBatch",
     "WindowSampler",

@@ -21,7 +21,7 @@ from dmm.errors import ConfigError
 class WindowBatch:
     """``states [B, K, S]`` normalized, ``actions [B, K, A]``, ``rtg [B, K, 1]`` scaled, ``mask [B, K]``,
     ``timesteps [B, K]`` (step within the trajectory; 0 at padding); ``fresh [B]`` (with a
-    :class:`StreamSampler`) is False for rows that continue the previous batch's row."""
+    :class:`EpisodeSampler`) is False for rows that continue the previous batch's row."""
 
     states: np.ndarray
     actions: np.ndarray
@@ -104,15 +104,15 @@ class WindowSampler:
         return WindowBatch(states=states, actions=actions, rtg=rtg[..., None], mask=mask, timesteps=timesteps)
 
 
-class StreamSampler(WindowSampler):
-    """Batches whose first ``stream_rows`` rows each walk through a whole trajectory, ``context`` steps
+class EpisodeSampler(WindowSampler):
+    """Batches whose first ``episode_rows`` rows each walk through a whole trajectory, ``context`` steps
     per batch, from its first step to its last; the other rows are random windows as above.
 
     Recurrent inference feeds a policy the whole episode so far through its state, while random
-    windows only ever show it ``context`` steps from a zero state. A stream row continues in the
+    windows only ever show it ``context`` steps from a zero state. An episode row continues in the
     next batch where it stopped (``fresh`` False), so a trainer that carries the row's recurrent state
     from batch to batch (truncated backpropagation through time) trains on the states that inference
-    builds over whole episodes. A stream row's last chunk of a trajectory is right-padded (``mask``
+    builds over whole episodes. An episode row's last chunk of a trajectory is right-padded (``mask``
     False); the row then starts a trajectory drawn uniformly, so every step is seen equally often.
     """
 
@@ -122,17 +122,17 @@ class StreamSampler(WindowSampler):
         context: int,
         batch_size: int,
         rtg_scale: float,
-        stream_rows: int,
+        episode_rows: int,
         seed: int | None = None,
     ) -> None:
         super().__init__(dataset, context, batch_size, rtg_scale, seed)
-        if not 0 <= stream_rows <= batch_size:
-            raise ConfigError(f"stream rows must be in [0, batch size {batch_size}], got {stream_rows}")
+        if not 0 <= episode_rows <= batch_size:
+            raise ConfigError(f"episode rows must be in [0, batch size {batch_size}], got {episode_rows}")
         lengths = np.array([len(t) for t in dataset.trajectories], dtype=np.int64)
         self._starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
         self._ends = self._starts + lengths
-        self._cursor = np.zeros(stream_rows, dtype=np.int64)  # next step of each stream row
-        self._row_end = np.zeros(stream_rows, dtype=np.int64)  # its trajectory's end: a new one is due
+        self._cursor = np.zeros(episode_rows, dtype=np.int64)  # next step of each episode row
+        self._row_end = np.zeros(episode_rows, dtype=np.int64)  # its trajectory's end: a new one is due
 
     def state(self) -> dict:
         return {**super().state(), "cursor": self._cursor.copy(), "row_end": self._row_end.copy()}

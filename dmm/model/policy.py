@@ -110,7 +110,7 @@ class DMMPolicy(nn.Module):
         after the steps before it (None: the chunk starts the sequence) and the state after the chunk
         is returned with the actions, so a long sequence runs chunk by chunk with the same result as in
         one piece, and as recurrent inference step by step. Training carries it from update to update
-        (``TrainConfig.stream_fraction``). Padding in a continued chunk goes at its end (right).
+        (``TrainConfig.episode_fraction``). Padding in a continued chunk goes at its end (right).
         """
         token_mask = None if mask is None else mask.repeat_interleave(TOKENS_PER_STEP, dim=1)
         h, new_state = self._blocks(self._tokens(rtg, states, actions, timesteps), token_mask, state)
