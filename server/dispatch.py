@@ -21,6 +21,7 @@ from dmm.server import logs
 from dmm.server.checks import Abort, check_float32, invalid
 from dmm.server.metrics import ServerMetrics
 from dmm.server.pool import Lease, ModelPool
+from dmm.server.resume import read_history
 from dmm.server.sessions import Session, SessionTable
 from dmm.server.status import Unreadable, refuse, store_status
 from dmm.server.streams import StepInput, StreamFormat
@@ -107,8 +108,8 @@ class Dispatcher:
         """One message of a stream: the session and the reply (None after the client's end)."""
         kind = request.WhichOneof("kind")
         if kind == "start":
-            start, episodes = stream.read_start(request.start, session)
-            session = await self._open(start, episodes)
+            start, episodes, resume = stream.read_start(request.start, session)
+            session = await self._open(start, episodes, resume)
             return session, stream.started(session)
         if kind not in ("step", "end"):
             raise invalid(f"empty {type(request).__name__}: set start or step")
@@ -166,8 +167,11 @@ class Dispatcher:
                 continue
             self.metrics.episode_normalized_score.labels(*labels).observe(score)
 
-    async def _open(self, start: policy_pb2.Start, episodes: int | None) -> Session:
-        """A new session of ``episodes`` rows (None: an Act stream's one), counted against the limit."""
+    async def _open(
+        self, start: policy_pb2.Start, episodes: int | None, resume: list[policy_pb2.EpisodeSoFar]
+    ) -> Session:
+        """A new session of ``episodes`` rows (None: an Act stream's one), counted against the limit,
+        its rows resumed from ``resume`` (one per row) if given."""
         if self.shutting_down:
             raise Abort(grpc.StatusCode.UNAVAILABLE, "server shutting down; no new sessions")
         if not start.model:
@@ -190,8 +194,19 @@ class Dispatcher:
             self.sessions.unreserve(slots)
             raise
         target = start.target_return if start.HasField("target_return") else lease.policy.meta.target_return
-        session = Session.open(lease, target, asyncio.current_task())
+        try:
+            histories = [
+                read_history(so_far, lease.policy, target, None if episodes is None else row)
+                for row, so_far in enumerate(resume)
+            ]
+        except Abort:
+            self.pool.release(lease)
+            self.sessions.unreserve(slots)
+            raise
+        session = Session.open(lease, target, asyncio.current_task(), histories, start.resumable)
         self.sessions.add(session)
+        if histories:
+            self.metrics.episodes_resumed.labels(session.model).inc(len(histories))
         logs.event(
             logging.INFO,
             "session started",
@@ -200,6 +215,7 @@ class Dispatcher:
             mode=lease.mode,
             target_return=target,
             **({"episodes": episodes} if episodes else {}),
+            **({"resumed_steps": session.steps} if histories else {}),
             sessions=len(self.sessions),
         )
         self.metrics.sessions_started.labels(session.model).inc(slots)

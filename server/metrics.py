@@ -83,6 +83,12 @@ class ServerMetrics:
         self.sessions_ended = Counter(
             "dmm_sessions_ended", "Act sessions ended, by reason.", ("model", "reason"), registry=r
         )
+        self.episodes_resumed = Counter(
+            "dmm_episodes_resumed",
+            "Episodes resumed from the episode so far (a session started on another server).",
+            ("model",),
+            registry=r,
+        )
         self.errors = Counter("dmm_errors", "Requests answered with an error status.", ("code",), registry=r)
         self.loop_lag = Histogram(
             "dmm_event_loop_lag_seconds",

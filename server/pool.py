@@ -44,11 +44,6 @@ class Lease:
     actions: Counter  # dmm_actions_total of (model, mode)
     released: bool = False
 
-    @property
-    def slot(self) -> int:
-        """The slot of a single-episode session."""
-        return self.slots[0]
-
 
 class ModelPool:
     def __init__(

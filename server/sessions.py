@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dmm.server.pool import Lease
+from dmm.server.resume import History
 from dmm.server.rtg import ReturnsToGo
 
 
@@ -23,17 +24,38 @@ class Session:
     task: asyncio.Task | None
     # The step index of each row in its current episode (the number of actions it has taken).
     row_steps: np.ndarray
-    steps: int = 0  # the actions of all rows
+    steps: int = 0  # the actions of all rows (a resumed session counts those of its histories)
     episodes_recorded: int = 0
     started_at: float = field(default_factory=time.monotonic)
     # Why the session ended when another party (shutdown) ended it; None while it runs.
     end_reason: str | None = field(default=None)
 
+    # The client can resume its episodes elsewhere: a drain ends the session at once (Start.resumable).
+    resumable: bool = False
+
     @classmethod
-    def open(cls, lease: Lease, target: float, task: asyncio.Task | None) -> Session:
-        """A session of one row per slot of ``lease``, every row at ``target``."""
+    def open(
+        cls,
+        lease: Lease,
+        target: float,
+        task: asyncio.Task | None,
+        histories: list[History] | None = None,
+        resumable: bool = False,
+    ) -> Session:
+        """A session of one row per slot of ``lease``, every row at ``target`` and step 0, or, resumed,
+        each row where its history left it (one history per row)."""
         rows = len(lease.slots)
-        return cls(lease, ReturnsToGo(target, rows), task, np.zeros(rows, dtype=np.int64))
+        session = cls(
+            lease, ReturnsToGo(target, rows), task, np.zeros(rows, dtype=np.int64), resumable=resumable
+        )
+        if histories:
+            lease.batcher.resume(lease.slots, histories)
+            for row, history in enumerate(histories):
+                session.rtg.values[row] = history.rtgs[-1]
+                session.rtg.returns[row] = history.episode_return
+                session.row_steps[row] = history.steps
+            session.steps = int(session.row_steps.sum())
+        return session
 
     @property
     def model(self) -> str:

@@ -43,8 +43,11 @@ class StreamFormat(ABC):
     rpc: str  # the RPC's name, for error messages
 
     @abstractmethod
-    def read_start(self, start: Any, session: Session | None) -> tuple[policy_pb2.Start, int | None]:
-        """The start's Start and its number of episodes (None: one, as an Act stream has)."""
+    def read_start(
+        self, start: Any, session: Session | None
+    ) -> tuple[policy_pb2.Start, int | None, list[policy_pb2.EpisodeSoFar]]:
+        """The start's Start, its number of episodes (None: one, as an Act stream has) and the episodes
+        so far it resumes (none, or one per row)."""
 
     @abstractmethod
     def read_step(self, session: Session, step: Any) -> StepInput:
@@ -102,14 +105,16 @@ class ActFormat(StreamFormat):
     _ROW = np.zeros(1, dtype=np.int64)
     _NO_RESTART = np.zeros(1, dtype=bool)
 
-    def read_start(self, start: policy_pb2.Start, session: Session | None) -> tuple[policy_pb2.Start, None]:
+    def read_start(
+        self, start: policy_pb2.Start, session: Session | None
+    ) -> tuple[policy_pb2.Start, None, list[policy_pb2.EpisodeSoFar]]:
         if session is not None:
             raise Abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"second start in one stream (session on {session.model} version "
                 f"{session.version} already running): one stream is one episode",
             )
-        return start, None
+        return start, None, [start.resume] if start.HasField("resume") else []
 
     def read_step(self, session: Session, step: policy_pb2.Step) -> StepInput:
         n, expected = session.steps, session.lease.policy.config.state_dim
@@ -178,12 +183,19 @@ class VectorFormat(StreamFormat):
 
     def read_start(
         self, start: policy_pb2.VectorStart, session: Session | None
-    ) -> tuple[policy_pb2.Start, int]:
+    ) -> tuple[policy_pb2.Start, int, list[policy_pb2.EpisodeSoFar]]:
         if session is not None:
             raise Abort(grpc.StatusCode.FAILED_PRECONDITION, "second start in one ActVector stream")
         if start.episodes < 1:
             raise invalid("start.episodes must be at least 1")
-        return start.start, start.episodes
+        if start.start.HasField("resume"):
+            raise invalid("start.start.resume is for Act streams: a VectorStart resumes its rows in resume")
+        if start.resume and len(start.resume) != start.episodes:
+            raise invalid(
+                f"resume has {len(start.resume)} episodes for a stream of {start.episodes}: "
+                "one per row, or none"
+            )
+        return start.start, start.episodes, list(start.resume)
 
     def read_step(self, session: Session, step: policy_pb2.VectorStep) -> StepInput:
         first = session.steps == 0

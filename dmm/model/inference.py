@@ -9,7 +9,8 @@ Two modes:
   while t < K and sees the whole episode after that.
 
 A slot is a row in preallocated device buffers; callers own slot numbering (e.g. a server's session
-table) and call :meth:`PolicyRunner.reset` when an episode starts in a slot.
+table) and call :meth:`PolicyRunner.reset` when an episode starts in a slot, or
+:meth:`PolicyRunner.resume` to continue an episode other slots (or another process) played so far.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 from dmm.model.block import BlockState
 from dmm.model.config import InferenceMode
+from dmm.model.policy import TOKENS_PER_STEP
 
 if TYPE_CHECKING:
     from dmm.model.checkpoint import Policy
@@ -86,6 +88,82 @@ class PolicyRunner:
 
     def steps_taken(self, slot: int) -> int:
         return int(self._steps[slot])
+
+    @torch.inference_mode()
+    def resume(
+        self,
+        slots: Sequence[int],
+        states: Sequence[np.ndarray],
+        actions: Sequence[np.ndarray],
+        rtgs: Sequence[np.ndarray],
+    ) -> None:
+        """Put into each of ``slots`` the context of an episode that has taken t >= 1 steps elsewhere:
+        its raw states [t, state_dim], the actions it got [t, act_dim] and the raw returns-to-go it was
+        conditioned on [t]. The next :meth:`step` of the slot then answers step t exactly as an
+        uninterrupted slot would: window mode copies the last K steps (the same values the slot would
+        hold); recurrent mode rebuilds the scan and local-mixer state with one forward over the history.
+        """
+        slots = list(slots)
+        if not slots:
+            return
+        self.reset(slots)
+        lengths = [len(a) for a in actions]
+        for slot, s, a, r, t in zip(slots, states, actions, rtgs, lengths, strict=True):
+            if t < 1 or np.shape(s) != (t, self.state_dim) or np.shape(a) != (t, self.act_dim) or len(r) != t:
+                raise ValueError(
+                    f"slot {slot}: a history needs t >= 1 steps of states [t, {self.state_dim}], "
+                    f"actions [t, {self.act_dim}] and rtgs [t]; got {np.shape(s)}, {np.shape(a)}, {len(r)}"
+                )
+        T = max(lengths)
+        obs = torch.zeros(len(slots), T, self.state_dim, device=self.device)
+        act = torch.zeros(len(slots), T, self.act_dim, device=self.device)
+        rtg = torch.zeros(len(slots), T, 1, device=self.device)
+        for i, (s, a, r, t) in enumerate(zip(states, actions, rtgs, lengths, strict=True)):
+            # left-aligned padding, converted exactly as step() converts each step's inputs
+            obs[i, T - t :] = (
+                torch.from_numpy(np.asarray(s, np.float32)).to(self.device) - self._mean
+            ) / self._std
+            act[i, T - t :] = torch.from_numpy(np.asarray(a, np.float32)).to(self.device)
+            rtg[i, T - t :, 0] = torch.from_numpy(np.asarray(r, np.float32)).to(self.device) / self._rtg_scale
+        idx = torch.as_tensor(slots, dtype=torch.long, device=self.device)
+        steps = np.asarray(lengths, dtype=np.int64)
+        if self.mode == "window":
+            K = min(self.context, T)
+            b = self._buffers
+            b["rtg"][idx, self.context - K :] = rtg[:, T - K :]
+            b["obs"][idx, self.context - K :] = obs[:, T - K :]
+            b["act"][idx, self.context - K :] = act[:, T - K :]
+        else:
+            self._rebuild_recurrent(idx, rtg, obs, act, steps)
+        self._steps[slots] = steps
+
+    def _rebuild_recurrent(
+        self, idx: torch.Tensor, rtg: torch.Tensor, obs: torch.Tensor, act: torch.Tensor, steps: np.ndarray
+    ) -> None:
+        """The recurrent state after t steps has read the tokens rtg_0, s_0, a_0, ..., rtg_{t-1}, s_{t-1}
+        (step t feeds a_{t-1} first): one forward over the histories' tokens less the last action, left
+        padded (padding is exact: zeros into the local mixer, as before a sequence starts, and skipped by
+        the scan), with the state carried into the slot buffers."""
+        T = obs.shape[1]
+        real = torch.arange(T, device=self.device).unsqueeze(0) >= torch.as_tensor(
+            T - steps, device=self.device
+        ).unsqueeze(1)
+        timesteps = None
+        if self.policy.config.timestep_embedding:
+            timesteps = (
+                torch.arange(T, device=self.device).unsqueeze(0)
+                - (T - torch.as_tensor(steps, device=self.device)).unsqueeze(1)
+            ).clamp(min=0)
+        model = self.model
+        tokens = model._tokens(rtg, obs, act, timesteps)[:, :-1]
+        token_mask = real.repeat_interleave(TOKENS_PER_STEP, dim=1)[:, :-1]
+        _, state = model._blocks(tokens, token_mask, model.initial_state(len(steps), self.device))
+        b = self._buffers
+        for layer, block_state in enumerate(state):
+            assert block_state is not None, "recurrent mode has a state in every layer"
+            b[f"local.{layer}"][idx] = block_state.local
+            b[f"ssm.{layer}"][idx] = block_state.ssm
+        b["prev_action"][idx] = act[:, -1]
 
     @torch.inference_mode()
     def step(self, slots: Sequence[int], states: np.ndarray, rtgs: np.ndarray) -> np.ndarray:

@@ -24,53 +24,55 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x64mm/v1/policy.proto\x12\x06\x64mm.v1\"\xd3\x01\n\x05Start\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x07version\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x1a\n\rtarget_return\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12#\n\x04mode\x18\x04 \x01(\x0e\x32\x15.dmm.v1.InferenceMode\x12\x16\n\tstate_dim\x18\x05 \x01(\rH\x02\x88\x01\x01\x12\x14\n\x07\x61\x63t_dim\x18\x06 \x01(\rH\x03\x88\x01\x01\x42\n\n\x08_versionB\x10\n\x0e_target_returnB\x0c\n\n_state_dimB\n\n\x08_act_dim\"F\n\x04Step\x12\r\n\x05state\x18\x01 \x03(\x01\x12\x10\n\x06reward\x18\x02 \x01(\x01H\x00\x12\r\n\x03rtg\x18\x03 \x01(\x01H\x00\x42\x0e\n\x0creturn_to_go\"\x15\n\x03\x45nd\x12\x0e\n\x06reward\x18\x01 \x01(\x01\"n\n\nActRequest\x12\x1e\n\x05start\x18\x01 \x01(\x0b\x32\r.dmm.v1.StartH\x00\x12\x1c\n\x04step\x18\x02 \x01(\x0b\x32\x0c.dmm.v1.StepH\x00\x12\x1a\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x0b.dmm.v1.EndH\x00\x42\x06\n\x04kind\"\x90\x01\n\x0eSessionStarted\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12#\n\x04mode\x18\x03 \x01(\x0e\x32\x15.dmm.v1.InferenceMode\x12\x15\n\rtarget_return\x18\x04 \x01(\x01\x12\x11\n\tstate_dim\x18\x05 \x01(\r\x12\x0f\n\x07\x61\x63t_dim\x18\x06 \x01(\r\"S\n\x06\x41\x63tion\x12\x0e\n\x06\x61\x63tion\x18\x01 \x03(\x02\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\r\x12\x0b\n\x03rtg\x18\x05 \x01(\x01\"b\n\x0b\x41\x63tResponse\x12)\n\x07started\x18\x01 \x01(\x0b\x32\x16.dmm.v1.SessionStartedH\x00\x12 \n\x06\x61\x63tion\x18\x02 \x01(\x0b\x32\x0e.dmm.v1.ActionH\x00\x42\x06\n\x04kind\"=\n\x0bVectorStart\x12\x1c\n\x05start\x18\x01 \x01(\x0b\x32\r.dmm.v1.Start\x12\x10\n\x08\x65pisodes\x18\x02 \x01(\r\"L\n\nVectorStep\x12\x0c\n\x04rows\x18\x01 \x03(\r\x12\x0e\n\x06states\x18\x02 \x03(\x01\x12\x0f\n\x07rewards\x18\x03 \x03(\x01\x12\x0f\n\x07restart\x18\x04 \x03(\r\"*\n\tVectorEnd\x12\x0c\n\x04rows\x18\x01 \x03(\r\x12\x0f\n\x07rewards\x18\x02 \x03(\x01\"\x83\x01\n\rVectorRequest\x12$\n\x05start\x18\x01 \x01(\x0b\x32\x13.dmm.v1.VectorStartH\x00\x12\"\n\x04step\x18\x02 \x01(\x0b\x32\x12.dmm.v1.VectorStepH\x00\x12 \n\x03\x65nd\x18\x03 \x01(\x0b\x32\x11.dmm.v1.VectorEndH\x00\x42\x06\n\x04kind\"J\n\rVectorStarted\x12\'\n\x07session\x18\x01 \x01(\x0b\x32\x16.dmm.v1.SessionStarted\x12\x10\n\x08\x65pisodes\x18\x02 \x01(\r\"K\n\rVectorActions\x12\x0c\n\x04rows\x18\x01 \x03(\r\x12\x0f\n\x07\x61\x63tions\x18\x02 \x03(\x02\x12\r\n\x05steps\x18\x03 \x03(\x04\x12\x0c\n\x04rtgs\x18\x04 \x03(\x01\"l\n\x0eVectorResponse\x12(\n\x07started\x18\x01 \x01(\x0b\x32\x15.dmm.v1.VectorStartedH\x00\x12(\n\x07\x61\x63tions\x18\x02 \x01(\x0b\x32\x15.dmm.v1.VectorActionsH\x00\x42\x06\n\x04kind\"\x13\n\x11ListModelsRequest\"?\n\rModelVersions\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\r\x12\x0e\n\x06latest\x18\x03 \x01(\r\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.dmm.v1.ModelVersions\"B\n\x0f\x44\x65scribeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x07version\x18\x02 \x01(\rH\x00\x88\x01\x01\x42\n\n\x08_version\"\xa6\x01\n\x10\x44\x65scribeResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x11\n\tstate_dim\x18\x03 \x01(\r\x12\x0f\n\x07\x61\x63t_dim\x18\x04 \x01(\r\x12\x13\n\x0b\x63onfig_json\x18\x05 \x01(\t\x12\x11\n\tmeta_json\x18\x06 \x01(\t\x12\x14\n\x0cmetrics_json\x18\x07 \x01(\t\x12\x10\n\x08versions\x18\x08 \x03(\r*h\n\rInferenceMode\x12\x1e\n\x1aINFERENCE_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15INFERENCE_MODE_WINDOW\x10\x01\x12\x1c\n\x18INFERENCE_MODE_RECURRENT\x10\x02\x32\x87\x02\n\rPolicyService\x12\x32\n\x03\x41\x63t\x12\x12.dmm.v1.ActRequest\x1a\x13.dmm.v1.ActResponse(\x01\x30\x01\x12>\n\tActVector\x12\x15.dmm.v1.VectorRequest\x1a\x16.dmm.v1.VectorResponse(\x01\x30\x01\x12\x43\n\nListModels\x12\x19.dmm.v1.ListModelsRequest\x1a\x1a.dmm.v1.ListModelsResponse\x12=\n\x08\x44\x65scribe\x12\x17.dmm.v1.DescribeRequest\x1a\x18.dmm.v1.DescribeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x64mm/v1/policy.proto\x12\x06\x64mm.v1\"\x9c\x02\n\x05Start\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x07version\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x1a\n\rtarget_return\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12#\n\x04mode\x18\x04 \x01(\x0e\x32\x15.dmm.v1.InferenceMode\x12\x16\n\tstate_dim\x18\x05 \x01(\rH\x02\x88\x01\x01\x12\x14\n\x07\x61\x63t_dim\x18\x06 \x01(\rH\x03\x88\x01\x01\x12)\n\x06resume\x18\x07 \x01(\x0b\x32\x14.dmm.v1.EpisodeSoFarH\x04\x88\x01\x01\x12\x11\n\tresumable\x18\x08 \x01(\x08\x42\n\n\x08_versionB\x10\n\x0e_target_returnB\x0c\n\n_state_dimB\n\n\x08_act_dimB\t\n\x07_resume\"]\n\x0c\x45pisodeSoFar\x12\r\n\x05steps\x18\x01 \x01(\x04\x12\x0e\n\x06states\x18\x02 \x03(\x01\x12\x0f\n\x07\x61\x63tions\x18\x03 \x03(\x02\x12\x0f\n\x07rewards\x18\x04 \x03(\x01\x12\x0c\n\x04rtgs\x18\x05 \x03(\x01\"F\n\x04Step\x12\r\n\x05state\x18\x01 \x03(\x01\x12\x10\n\x06reward\x18\x02 \x01(\x01H\x00\x12\r\n\x03rtg\x18\x03 \x01(\x01H\x00\x42\x0e\n\x0creturn_to_go\"\x15\n\x03\x45nd\x12\x0e\n\x06reward\x18\x01 \x01(\x01\"n\n\nActRequest\x12\x1e\n\x05start\x18\x01 \x01(\x0b\x32\r.dmm.v1.StartH\x00\x12\x1c\n\x04step\x18\x02 \x01(\x0b\x32\x0c.dmm.v1.StepH\x00\x12\x1a\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x0b.dmm.v1.EndH\x00\x42\x06\n\x04kind\"\x90\x01\n\x0eSessionStarted\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12#\n\x04mode\x18\x03 \x01(\x0e\x32\x15.dmm.v1.InferenceMode\x12\x15\n\rtarget_return\x18\x04 \x01(\x01\x12\x11\n\tstate_dim\x18\x05 \x01(\r\x12\x0f\n\x07\x61\x63t_dim\x18\x06 \x01(\r\"S\n\x06\x41\x63tion\x12\x0e\n\x06\x61\x63tion\x18\x01 \x03(\x02\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\r\x12\x0b\n\x03rtg\x18\x05 \x01(\x01\"b\n\x0b\x41\x63tResponse\x12)\n\x07started\x18\x01 \x01(\x0b\x32\x16.dmm.v1.SessionStartedH\x00\x12 \n\x06\x61\x63tion\x18\x02 \x01(\x0b\x32\x0e.dmm.v1.ActionH\x00\x42\x06\n\x04kind\"c\n\x0bVectorStart\x12\x1c\n\x05start\x18\x01 \x01(\x0b\x32\r.dmm.v1.Start\x12\x10\n\x08\x65pisodes\x18\x02 \x01(\r\x12$\n\x06resume\x18\x03 \x03(\x0b\x32\x14.dmm.v1.EpisodeSoFar\"L\n\nVectorStep\x12\x0c\n\x04rows\x18\x01 \x03(\r\x12\x0e\n\x06states\x18\x02 \x03(\x01\x12\x0f\n\x07rewards\x18\x03 \x03(\x01\x12\x0f\n\x07restart\x18\x04 \x03(\r\"*\n\tVectorEnd\x12\x0c\n\x04rows\x18\x01 \x03(\r\x12\x0f\n\x07rewards\x18\x02 \x03(\x01\"\x83\x01\n\rVectorRequest\x12$\n\x05start\x18\x01 \x01(\x0b\x32\x13.dmm.v1.VectorStartH\x00\x12\"\n\x04step\x18\x02 \x01(\x0b\x32\x12.dmm.v1.VectorStepH\x00\x12 \n\x03\x65nd\x18\x03 \x01(\x0b\x32\x11.dmm.v1.VectorEndH\x00\x42\x06\n\x04kind\"J\n\rVectorStarted\x12\'\n\x07session\x18\x01 \x01(\x0b\x32\x16.dmm.v1.SessionStarted\x12\x10\n\x08\x65pisodes\x18\x02 \x01(\r\"K\n\rVectorActions\x12\x0c\n\x04rows\x18\x01 \x03(\r\x12\x0f\n\x07\x61\x63tions\x18\x02 \x03(\x02\x12\r\n\x05steps\x18\x03 \x03(\x04\x12\x0c\n\x04rtgs\x18\x04 \x03(\x01\"l\n\x0eVectorResponse\x12(\n\x07started\x18\x01 \x01(\x0b\x32\x15.dmm.v1.VectorStartedH\x00\x12(\n\x07\x61\x63tions\x18\x02 \x01(\x0b\x32\x15.dmm.v1.VectorActionsH\x00\x42\x06\n\x04kind\"\x13\n\x11ListModelsRequest\"?\n\rModelVersions\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\r\x12\x0e\n\x06latest\x18\x03 \x01(\r\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.dmm.v1.ModelVersions\"B\n\x0f\x44\x65scribeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x07version\x18\x02 \x01(\rH\x00\x88\x01\x01\x42\n\n\x08_version\"\xa6\x01\n\x10\x44\x65scribeResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x11\n\tstate_dim\x18\x03 \x01(\r\x12\x0f\n\x07\x61\x63t_dim\x18\x04 \x01(\r\x12\x13\n\x0b\x63onfig_json\x18\x05 \x01(\t\x12\x11\n\tmeta_json\x18\x06 \x01(\t\x12\x14\n\x0cmetrics_json\x18\x07 \x01(\t\x12\x10\n\x08versions\x18\x08 \x03(\r*h\n\rInferenceMode\x12\x1e\n\x1aINFERENCE_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15INFERENCE_MODE_WINDOW\x10\x01\x12\x1c\n\x18INFERENCE_MODE_RECURRENT\x10\x02\x32\x87\x02\n\rPolicyService\x12\x32\n\x03\x41\x63t\x12\x12.dmm.v1.ActRequest\x1a\x13.dmm.v1.ActResponse(\x01\x30\x01\x12>\n\tActVector\x12\x15.dmm.v1.VectorRequest\x1a\x16.dmm.v1.VectorResponse(\x01\x30\x01\x12\x43\n\nListModels\x12\x19.dmm.v1.ListModelsRequest\x1a\x1a.dmm.v1.ListModelsResponse\x12=\n\x08\x44\x65scribe\x12\x17.dmm.v1.DescribeRequest\x1a\x18.dmm.v1.DescribeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dmm.v1.policy_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_INFERENCEMODE']._serialized_start=1750
-  _globals['_INFERENCEMODE']._serialized_end=1854
+  _globals['_INFERENCEMODE']._serialized_start=1956
+  _globals['_INFERENCEMODE']._serialized_end=2060
   _globals['_START']._serialized_start=32
-  _globals['_START']._serialized_end=243
-  _globals['_STEP']._serialized_start=245
-  _globals['_STEP']._serialized_end=315
-  _globals['_END']._serialized_start=317
-  _globals['_END']._serialized_end=338
-  _globals['_ACTREQUEST']._serialized_start=340
-  _globals['_ACTREQUEST']._serialized_end=450
-  _globals['_SESSIONSTARTED']._serialized_start=453
-  _globals['_SESSIONSTARTED']._serialized_end=597
-  _globals['_ACTION']._serialized_start=599
-  _globals['_ACTION']._serialized_end=682
-  _globals['_ACTRESPONSE']._serialized_start=684
-  _globals['_ACTRESPONSE']._serialized_end=782
-  _globals['_VECTORSTART']._serialized_start=784
-  _globals['_VECTORSTART']._serialized_end=845
-  _globals['_VECTORSTEP']._serialized_start=847
-  _globals['_VECTORSTEP']._serialized_end=923
-  _globals['_VECTOREND']._serialized_start=925
-  _globals['_VECTOREND']._serialized_end=967
-  _globals['_VECTORREQUEST']._serialized_start=970
-  _globals['_VECTORREQUEST']._serialized_end=1101
-  _globals['_VECTORSTARTED']._serialized_start=1103
-  _globals['_VECTORSTARTED']._serialized_end=1177
-  _globals['_VECTORACTIONS']._serialized_start=1179
-  _globals['_VECTORACTIONS']._serialized_end=1254
-  _globals['_VECTORRESPONSE']._serialized_start=1256
-  _globals['_VECTORRESPONSE']._serialized_end=1364
-  _globals['_LISTMODELSREQUEST']._serialized_start=1366
-  _globals['_LISTMODELSREQUEST']._serialized_end=1385
-  _globals['_MODELVERSIONS']._serialized_start=1387
-  _globals['_MODELVERSIONS']._serialized_end=1450
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1452
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1511
-  _globals['_DESCRIBEREQUEST']._serialized_start=1513
-  _globals['_DESCRIBEREQUEST']._serialized_end=1579
-  _globals['_DESCRIBERESPONSE']._serialized_start=1582
-  _globals['_DESCRIBERESPONSE']._serialized_end=1748
-  _globals['_POLICYSERVICE']._serialized_start=1857
-  _globals['_POLICYSERVICE']._serialized_end=2120
+  _globals['_START']._serialized_end=316
+  _globals['_EPISODESOFAR']._serialized_start=318
+  _globals['_EPISODESOFAR']._serialized_end=411
+  _globals['_STEP']._serialized_start=413
+  _globals['_STEP']._serialized_end=483
+  _globals['_END']._serialized_start=485
+  _globals['_END']._serialized_end=506
+  _globals['_ACTREQUEST']._serialized_start=508
+  _globals['_ACTREQUEST']._serialized_end=618
+  _globals['_SESSIONSTARTED']._serialized_start=621
+  _globals['_SESSIONSTARTED']._serialized_end=765
+  _globals['_ACTION']._serialized_start=767
+  _globals['_ACTION']._serialized_end=850
+  _globals['_ACTRESPONSE']._serialized_start=852
+  _globals['_ACTRESPONSE']._serialized_end=950
+  _globals['_VECTORSTART']._serialized_start=952
+  _globals['_VECTORSTART']._serialized_end=1051
+  _globals['_VECTORSTEP']._serialized_start=1053
+  _globals['_VECTORSTEP']._serialized_end=1129
+  _globals['_VECTOREND']._serialized_start=1131
+  _globals['_VECTOREND']._serialized_end=1173
+  _globals['_VECTORREQUEST']._serialized_start=1176
+  _globals['_VECTORREQUEST']._serialized_end=1307
+  _globals['_VECTORSTARTED']._serialized_start=1309
+  _globals['_VECTORSTARTED']._serialized_end=1383
+  _globals['_VECTORACTIONS']._serialized_start=1385
+  _globals['_VECTORACTIONS']._serialized_end=1460
+  _globals['_VECTORRESPONSE']._serialized_start=1462
+  _globals['_VECTORRESPONSE']._serialized_end=1570
+  _globals['_LISTMODELSREQUEST']._serialized_start=1572
+  _globals['_LISTMODELSREQUEST']._serialized_end=1591
+  _globals['_MODELVERSIONS']._serialized_start=1593
+  _globals['_MODELVERSIONS']._serialized_end=1656
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1658
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1717
+  _globals['_DESCRIBEREQUEST']._serialized_start=1719
+  _globals['_DESCRIBEREQUEST']._serialized_end=1785
+  _globals['_DESCRIBERESPONSE']._serialized_start=1788
+  _globals['_DESCRIBERESPONSE']._serialized_end=1954
+  _globals['_POLICYSERVICE']._serialized_start=2063
+  _globals['_POLICYSERVICE']._serialized_end=2326
 # @@protoc_insertion_point(module_scope)

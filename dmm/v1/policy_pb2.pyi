@@ -17,20 +17,38 @@ INFERENCE_MODE_WINDOW: InferenceMode
 INFERENCE_MODE_RECURRENT: InferenceMode
 
 class Start(_message.Message):
-    __slots__ = ("model", "version", "target_return", "mode", "state_dim", "act_dim")
+    __slots__ = ("model", "version", "target_return", "mode", "state_dim", "act_dim", "resume", "resumable")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TARGET_RETURN_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     STATE_DIM_FIELD_NUMBER: _ClassVar[int]
     ACT_DIM_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
+    RESUMABLE_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     target_return: float
     mode: InferenceMode
     state_dim: int
     act_dim: int
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., target_return: _Optional[float] = ..., mode: _Optional[_Union[InferenceMode, str]] = ..., state_dim: _Optional[int] = ..., act_dim: _Optional[int] = ...) -> None: ...
+    resume: EpisodeSoFar
+    resumable: bool
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., target_return: _Optional[float] = ..., mode: _Optional[_Union[InferenceMode, str]] = ..., state_dim: _Optional[int] = ..., act_dim: _Optional[int] = ..., resume: _Optional[_Union[EpisodeSoFar, _Mapping]] = ..., resumable: _Optional[bool] = ...) -> None: ...
+
+class EpisodeSoFar(_message.Message):
+    __slots__ = ("steps", "states", "actions", "rewards", "rtgs")
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    STATES_FIELD_NUMBER: _ClassVar[int]
+    ACTIONS_FIELD_NUMBER: _ClassVar[int]
+    REWARDS_FIELD_NUMBER: _ClassVar[int]
+    RTGS_FIELD_NUMBER: _ClassVar[int]
+    steps: int
+    states: _containers.RepeatedScalarFieldContainer[float]
+    actions: _containers.RepeatedScalarFieldContainer[float]
+    rewards: _containers.RepeatedScalarFieldContainer[float]
+    rtgs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, steps: _Optional[int] = ..., states: _Optional[_Iterable[float]] = ..., actions: _Optional[_Iterable[float]] = ..., rewards: _Optional[_Iterable[float]] = ..., rtgs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Step(_message.Message):
     __slots__ = ("state", "reward", "rtg")
@@ -97,12 +115,14 @@ class ActResponse(_message.Message):
     def __init__(self, started: _Optional[_Union[SessionStarted, _Mapping]] = ..., action: _Optional[_Union[Action, _Mapping]] = ...) -> None: ...
 
 class VectorStart(_message.Message):
-    __slots__ = ("start", "episodes")
+    __slots__ = ("start", "episodes", "resume")
     START_FIELD_NUMBER: _ClassVar[int]
     EPISODES_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
     start: Start
     episodes: int
-    def __init__(self, start: _Optional[_Union[Start, _Mapping]] = ..., episodes: _Optional[int] = ...) -> None: ...
+    resume: _containers.RepeatedCompositeFieldContainer[EpisodeSoFar]
+    def __init__(self, start: _Optional[_Union[Start, _Mapping]] = ..., episodes: _Optional[int] = ..., resume: _Optional[_Iterable[_Union[EpisodeSoFar, _Mapping]]] = ...) -> None: ...
 
 class VectorStep(_message.Message):
     __slots__ = ("rows", "states", "rewards", "restart")
