@@ -27,17 +27,14 @@ def _register_collect(subparsers: argparse._SubParsersAction) -> None:
         description="Roll out a D4RL reference SAC policy (npz) in gymnasium and write exactly --steps "
         "transitions in D4RL's hdf5 layout or as a Minari dataset.",
     )
-    parser.add_argument(
-        "--env", required=True, help="gymnasium id (Hopper-v4) or dataset name (hopper-medium-v2)"
-    )
+    parser.add_argument("--env", help="gymnasium id (Hopper-v4) or dataset name (hopper-medium-v2)")
     parser.add_argument(
         "--policy",
-        required=True,
         type=Path,
         help="behaviour policy .npz, or random: actions tanh(N(0, 1)), for small test data where no "
         "reference policy exists (AntMaze, Kitchen)",
     )
-    parser.add_argument("--steps", required=True, type=int, help="number of transitions to write")
+    parser.add_argument("--steps", type=int, help="number of transitions to write")
     parser.add_argument(
         "--out",
         required=True,
@@ -59,12 +56,52 @@ def _register_collect(subparsers: argparse._SubParsersAction) -> None:
         "--deterministic", action="store_true", help="take the policy's mean action instead of sampling"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--recipe",
+        metavar="NAME",
+        help="instead of --env, --policy and --steps: build a committed dataset (hopper-, walker2d- or "
+        "halfcheetah-medium-sim-v4) into the --out folder and check its sha256",
+    )
+    parser.add_argument(
+        "--policies", type=Path, metavar="DIR", help="with --recipe: the folder of D4RL's reference policies"
+    )
     parser.set_defaults(handler=_collect)
+
+
+# What --recipe sets: option -> (attribute, default); any other value beside --recipe is an error.
+_RECIPE_SETS = {
+    "--env": ("env", None),
+    "--policy": ("policy", None),
+    "--steps": ("steps", None),
+    "--seed": ("seed", 0),
+    "--num-envs": ("num_envs", 1),
+    "--deterministic": ("deterministic", False),
+    "--format": ("data_format", "hdf5"),
+}
+
+
+def _collect_recipe(args: argparse.Namespace) -> int:
+    """``dmm collect --recipe NAME --policies DIR --out DIR``: the recipe sets everything else."""
+    from dmm.trainer.recipes import build
+
+    given = [flag for flag, (key, default) in _RECIPE_SETS.items() if getattr(args, key) != default]
+    if given:
+        raise ConfigError(f"--recipe sets {', '.join(given)} itself: leave them out")
+    if args.recipe is None or args.policies is None:
+        raise ConfigError("--recipe NAME and --policies DIR go together")
+    build(args.recipe, args.policies, args.out, progress=not args.no_progress)
+    return 0
 
 
 def _collect(args: argparse.Namespace) -> int:
     from dmm.data.minari_datasets import MINARI_PREFIX
     from dmm.trainer.collect import collect
+
+    if args.recipe is not None or args.policies is not None:
+        return _collect_recipe(args)
+    missing = [f"--{key}" for key in ("env", "policy", "steps") if getattr(args, key) is None]
+    if missing:
+        raise ConfigError(f"the following arguments are required: {', '.join(missing)} (or --recipe NAME)")
 
     path = collect(
         env=args.env,
