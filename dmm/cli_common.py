@@ -64,8 +64,8 @@ def add_scan_backend_option(parser: Options) -> None:
     parser.add_argument(
         "--scan-backend",
         metavar="NAME",
-        help="selective-scan backend: auto, torch, numba or cuda "
-        "(default: $DMM_SCAN_BACKEND, else auto: cuda on a GPU with mamba_ssm, numba on the CPU)",
+        help="selective-scan backend: auto, torch, numba, cuda or triton (default: $DMM_SCAN_BACKEND, "
+        "else auto: cuda on a GPU with mamba_ssm, else triton there; numba on the CPU)",
     )
 
 

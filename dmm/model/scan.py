@@ -6,11 +6,13 @@ Recurrence for every channel d and state n (ZOH discretization of A, Euler for B
     y_t = <C_t, h_t> + D * u_t
 
 Backends: ``torch`` is the reference and runs everywhere; ``numba`` (:mod:`dmm.model.scan_numba`)
-fuses the scan into CPU kernels; ``cuda`` uses mamba_ssm's kernels on CUDA tensors. ``auto`` takes
-``cuda`` on a CUDA device with mamba_ssm importable, ``numba`` on the CPU with numba importable,
-else ``torch``. The process default comes from ``DMM_SCAN_BACKEND`` (else ``auto``); the CLIs'
-``--scan-backend`` replaces it. A backend asked for by name that cannot run is an error, never a
-silent fallback.
+fuses the scan into CPU kernels; ``cuda`` uses mamba_ssm's kernels on CUDA tensors; ``triton``
+(:mod:`dmm.model.scan_triton`) runs Triton kernels on CUDA tensors (on CPU tensors only under triton's
+interpreter, ``TRITON_INTERPRET=1``, which is how CI tests them). ``auto`` takes ``cuda`` on a CUDA
+device with mamba_ssm importable, else ``triton`` there with triton importable; ``numba`` on the CPU
+with numba importable; else ``torch``. The process default comes from ``DMM_SCAN_BACKEND`` (else
+``auto``); the CLIs' ``--scan-backend`` replaces it. A backend asked for by name that cannot run is an
+error, never a silent fallback.
 
 A position with delta = 0 leaves the state untouched (exp(0) = 1, no input), which is how padded
 positions are made exact no-ops.
@@ -27,8 +29,8 @@ import torch
 
 from dmm.errors import ConfigError
 
-Backend = Literal["auto", "torch", "numba", "cuda"]
-Resolved = Literal["torch", "numba", "cuda"]
+Backend = Literal["auto", "torch", "numba", "cuda", "triton"]
+Resolved = Literal["torch", "numba", "cuda", "triton"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 ENV_VAR = "DMM_SCAN_BACKEND"
 
@@ -105,6 +107,30 @@ def _numba_scan() -> ModuleType | None:
     return _numba[0]
 
 
+_triton: list[ModuleType | None] = []  # [dmm.model.scan_triton, or None without triton] once imported
+
+
+def _triton_scan() -> ModuleType | None:
+    """:mod:`dmm.model.scan_triton`, or None when triton does not import (imported on first use
+    only: triton's import costs a CPU process that never runs it)."""
+    if not _triton:
+        try:
+            from dmm.model import scan_triton
+        except ImportError:
+            scan_triton = None
+        _triton.append(scan_triton)
+    return _triton[0]
+
+
+def triton_backend_available(device: torch.device) -> bool:
+    """Triton kernels run on CUDA tensors, and on CPU tensors when triton defined them for its
+    interpreter (``TRITON_INTERPRET=1`` when :mod:`dmm.model.scan_triton` was first imported)."""
+    if device.type not in ("cuda", "cpu"):
+        return False
+    module = _triton_scan()
+    return module is not None and (device.type == "cuda" or module.INTERPRETED)
+
+
 @functools.cache
 def _mamba_ssm_ops():
     """mamba_ssm's kernels, or None when the package (a CUDA-only build) is absent."""
@@ -171,8 +197,17 @@ def resolve_backend(backend: Backend | None, device: torch.device) -> Resolved:
         raise ConfigError(f"the numba scan backend needs {why}")
     if backend == "cuda" and not cuda_ok:
         raise ConfigError("the cuda scan backend needs a CUDA device and mamba_ssm (pip install '.[cuda]')")
+    if backend == "triton" and not triton_backend_available(device):
+        raise ConfigError(
+            "the triton scan backend needs triton (pip install triton) and CUDA tensors "
+            "(CPU tensors only under TRITON_INTERPRET=1)"
+        )
     if backend == "auto":
-        return "cuda" if cuda_ok else "numba" if numba_ok else "torch"
+        if cuda_ok:
+            return "cuda"
+        if device.type == "cuda" and triton_backend_available(device):
+            return "triton"
+        return "numba" if numba_ok else "torch"
     return backend  # type: ignore[return-value]
 
 
@@ -231,6 +266,8 @@ def selective_scan(
         return _numba_scan().selective_scan_numba(u, delta, A, B, C, D, h0)
     if resolved == "cuda":
         return selective_scan_cuda(u, delta, A, B, C, D, h0)
+    if resolved == "triton":
+        return _triton_scan().selective_scan_triton(u, delta, A, B, C, D, h0)
     return selective_scan_torch(u, delta, A, B, C, D, h0)
 
 
@@ -249,8 +286,8 @@ def selective_scan_slots_(
 
     ``state`` [S, d, n] is a buffer of S sequences (a server's slot table), ``slots`` [b] the
     distinct rows this batch continues. numba updates the rows where they lie; mamba_ssm's decoding
-    kernel does the same for one token given ``state_batch_indices``; otherwise the rows are gathered,
-    scanned and scattered back.
+    kernel does the same for one token given ``state_batch_indices``; otherwise (``triton`` included)
+    the rows are gathered, scanned with the backend and scattered back.
     """
     resolved = resolve_backend(backend, u.device)
     if resolved == "numba":
