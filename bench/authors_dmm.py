@@ -117,5 +117,20 @@ class AuthorsDMM(nn.Module):
         h = self.ln_f(h)
         return torch.tanh(self.predict_action(h[:, 1::TOKENS_PER_STEP]))
 
+    def forward_carried(
+        self,
+        rtg: torch.Tensor,
+        states: torch.Tensor,
+        actions: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
+        carry: list | None = None,
+    ) -> tuple[torch.Tensor, list]:
+        """What the trainer's update step calls: the authors' class trains on independent windows
+        only, so there is no state to continue from or to carry on."""
+        if carry is not None:
+            raise ValueError("the authors' class carries no state from one window to the next")
+        return self.forward(rtg, states, actions, mask, timesteps), []
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -19,25 +19,25 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.common import (
-    FRESH_POLICY_ENV,
-    VARIANTS,
-    default_out,
-    fresh_policy,
-    machine,
-    markdown_table,
-    new_figure,
-    report_header,
-    write_report,
-)
+from bench.common import FRESH_POLICY_ENV, VARIANTS, fresh_policy
+from bench.harness import format_table, header, new_figure, parse, parser, write_report
 
 SCRIPT = "eval_speed"
-MODULE = f"bench.{SCRIPT}"
+COLUMNS = (
+    ("evaluation", "{key}"),
+    ("scan", "{scan_backend}"),
+    ("batch", "{batch}"),
+    ("wall s", "{wall_seconds:.2f}"),
+    ("episodes/s", "{episodes_per_second:.2f}"),
+    ("env steps", "{env_steps}"),
+    ("env steps/s", "{env_steps_per_second:.0f}"),
+    ("return", "{mean_return:.1f} ± {std_return:.1f}"),
+    ("normalized", "{normalized_mean:.1f}"),
+)
 
 
 def sequential(
@@ -68,69 +68,49 @@ def sequential(
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=MODULE, description=__doc__.splitlines()[0])
-    p.add_argument("--store", type=Path, help="model store (default: a freshly initialized policy)")
-    p.add_argument("--name", help="model name in the store (with --store)")
-    p.add_argument("--version", help="version (default: latest)")
+    p = parser(__doc__, SCRIPT, device=True, threads=None, store=True)
+    p.add_argument("--variant", choices=("dmm", "dt"), default="dmm", help="architecture of a fresh policy")
     p.add_argument(
-        "--variant", choices=("dmm", "dt"), default="dmm", help="architecture of a fresh policy (default dmm)"
-    )
-    p.add_argument(
-        "--env", help=f"environment / dataset name (default: the policy's; {FRESH_POLICY_ENV} if fresh)"
+        "--env", help=f"environment / dataset (default: the policy's; {FRESH_POLICY_ENV} if fresh)"
     )
     p.add_argument("--episodes", type=int, help="default 100; 4 with --quick")
     p.add_argument("--num-envs", type=int, help="vector envs of the batched run (default: --episodes)")
     p.add_argument("--mode", choices=("window", "recurrent"), default="window")
     p.add_argument("--target-return", type=float, help="default: the policy's")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument(
-        "--scan-backend", default="auto", choices=("auto", "torch", "numba", "cuda"), help="default: auto"
-    )
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's own choice; 1 with --quick)")
-    p.add_argument("--out", type=Path, default=default_out(SCRIPT))
-    p.add_argument("--quick", action="store_true", help="tiny smoke configuration")
-    args = p.parse_args(argv)
-    if (args.store is None) != (args.name is None):
-        p.error("--store and --name go together")
-    args.episodes = args.episodes or (4 if args.quick else 100)
-    args.threads = args.threads if args.threads is not None else (1 if args.quick else None)
+    scans = ("auto", "torch", "numba", "cuda")
+    p.add_argument("--scan-backend", default="auto", choices=scans, help="default: auto")
+    args = parse(p, argv, {"episodes": (100, 4)}, positive=("episodes", "num_envs", "threads"))
     args.num_envs = args.num_envs or args.episodes
-    if args.episodes < 1 or args.num_envs < 1:
-        p.error("--episodes and --num-envs must be positive")
-    if args.threads is not None and args.threads < 1:
-        p.error("--threads must be positive")
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
+def load(args: argparse.Namespace) -> tuple[Any, str]:
+    """The policy to evaluate and its description."""
+    if args.store is None:
+        policy = fresh_policy(args.variant, args.env or FRESH_POLICY_ENV, args.seed, args.device)
+        return policy, f"freshly initialized {VARIANTS[args.variant].label} (seed {args.seed})"
+    from dmm.model import load_policy
+    from dmm.store import ModelStore
+
+    policy = load_policy(ModelStore(args.store), args.name, args.version, device=args.device)
+    return policy, f"{policy.name} v{policy.version} from {args.store}"
+
+
+def run_all(args: argparse.Namespace, policy: Any, env: str, target: float) -> dict[str, dict[str, Any]]:
+    """The batched run, the batched run with the torch scan (unless that is the backend) and the
+    sequential one: per run its wall time, returns and lengths."""
     import torch
 
     from dmm.envs import normalized_score
-    from dmm.model import load_policy
     from dmm.model.scan import resolve_backend
-    from dmm.store import ModelStore
-    from dmm.trainer.evaluate import check_compatible, evaluate
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.store is not None:
-        policy = load_policy(ModelStore(args.store), args.name, args.version, device=args.device)
-        source = f"{policy.name} v{policy.version} from {args.store}"
-    else:
-        policy = fresh_policy(args.variant, args.env or FRESH_POLICY_ENV, args.seed, args.device)
-        source = f"freshly initialized {VARIANTS[args.variant].label} (seed {args.seed})"
-    env = args.env or policy.meta.env
-    check_compatible(policy, env)
-    target = args.target_return if args.target_return is not None else policy.meta.target_return
+    from dmm.trainer.evaluate import evaluate
 
     backend = resolve_backend(args.scan_backend, torch.device(args.device))
     scans = {"batched": backend, "batched-torch": "torch", "sequential": backend}
     if backend == "torch":
         del scans["batched-torch"]  # the batched run is the torch reference itself
-    runs = {}
+    results = {}
     for key, scan in scans.items():
         print(f"{key}: {args.episodes} episodes, {scan} scan...", file=sys.stderr, flush=True)
         policy.model.set_scan_backend(scan)
@@ -142,13 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 policy, args.episodes, target, env, args.mode, args.num_envs, args.seed, progress=False
             )
             returns, lengths = run.returns, run.lengths
-        runs[key] = (returns, lengths, time.perf_counter() - t0)
-    batched_s, sequential_s = runs["batched"][2], runs["sequential"][2]
-    (batched_returns, _, _), (seq_returns, _, _) = runs["batched"], runs["sequential"]
-    results: dict[str, dict[str, Any]] = {}
-    for key, (returns, lengths, wall) in runs.items():
+        wall = time.perf_counter() - t0
         results[key] = {
-            "scan_backend": scans[key],
+            "scan_backend": scan,
             "wall_seconds": wall,
             "episodes_per_second": len(returns) / wall,
             "env_steps": int(lengths.sum()),
@@ -159,82 +135,68 @@ def main(argv: Sequence[str] | None = None) -> int:
             "returns": returns,
             "lengths": lengths,
         }
-    paired = min(args.num_envs, args.episodes)  # episodes with the same reset seed in both runs
-    diff = np.abs(batched_returns[:paired] - seq_returns[:paired])
-    same = np.isclose(batched_returns[:paired], seq_returns[:paired], rtol=1e-5, atol=1e-3)
-    agreement = {
+    return results
+
+
+def agreement(results: dict[str, dict[str, Any]], paired: int) -> dict[str, Any]:
+    """How far the batched and sequential returns of the episodes with the same reset seed differ."""
+    batched, seq = results["batched"]["returns"][:paired], results["sequential"]["returns"][:paired]
+    return {
         "paired_episodes": paired,
-        "identical_returns": int(same.sum()),
-        "max_abs_return_difference": float(diff.max()),
+        "identical_returns": int(np.isclose(batched, seq, rtol=1e-5, atol=1e-3).sum()),
+        "max_abs_return_difference": float(np.abs(batched - seq).max()),
         "mean_return_difference": results["batched"]["mean_return"] - results["sequential"]["mean_return"],
     }
-    speedup = sequential_s / batched_s
-    torch_s = runs["batched-torch"][2] if "batched-torch" in runs else batched_s
-    speedup_vs_torch = torch_s / batched_s
 
-    rows = []
-    for key, r in results.items():
-        rows.append(
-            [
-                key,
-                r["scan_backend"],
-                f"{args.num_envs}" if key.startswith("batched") else "1",
-                f"{r['wall_seconds']:.2f}",
-                f"{r['episodes_per_second']:.2f}",
-                f"{r['env_steps']}",
-                f"{r['env_steps_per_second']:.0f}",
-                f"{r['mean_return']:.1f} ± {r['std_return']:.1f}",
-                f"{r['normalized_mean']:.1f}",
-            ]
-        )
-    table = markdown_table(
-        [
-            "evaluation",
-            "scan",
-            "batch",
-            "wall s",
-            "episodes/s",
-            "env steps",
-            "env steps/s",
-            "return",
-            "normalized",
-        ],
-        rows,
-    )
-    table += (
-        f"\n\nspeed-up of the {backend} scan (batched, torch-scan wall / {backend}-scan wall, same run): "
-        f"**{speedup_vs_torch:.2f}x**; batched over sequential (same run): **{speedup:.2f}x**; "
-        "returns identical in "
-        f"{agreement['identical_returns']} of {paired} paired episodes (max |difference| "
-        f"{agreement['max_abs_return_difference']:.3g})"
-    )
-    info = machine(args.device)
+
+def figure(results: dict[str, dict[str, Any]], args: argparse.Namespace, speedup: float, paired: int) -> Any:
     fig, axes = new_figure(ncols=2, width=5.0)
     ax = axes[0][0]
     ax.bar(list(results), [r["env_steps_per_second"] for r in results.values()], color="tab:blue")
     ax.set(ylabel="env steps/s", title=f"{args.episodes} episodes, speed-up {speedup:.1f}x")
     ax = axes[0][1]
-    ax.scatter(seq_returns[:paired], batched_returns[:paired], s=10)
-    lo = float(min(seq_returns.min(), batched_returns.min()))
-    hi = float(max(seq_returns.max(), batched_returns.max()))
+    seq, batched = results["sequential"]["returns"], results["batched"]["returns"]
+    ax.scatter(seq[:paired], batched[:paired], s=10)
+    lo, hi = float(min(seq.min(), batched.min())), float(max(seq.max(), batched.max()))
     ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
     ax.set(xlabel="sequential return", ylabel="batched return", title="same seeds, per episode")
+    return fig
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    import torch
+
+    from dmm.trainer.evaluate import check_compatible
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    policy, source = load(args)
+    env = args.env or policy.meta.env
+    check_compatible(policy, env)
+    target = args.target_return if args.target_return is not None else policy.meta.target_return
+    results = run_all(args, policy, env, target)
+    backend, batched_s = results["batched"]["scan_backend"], results["batched"]["wall_seconds"]
+    speedup = results["sequential"]["wall_seconds"] / batched_s
+    speedup_vs_torch = results.get("batched-torch", results["batched"])["wall_seconds"] / batched_s
+    paired = min(args.num_envs, args.episodes)  # episodes with the same reset seed in both runs
+    agree = agreement(results, paired)
+    rows = [
+        {"key": k, "batch": args.num_envs if k.startswith("batched") else 1, **r} for k, r in results.items()
+    ]
+    table = format_table(COLUMNS, rows) + (
+        f"\n\nspeed-up of the {backend} scan (batched, torch-scan wall / {backend}-scan wall, same run): "
+        f"**{speedup_vs_torch:.2f}x**; batched over sequential (same run): **{speedup:.2f}x**; returns "
+        f"identical in {agree['identical_returns']} of {paired} paired episodes (max |difference| "
+        f"{agree['max_abs_return_difference']:.3g})"
+    )
     payload = {
-        **report_header(SCRIPT, argv, info),
-        "policy": source,
-        "num_parameters": policy.model.num_parameters(),
-        "env": env,
-        "mode": args.mode,
-        "target_return": target,
-        "episodes": args.episodes,
-        "num_envs": args.num_envs,
-        "seed": args.seed,
-        "torch_threads": torch.get_num_threads(),
-        "speedup": speedup,
-        "scan_backend": backend,
-        "speedup_vs_torch_scan": speedup_vs_torch,
-        "agreement": agreement,
-        "results": results,
+        **header(SCRIPT, argv, args.device),
+        **{"policy": source, "num_parameters": policy.model.num_parameters(), "env": env, "mode": args.mode},
+        **{"target_return": target, "episodes": args.episodes, "num_envs": args.num_envs, "seed": args.seed},
+        **{"torch_threads": torch.get_num_threads(), "speedup": speedup, "scan_backend": backend},
+        **{"speedup_vs_torch_scan": speedup_vs_torch, "agreement": agree, "results": results},
     }
     notes = [
         f"policy: {source}, {args.mode} mode, target return {target:g}, env {env}, torch threads "
@@ -244,6 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"episode i starts from reset seed {args.seed}+i in both for the first {paired} episodes; "
         "batched and batch-1 forwards may round differently, and Hopper amplifies tiny differences",
     ]
+    fig = figure(results, args, speedup, paired)
     write_report(args.out, SCRIPT, "Evaluation speed: batched vs sequential", table, payload, fig, notes)
     return 0
 

@@ -14,22 +14,22 @@ import argparse
 import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
-from bench.common import (
-    default_out,
-    machine,
-    markdown_table,
-    median,
-    new_figure,
-    report_header,
-    write_report,
-)
+from bench.harness import format_table, header, median, new_figure, parse, parser, write_report
 
 SCRIPT = "scan_speed"
-MODULE = f"bench.{SCRIPT}"
 SHAPES = {"training": (64, 24), "window": (256, 24), "recurrent": (256, 3)}  # (batch, tokens)
+COLUMNS = (
+    ("shape", "{shape}"),
+    ("b x L", "{batch} x {tokens}"),
+    ("direction", "{direction}"),
+    ("scan", "{backend}"),
+    ("ms (median)", "{median_ms:.2f}"),
+    ("ms (min)", "{min_ms:.2f}"),
+    ("x {reference}", "{x_reference:.2f}"),
+    ("ns per state element", "{ns_per_state_element:.2f}"),
+)
 
 
 def inputs(batch: int, tokens: int, d_inner: int, d_state: int, grad: bool) -> list[Any]:
@@ -60,66 +60,44 @@ def call(backend: str, args: list[Any], backward: bool) -> Callable[[], None]:
     return run
 
 
-def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
-    rows = []
-    for shape in args.shapes:
-        batch, tokens = SHAPES[shape]
-        for direction in ("forward", "forward+backward"):
-            backward = direction != "forward"
-            if backward and shape != "training":
-                continue  # inference shapes run without gradients
-            tensors = inputs(batch, tokens, args.d_inner, args.d_state, backward)
-            runs = {b: call(b, tensors, backward) for b in args.backends}
-            seconds: dict[str, list[float]] = {b: [] for b in runs}
-            for rep in range(args.warmup + args.reps):
-                for backend, run in runs.items():
-                    start = time.perf_counter()
-                    run()
-                    if rep >= args.warmup:
-                        seconds[backend].append(time.perf_counter() - start)
-            ref = median(seconds[args.backends[0]])
-            for backend, times in seconds.items():
-                rows.append(
-                    {
-                        "shape": shape,
-                        "batch": batch,
-                        "tokens": tokens,
-                        "direction": direction,
-                        "backend": backend,
-                        "median_ms": median(times) * 1e3,
-                        "min_ms": min(times) * 1e3,
-                        "x_reference": ref / median(times),
-                        "ns_per_state_element": median(times)
-                        * 1e9
-                        / (batch * tokens * args.d_inner * args.d_state),
-                    }
-                )
-    return rows
+def time_backends(args: argparse.Namespace, shape: str, direction: str) -> list[dict[str, Any]]:
+    """One row per backend for one shape and direction, the backends' calls alternating."""
+    batch, tokens = SHAPES[shape]
+    tensors = inputs(batch, tokens, args.d_inner, args.d_state, direction != "forward")
+    runs = {b: call(b, tensors, direction != "forward") for b in args.backends}
+    seconds: dict[str, list[float]] = {b: [] for b in runs}
+    for rep in range(args.warmup + args.reps):
+        for backend, run in runs.items():
+            start = time.perf_counter()
+            run()
+            if rep >= args.warmup:
+                seconds[backend].append(time.perf_counter() - start)
+    ref = median(seconds[args.backends[0]])
+    elements = batch * tokens * args.d_inner * args.d_state
+    return [
+        {
+            **{"shape": shape, "batch": batch, "tokens": tokens, "direction": direction, "backend": b},
+            "median_ms": median(times) * 1e3,
+            "min_ms": min(times) * 1e3,
+            "x_reference": ref / median(times),
+            "ns_per_state_element": median(times) * 1e9 / elements,
+        }
+        for b, times in seconds.items()
+    ]
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=MODULE, description=__doc__.splitlines()[0])
+    p = parser(__doc__, SCRIPT, threads=1)
     p.add_argument("--shapes", nargs="+", choices=tuple(SHAPES), default=list(SHAPES))
-    p.add_argument(
-        "--backends",
-        nargs="+",
-        choices=("torch", "numba"),
-        default=["torch", "numba"],
-        help="first: reference",
-    )
+    backends = ("torch", "numba")
+    p.add_argument("--backends", nargs="+", choices=backends, default=list(backends), help="first: reference")
     p.add_argument("--d-inner", type=int, default=128)
     p.add_argument("--d-state", type=int, default=16)
     p.add_argument("--reps", type=int, help="timed calls per backend (default 30; 3 with --quick)")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    p.add_argument("--out", type=Path, default=default_out(SCRIPT))
-    p.add_argument("--quick", action="store_true", help="tiny smoke configuration")
-    args = p.parse_args(argv)
-    args.reps = args.reps or (3 if args.quick else 30)
+    args = parse(p, argv, {"reps": (30, 3)}, positive=("reps", "threads"), non_negative=("warmup",))
     if args.quick:
         args.d_inner, args.d_state = 16, 4
-    if args.reps < 1 or args.warmup < 0 or args.threads < 1:
-        p.error("--reps and --threads must be positive, --warmup >= 0")
     return args
 
 
@@ -129,59 +107,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    rows = measure(args)
+    rows = []
+    for shape in args.shapes:  # inference shapes run without gradients
+        for direction in ("forward", "forward+backward") if shape == "training" else ("forward",):
+            rows += time_backends(args, shape, direction)
     ref = args.backends[0]
-    table = markdown_table(
-        [
-            "shape",
-            "b x L",
-            "direction",
-            "scan",
-            "ms (median)",
-            "ms (min)",
-            f"x {ref}",
-            "ns per state element",
-        ],
-        [
-            [
-                r["shape"],
-                f"{r['batch']} x {r['tokens']}",
-                r["direction"],
-                r["backend"],
-                f"{r['median_ms']:.2f}",
-                f"{r['min_ms']:.2f}",
-                f"{r['x_reference']:.2f}",
-                f"{r['ns_per_state_element']:.2f}",
-            ]
-            for r in rows
-        ],
-    )
     fig, axes = new_figure(width=7.0)
     ax = axes[0][0]
     labels = [f"{r['shape']}\n{r['direction']}\n{r['backend']}" for r in rows]
-    ax.bar(
-        labels,
-        [r["median_ms"] for r in rows],
-        color=["tab:gray" if r["backend"] == ref else "tab:blue" for r in rows],
-    )
-    ax.set(
-        ylabel="ms per call (median)",
-        yscale="log",
-        title=f"selective scan, d_inner {args.d_inner}, d_state {args.d_state}",
-    )
+    colors = ["tab:gray" if r["backend"] == ref else "tab:blue" for r in rows]
+    ax.bar(labels, [r["median_ms"] for r in rows], color=colors)
+    title = f"selective scan, d_inner {args.d_inner}, d_state {args.d_state}"
+    ax.set(ylabel="ms per call (median)", yscale="log", title=title)
     ax.tick_params(axis="x", labelsize=7)
-    payload = {
-        **report_header(SCRIPT, argv, machine("cpu")),
-        "settings": {
-            k: getattr(args, k) for k in ("shapes", "backends", "d_inner", "d_state", "reps", "threads")
-        },
-        "rows": rows,
-    }
+    settings = ("shapes", "backends", "d_inner", "d_state", "reps", "threads")
+    payload = {**header(SCRIPT, argv), "settings": {k: getattr(args, k) for k in settings}, "rows": rows}
     notes = [
         f"one layer, float32, d_inner {args.d_inner}, d_state {args.d_state}, torch threads {args.threads}; "
         f"{args.warmup} untimed then {args.reps} timed calls per backend, backends alternating",
         "forward+backward: the scan, then backward of sum(y) + sum(last state) through all six inputs",
     ]
+    columns = [(h.format(reference=ref), f) for h, f in COLUMNS]
+    table = format_table(columns, rows)
     write_report(args.out, SCRIPT, "Selective scan speed (one layer)", table, payload, fig, notes)
     return 0
 

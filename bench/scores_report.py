@@ -28,19 +28,25 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import (
-    VARIANTS,
-    default_out,
-    machine,
-    markdown_table,
-    new_figure,
-    report_header,
-    write_report,
-)
+from bench.common import VARIANTS
+from bench.harness import default_out, header, markdown_table, new_figure, write_report
 
 SCRIPT = "scores_report"
 RUN_NAME = re.compile(r"^(?P<stem>.+)-seed(?P<seed>\d+)$")  # <dataset>-<variant>-seed<N>
 RESULT_FILE = "result.json"
+FINAL_HEADERS = (
+    "model",
+    "finished seeds",
+    "final, window (mean ± std over seeds)",
+    "per seed",
+    "final, recurrent",
+)
+FINAL_HEADERS += (
+    "per seed",
+    "mean of the second half's evaluations",
+    "swing (std of the last {swing} evaluations)",
+)
+FINAL_HEADERS += ("paper protocol (best evaluation)", "unfinished")
 
 
 def read_run(path: Path, where: str, recurrent: dict[str, dict]) -> dict[str, Any] | None:
@@ -114,15 +120,10 @@ def second_half_mean(history: list[dict], target: float, updates: int) -> float:
     One checkpoint's score swings from one evaluation to the next far more than its episodes spread;
     averaging the second half's checkpoints says where the run levelled off with less of that swing.
     """
-    return float(
-        np.mean(
-            [
-                e["normalized_mean"]
-                for e in history
-                if e["target_return"] == target and 2 * e["update"] >= updates
-            ]
-        )
-    )
+    late = [
+        e["normalized_mean"] for e in history if e["target_return"] == target and 2 * e["update"] >= updates
+    ]
+    return float(np.mean(late))
 
 
 SWING_EVALS = 5
@@ -200,21 +201,7 @@ def final_table(models: dict[str, list[dict]]) -> str:
                 unfinished or "-",
             ]
         )
-    return markdown_table(
-        [
-            "model",
-            "finished seeds",
-            "final, window (mean ± std over seeds)",
-            "per seed",
-            "final, recurrent",
-            "per seed",
-            "mean of the second half's evaluations",
-            f"swing (std of the last {SWING_EVALS} evaluations)",
-            "paper protocol (best evaluation)",
-            "unfinished",
-        ],
-        rows,
-    )
+    return markdown_table([h.format(swing=SWING_EVALS) for h in FINAL_HEADERS], rows)
 
 
 def curve_table(models: dict[str, list[dict]], target: float) -> str:
@@ -301,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         protocol_table(models, sorted({common, full})),
     ]
     payload = {
-        **report_header(SCRIPT, argv, machine()),
+        **header(SCRIPT, argv),
         "roots": args.roots,
         "previous": str(args.previous) if args.previous else None,
         "target_returns": targets,
@@ -320,15 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"10k updates at every target return ({', '.join(f'{t:g}' for t in targets)}), per seed",
     ]
     fig = plot(models, targets)
-    write_report(
-        args.out,
-        "scores",
-        "Normalized scores at the paper's budget",
-        "\n\n".join(tables),
-        payload,
-        fig,
-        notes,
-    )
+    title = "Normalized scores at the paper's budget"
+    write_report(args.out, "scores", title, "\n\n".join(tables), payload, fig, notes)
     return 0
 
 

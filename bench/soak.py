@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import default_out, machine, markdown_table, new_figure, report_header, write_report
+from bench.harness import header, markdown_table, new_figure, parse, parser, write_report
 from bench.serve import prepare_store
 from bench.serve_clients import SESSIONS_PER_CHANNEL, describe_error
 
@@ -242,7 +242,7 @@ def soak(args: argparse.Namespace, store: Path, model: str, state_dim: int) -> d
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=MODULE, description=__doc__.splitlines()[0])
+    p = parser(__doc__, SCRIPT)
     p.add_argument("--store", type=Path, help="model store (default: a fresh policy in a temporary store)")
     p.add_argument("--name", help="model name in the store (with --store)")
     p.add_argument("--sessions", type=int, help="concurrent session loops (default 1000; 40 --quick)")
@@ -253,15 +253,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--vanish", type=float, default=0.02, help="share of episodes abandoned (default 0.02)")
     p.add_argument("--idle-timeout", type=float, default=5.0, help="the server's --idle-timeout (default 5)")
     p.add_argument("--client-procs", type=int, default=2, help="client processes (default 2)")
-    p.add_argument("--out", type=Path, default=default_out(SCRIPT))
-    p.add_argument("--quick", action="store_true", help="tiny smoke configuration")
-    args = p.parse_args(argv)
-    if (args.store is None) != (args.name is None):
-        p.error("--store and --name go together")
-    args.sessions = args.sessions or (40 if args.quick else 1000)
-    args.duration = args.duration or (15.0 if args.quick else 600.0)
-    if min(args.sessions, args.client_procs, args.min_steps) < 1 or args.max_steps < args.min_steps:
-        p.error("--sessions, --client-procs, --min-steps must be positive and --max-steps >= --min-steps")
+    defaults = {"sessions": (1000, 40), "duration": (600.0, 15.0)}
+    args = parse(p, argv, defaults, positive=("sessions", "client_procs", "min_steps"))
+    if args.max_steps < args.min_steps:
+        p.error("--max-steps must be >= --min-steps")
     if min(args.cancel, args.vanish) < 0 or args.cancel + args.vanish > 1:
         p.error("--cancel and --vanish are shares: each >= 0, together <= 1")
     return args
@@ -301,7 +296,7 @@ def _report(args: argparse.Namespace, argv: Sequence[str], result: dict[str, Any
     axes[0][0].plot([t for t, _ in rss], [m for _, m in rss], marker=".")
     axes[0][0].set(xlabel="seconds", ylabel="server RSS (MiB)", title=f"soak: {args.sessions} sessions")
     payload = {
-        **report_header(SCRIPT, argv, machine("cpu")),
+        **header(SCRIPT, argv),
         "model": source,
         "settings": {k: getattr(args, k) for k in SETTINGS},
         "summary": summary,

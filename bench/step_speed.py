@@ -18,25 +18,24 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.common import (
-    FRESH_POLICY_ENV,
-    default_out,
-    fresh_policy,
-    machine,
-    markdown_table,
-    median,
-    new_figure,
-    report_header,
-    write_report,
-)
+from bench.common import FRESH_POLICY_ENV, fresh_policy
+from bench.harness import format_table, header, median, new_figure, parse, parser, write_report
 
 SCRIPT = "step_speed"
-MODULE = f"bench.{SCRIPT}"
+COLUMNS = (
+    ("mode", "{mode}"),
+    ("B", "{batch}"),
+    ("scan", "{backend}"),
+    ("ms/step (median)", "{median_step_ms:.3f}"),
+    ("us/action", "{us_per_action:.1f}"),
+    ("actions/s", "{actions_per_second:.0f}"),
+    ("x {reference}", "{x_reference:.2f}"),
+    ("max abs action diff vs {reference}", "{max_action_difference:.1e}"),
+)
 
 
 def time_steps(policy: Any, mode: str, batch: int, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -66,10 +65,7 @@ def time_steps(policy: Any, mode: str, batch: int, args: argparse.Namespace) -> 
         step_s = median(seconds[backend])
         rows.append(
             {
-                "mode": mode,
-                "batch": batch,
-                "backend": backend,
-                "step_seconds": seconds[backend],
+                **{"mode": mode, "batch": batch, "backend": backend, "step_seconds": seconds[backend]},
                 "median_step_ms": step_s * 1e3,
                 "us_per_action": step_s * 1e6 / batch,
                 "actions_per_second": batch / step_s,
@@ -80,10 +76,7 @@ def time_steps(policy: Any, mode: str, batch: int, args: argparse.Namespace) -> 
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=MODULE, description=__doc__.splitlines()[0])
-    p.add_argument("--store", type=Path, help="model store (default: a freshly initialized policy)")
-    p.add_argument("--name", help="model name in the store (with --store)")
-    p.add_argument("--version", help="version (default: latest)")
+    p = parser(__doc__, SCRIPT, threads=1, store=True)
     p.add_argument("--batches", type=int, nargs="+", help="slots per step (default 1 16 64 256; --quick 1 4)")
     p.add_argument("--modes", nargs="+", choices=("window", "recurrent"), default=["recurrent", "window"])
     p.add_argument(
@@ -95,19 +88,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     p.add_argument("--steps", type=int, help="timed steps per row (default 50; 5 with --quick)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 20; 10 with --quick)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=default_out(SCRIPT))
-    p.add_argument("--quick", action="store_true", help="tiny smoke configuration")
-    args = p.parse_args(argv)
-    if (args.store is None) != (args.name is None):
-        p.error("--store and --name go together")
-    args.batches = args.batches or ([1, 4] if args.quick else [1, 16, 64, 256])
-    args.steps = args.steps or (5 if args.quick else 50)
-    args.warmup = args.warmup if args.warmup is not None else (10 if args.quick else 20)
-    if min(args.batches) < 1 or args.steps < 1 or args.warmup < 0 or args.threads < 1:
-        p.error("--batches, --steps and --threads must be positive, --warmup >= 0")
-    return args
+    defaults = {"batches": ([1, 16, 64, 256], [1, 4]), "steps": (50, 5), "warmup": (20, 10)}
+    return parse(p, argv, defaults, positive=("batches", "steps", "threads"), non_negative=("warmup",))
 
 
 def load(args: argparse.Namespace) -> tuple[Any, str]:
@@ -120,27 +103,16 @@ def load(args: argparse.Namespace) -> tuple[Any, str]:
     return policy, f"{policy.name} v{policy.version} from {args.store}"
 
 
-def table(rows: list[dict[str, Any]], reference: str) -> str:
+def compare(rows: list[dict[str, Any]], reference: str) -> None:
+    """Each row's speed-up over the reference backend's row (same mode and B) and its largest action
+    difference from it; the actions themselves are dropped (too big for the report)."""
     ref = {(r["mode"], r["batch"]): r for r in rows if r["backend"] == reference}
-    lines = []
     for r in rows:
         base = ref[(r["mode"], r["batch"])]
         r["x_reference"] = base["median_step_ms"] / r["median_step_ms"]
         r["max_action_difference"] = float(np.abs(r["actions"] - base["actions"]).max())
-        lines.append(
-            [
-                r["mode"],
-                r["batch"],
-                r["backend"],
-                f"{r['median_step_ms']:.3f}",
-                f"{r['us_per_action']:.1f}",
-                f"{r['actions_per_second']:.0f}",
-                f"{r['x_reference']:.2f}",
-                f"{r['max_action_difference']:.1e}",
-            ]
-        )
-    headers = ["mode", "B", "scan", "ms/step (median)", "us/action", "actions/s"]
-    return markdown_table([*headers, f"x {reference}", f"max abs action diff vs {reference}"], lines)
+    for r in rows:
+        del r["actions"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -155,7 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for batch in args.batches:
             print(f"{mode}, B={batch}: {', '.join(args.backends)}...", file=sys.stderr, flush=True)
             rows += time_steps(policy, mode, batch, args)
-    report = table(rows, args.backends[0])
+    reference = args.backends[0]
+    compare(rows, reference)
     fig, axes = new_figure()
     ax = axes[0][0]
     for mode in args.modes:
@@ -167,22 +140,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ax.set(xscale="log", yscale="log", xlabel="slots per step (B)", ylabel="us per action (median step / B)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    for r in rows:
-        del r["actions"]
-    payload = {
-        **report_header(SCRIPT, argv, machine("cpu")),
-        "model": source,
-        "settings": {
-            k: getattr(args, k) for k in ("batches", "modes", "backends", "steps", "warmup", "threads")
-        },
-        "rows": rows,
-    }
+    settings = {k: getattr(args, k) for k in ("batches", "modes", "backends", "steps", "warmup", "threads")}
+    payload = {**header(SCRIPT, argv), "model": source, "settings": settings, "rows": rows}
     notes = [
         f"policy: {source}; torch threads {args.threads}; {args.warmup} untimed steps, then the median of "
         f"{args.steps} timed steps per row; a step = normalize, forward, read the actions back",
-        f"x {args.backends[0]}: its median step time over this row's, same mode and B, steps interleaved",
+        f"x {reference}: its median step time over this row's, same mode and B, steps interleaved",
     ]
-    write_report(args.out, SCRIPT, "Policy step speed (PolicyRunner.step)", report, payload, fig, notes)
+    table = format_table([(h.format(reference=reference), f) for h, f in COLUMNS], rows)
+    write_report(args.out, SCRIPT, "Policy step speed (PolicyRunner.step)", table, payload, fig, notes)
     return 0
 
 

@@ -24,23 +24,19 @@ import itertools
 import resource
 import sys
 import time
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from bench.common import (
-    SHARED_HOPPER,
-    VARIANTS,
-    default_out,
-    machine,
+from bench.common import SHARED_HOPPER, VARIANTS, synthetic_dataset, train_config
+from bench.harness import (
+    header,
     markdown_table,
     median,
     new_figure,
-    report_header,
+    parse,
+    parser,
     run_worker,
     serve_worker,
-    synthetic_dataset,
-    train_config,
     write_report,
 )
 
@@ -61,6 +57,21 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
+def time_updates(update: Callable[[], float], spec: dict[str, Any]) -> tuple[float, list[float], float]:
+    """(warm-up seconds, updates/s of each timed chunk, the last loss)."""
+    start = time.perf_counter()
+    for _ in range(spec["warmup"]):
+        update()
+    warmup_s = time.perf_counter() - start
+    rates = []
+    for _ in range(spec["chunks"]):
+        t0 = time.perf_counter()
+        for _ in range(spec["chunk"]):
+            loss = update()
+        rates.append(spec["chunk"] / (time.perf_counter() - t0))
+    return warmup_s, rates, loss
+
+
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """One row, in this process: build, warm up, time ``chunks`` chunks of ``chunk`` updates."""
     import torch
@@ -73,11 +84,12 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     variant = VARIANTS[spec["variant"]]
     dataset = load_dataset(spec["dataset"]) if spec["dataset"] else synthetic_dataset()
     device = torch.device(spec["device"])
-    cfg = train_config(
-        variant,
-        dataset.env or dataset.name,
-        {"batch_size": spec["batch_size"], "device": spec["device"], "compile": spec["compile"] is not None},
-    )
+    overrides = {
+        "batch_size": spec["batch_size"],
+        "device": spec["device"],
+        "compile": spec["compile"] is not None,
+    }
+    cfg = train_config(variant, dataset.env or dataset.name, overrides)
     model, meta = build_policy(cfg, dataset)
     model.to(device).train()
     if spec["backend"] == "floor":
@@ -91,22 +103,10 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["compile"] is not None:  # the row's mode, not the trainer's choice for the device
         step.forward = torch.compile(model, mode=spec["compile"])
 
-    def update() -> float:
-        return step(sampler.sample())
-
     rss_before = _rss_mib()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    for _ in range(spec["warmup"]):
-        update()
-    warmup_s = time.perf_counter() - start
-    rates = []
-    for _ in range(spec["chunks"]):
-        t0 = time.perf_counter()
-        for _ in range(spec["chunk"]):
-            loss = update()
-        rates.append(spec["chunk"] / (time.perf_counter() - t0))
+    warmup_s, rates, loss = time_updates(lambda: step(sampler.sample()), spec)
     result = {
         "num_parameters": model.num_parameters(),
         "context": cfg.model.context,
@@ -126,8 +126,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=MODULE, description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p = parser(__doc__, SCRIPT, device=True)
     p.add_argument(
         "--variants", nargs="+", choices=tuple(VARIANTS), help=f"default: {' '.join(DEFAULT_VARIANTS)}"
     )
@@ -161,28 +160,19 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "where the cores are shared and oversubscribed threads only spin)",
     )
     p.add_argument("--row-timeout", type=float, default=3600.0, help="seconds per row at most")
-    p.add_argument("--out", type=Path, default=default_out(SCRIPT))
-    p.add_argument("--quick", action="store_true", help="tiny smoke configuration, eager rows only")
-    args = p.parse_args(argv)
-    q = args.quick
-    args.variants = args.variants or list(DEFAULT_VARIANTS)
-    args.modes = args.modes or (["eager"] if q else ["eager", "compile"]) + (
-        ["cudagraphs"] if args.device == "cuda" and not q else []
+    shared = str(SHARED_HOPPER) if SHARED_HOPPER.is_file() else "synthetic"
+    defaults = {
+        "variants": (list(DEFAULT_VARIANTS),) * 2,
+        "threads": ([None], [1]),
+        "dataset": (shared, "synthetic"),
+    }
+    defaults |= {"warmup": (50, 5), "chunk": (100, 5), "chunks": (10, 3)}
+    args = parse(
+        p, argv, defaults, positive=("threads", "batch_size", "chunk", "chunks"), non_negative=("warmup",)
     )
+    cudagraphs = ["cudagraphs"] if args.device == "cuda" and not args.quick else []
+    args.modes = args.modes or (["eager"] if args.quick else ["eager", "compile"]) + cudagraphs
     args.backends = args.backends or _default_backends(args.device)
-    args.threads = args.threads or ([1] if q else [None])
-    args.warmup = args.warmup if args.warmup is not None else (5 if q else 50)
-    args.chunk = args.chunk or (5 if q else 100)
-    args.chunks = args.chunks or (3 if q else 10)
-    if any(t is not None and t < 1 for t in args.threads):
-        p.error("--threads must be positive")
-    for name in ("batch_size", "chunk", "chunks"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be positive")
-    if args.warmup < 0:
-        p.error("--warmup must be >= 0")
-    if args.dataset is None:
-        args.dataset = str(SHARED_HOPPER) if SHARED_HOPPER.is_file() and not q else "synthetic"
     if args.device == "cuda":
         import torch
 
@@ -202,31 +192,16 @@ def _default_backends(device: str) -> list[str]:
 def run_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every (variant, mode, backend, threads) row in its own worker process."""
     rows = []
+    shared = {k: getattr(args, k) for k in ("device", "batch_size", "warmup", "chunk", "chunks")}
+    shared["dataset"] = None if args.dataset == "synthetic" else args.dataset
     for key in args.variants:
         # the DT baseline has no scan: one row per mode and thread count
         backends = args.backends if VARIANTS[key].architecture == "dmm" else ["-"]
         for mode, backend, threads in itertools.product(args.modes, backends, args.threads):
-            spec = {
-                "variant": key,
-                "compile": COMPILE_MODES[mode],
-                "backend": backend,
-                "dataset": None if args.dataset == "synthetic" else args.dataset,
-                "device": args.device,
-                "batch_size": args.batch_size,
-                "warmup": args.warmup,
-                "chunk": args.chunk,
-                "chunks": args.chunks,
-                "threads": threads,
-            }
-            print(
-                f"{VARIANTS[key].label}, {mode}, scan {backend}, threads {threads}: running...",
-                file=sys.stderr,
-                flush=True,
-            )
-            result = run_worker(MODULE, spec, args.row_timeout)
-            rows.append(
-                {"variant": key, "label": VARIANTS[key].label, "mode": mode, "backend": backend, **result}
-            )
+            row = {"variant": key, "label": VARIANTS[key].label, "mode": mode, "backend": backend}
+            print(f"{row['label']}, {mode}, scan {backend}, threads {threads}: running...", file=sys.stderr)
+            spec = {**shared, "variant": key, "compile": COMPILE_MODES[mode], "backend": backend}
+            rows.append({**row, **run_worker(MODULE, {**spec, "threads": threads}, args.row_timeout)})
     return rows
 
 
@@ -244,51 +219,39 @@ def _ratios(r: dict[str, Any], rate: dict[tuple, float]) -> list[float | None]:
 
 
 def table(rows: list[dict[str, Any]], device: str) -> str:
+    """The table; each row also gets its ratios (``x_dmm_torch``, ..., ``time_vs_floor``)."""
     mem_key = "peak_cuda_mib" if device == "cuda" else "peak_rss_mib"
-    rate = {
-        (r["variant"], r["mode"], r["backend"], r["torch_threads"]): r["updates_per_second"]
-        for r in rows
-        if "error" not in r
-    }
-    table_rows = []
+    ok = [r for r in rows if "error" not in r]
+    rate = {(r["variant"], r["mode"], r["backend"], r["torch_threads"]): r["updates_per_second"] for r in ok}
+    cells = []
     for r in rows:
         if "error" in r:
-            table_rows.append([r["label"], r["mode"], r["backend"], *["-"] * 11, f"error: {r['error']}"])
+            cells.append([r["label"], r["mode"], r["backend"], *["-"] * 11, f"error: {r['error']}"])
             continue
         ratios = _ratios(r, rate)
-        keys = ("x_dmm_torch", "x_own_eager", "x_torch_scan", "time_vs_floor")
-        r.update(zip(keys, ratios, strict=True))
+        r.update(zip(("x_dmm_torch", "x_own_eager", "x_torch_scan", "time_vs_floor"), ratios, strict=True))
         mem = f"{r[mem_key]:.0f}" + ("" if device == "cuda" else f" (+{r['rss_growth_mib']:.0f})")
-        table_rows.append(
-            [
-                r["label"],
-                r["mode"],
-                r["backend"],
-                f"{r['torch_threads']}",
-                f"{r['context']}",
-                f"{r['num_parameters']:,}",
-                f"{r['updates_per_second']:.1f}",
-                f"{1e3 / r['updates_per_second']:.0f}",
-                f"{min(r['chunk_rates']):.1f}-{max(r['chunk_rates']):.1f}",
-                *[f"{x:.2f}" if x else "-" for x in ratios],
-                mem,
-                f"{r['warmup_seconds']:.1f}",
-            ]
+        ups, chunks = r["updates_per_second"], r["chunk_rates"]
+        head = (
+            r["label"],
+            r["mode"],
+            r["backend"],
+            r["torch_threads"],
+            r["context"],
+            f"{r['num_parameters']:,}",
+        )
+        speed = (f"{ups:.1f}", f"{1e3 / ups:.0f}", f"{min(chunks):.1f}-{max(chunks):.1f}")
+        cells.append(
+            [*head, *speed, *(f"{x:.2f}" if x else "-" for x in ratios), mem, f"{r['warmup_seconds']:.1f}"]
         )
     mem_header = "peak CUDA MiB" if device == "cuda" else "peak RSS MiB (+training)"
     headers = ["model", "mode", "scan", "threads", "K", "params", "updates/s (median)", "ms/update"]
     headers += ["chunk range", "x DMM torch-scan", "x own eager", "x torch scan", "time / floor"]
-    return markdown_table([*headers, mem_header, "warm-up s"], table_rows)
+    return markdown_table([*headers, mem_header, "warm-up s"], cells)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if serve_worker(argv, measure):
-        return 0
-    args = parse_args(argv)
-    rows = run_rows(args)
-    report = table(rows, args.device)
-    info = machine(args.device)
+def figure(rows: list[dict[str, Any]], args: argparse.Namespace, cores: int) -> Any:
+    """Updates/s per row (bars), each timed chunk a dot."""
     fig, axes = new_figure(width=max(6.0, 1.3 * len(rows)))
     ax = axes[0][0]
     ok = [r for r in rows if "error" not in r]
@@ -299,19 +262,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for i, r in enumerate(ok):
         ax.plot([i] * len(r["chunk_rates"]), r["chunk_rates"], "k.", ms=3)
-    ax.set(
-        ylabel="updates/s (median; dots: chunks)",
-        title=f"training speed, batch {args.batch_size}, {args.device} ({info['usable_cores']} cores)",
-    )
+    title = f"training speed, batch {args.batch_size}, {args.device} ({cores} cores)"
+    ax.set(ylabel="updates/s (median; dots: chunks)", title=title)
     ax.tick_params(axis="x", labelsize=7)
-    payload = {
-        **report_header(SCRIPT, argv, info),
-        "settings": {
-            k: getattr(args, k)
-            for k in ("device", "batch_size", "warmup", "chunk", "chunks", "dataset", "threads", "backends")
-        },
-        "rows": rows,
-    }
+    return fig
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if serve_worker(argv, measure):
+        return 0
+    args = parse_args(argv)
+    rows = run_rows(args)
+    report = table(rows, args.device)
+    settings = ("device", "batch_size", "warmup", "chunk", "chunks", "dataset", "threads", "backends")
+    payload = {**header(SCRIPT, argv, args.device), "settings": {k: getattr(args, k) for k in settings}}
+    payload["rows"] = rows
     notes = [
         f"data: {args.dataset}; batch {args.batch_size}; {args.warmup} warm-up updates, then the median "
         f"of {args.chunks} chunks of {args.chunk} updates; every row in its own process",
@@ -319,6 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ratios compare rows of one run at the same thread count; x DMM torch-scan: against DMM with the "
         "torch scan in the same mode; time / floor: this row's update time over the scan-free floor's",
     ]
+    fig = figure(rows, args, payload["machine"]["usable_cores"])
     write_report(args.out, SCRIPT, "Training speed (updates/s)", report, payload, fig, notes)
     return 1 if any("error" in r for r in rows) else 0
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import serve_worker
+from bench.harness import serve_worker
 
 
 def wait_for_stop(spec: dict[str, Any]) -> dict[str, Any]:

@@ -14,11 +14,17 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def run_bench(
-    script: str, out: Path, *args: str, timeout: float = 300, stderr: list[str] | None = None
+    script: str,
+    out: Path,
+    *args: str,
+    timeout: float = 300,
+    stderr: list[str] | None = None,
+    figure: str | None = None,
 ) -> tuple[int, dict, str]:
     """Run ``python -m bench.<script> --quick --out OUT ARGS``; returns (exit code, JSON, markdown).
 
-    ``stderr``, when given, receives what the script wrote there (its progress and log lines).
+    ``stderr``, when given, receives what the script wrote there (its progress and log lines);
+    ``figure`` names the PNG when it is not ``<script>.png``.
     """
     proc = subprocess.run(
         [sys.executable, "-m", f"bench.{script}", "--quick", "--out", str(out), *args],
@@ -32,7 +38,7 @@ def run_bench(
         stderr.append(proc.stderr)
     payload = json.loads((out / "results.json").read_text())
     md = (out / "results.md").read_text()
-    assert (out / f"{script}.png").read_bytes().startswith(PNG_MAGIC)
+    assert (out / f"{figure or script}.png").read_bytes().startswith(PNG_MAGIC)
     assert md in proc.stdout  # the table is printed too
     assert payload["command"].startswith(f"python -m bench.{script} --quick --out ")
     assert payload["machine"]["cpu"] and payload["machine"]["torch"] and payload["date"].endswith("UTC")
@@ -196,7 +202,7 @@ def test_a_signal_to_the_benchmark_stops_its_workers_after_they_save(tmp_path):
 
     parent_code = (
         "import sys\n"
-        "from bench.common import forward_stop_signals, run_worker\n"
+        "from bench.harness import forward_stop_signals, run_worker\n"
         "with forward_stop_signals():\n"
         "    run_worker('tests.stoppable_worker', {'folder': sys.argv[1], 'timeout_s': 60}, 120)\n"
     )
@@ -217,13 +223,14 @@ def test_a_signal_to_the_benchmark_stops_its_workers_after_they_save(tmp_path):
         os.kill(worker_pid, 0)  # and reaped, not left running
 
 
-def test_dmm_vs_dt_measures_variants_and_resumes(tmp_path):
+def test_scores_study_measures_variants_and_resumes(tmp_path):
+    """``--study``: the DMM-vs-DT study (the authors' class among the variants), resumable."""
     from dmm.trainer.collect import collect
 
     policy = random_sac_policy(tmp_path / "policy.npz", 11, 3)
     data = collect("Hopper-v4", policy, 400, tmp_path / "hopper-tiny.hdf5", seed=0)
-    args = ("--dataset", str(data), "--variants", "authors", "dmm-timestep", "--seeds", "0")
-    code, payload, md = run_bench("dmm_vs_dt", tmp_path / "out", *args)
+    args = ("--study", "--dataset", str(data), "--variants", "authors", "dmm-timestep", "--seeds", "0")
+    code, payload, md = run_bench("scores", tmp_path / "out", *args, figure="dmm_vs_dt")
     assert code == 0
     runs = {r["variant"]: r for r in payload["runs"]}
     assert set(runs) == {"authors", "dmm-timestep"}
@@ -231,16 +238,20 @@ def test_dmm_vs_dt_measures_variants_and_resumes(tmp_path):
         assert run["updates"] == 20 and len(run["evals"]) == 1 and run["evals"][0]["episodes"] == 2
         assert 0.0 <= run["evals"][0]["fell"] <= 1.0 and run["sensitivity"]["action_change"] >= 0.0
     assert "| the authors' DMM class" in md and "RTG sens." in md
+    assert "`python -m bench.scores --study --variants dmm-timestep authors --seeds 0 --updates 20`" in md
     weights = sorted(p.name for p in (tmp_path / "out" / "runs").glob("*.pt"))
     assert weights == ["authors-s0.pt", "dmm-timestep-s0.pt"]
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.dmm_vs_dt", "--quick", "--out", str(tmp_path / "out"), *args],
+        [sys.executable, "-m", "bench.scores", "--quick", "--out", str(tmp_path / "out"), *args],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 0 and proc.stdout.count("done, skipped") == 2
+    report = [sys.executable, "-m", "bench.scores", "--report", "--out", str(tmp_path / "out")]
+    proc = subprocess.run(report, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--targets and --report belong to --study" in proc.stderr
 
 
 def test_step_speed_times_backends_that_act_alike(tmp_path):
@@ -301,8 +312,8 @@ def test_device_dry_run_without_out_leaves_the_committed_results_alone(tmp_path,
     """A rehearsal on the CPU must not overwrite the GPU host's results in bench/results/device."""
     import tempfile
 
-    from bench.common import default_out
-    from bench.device import Device, parse_args
+    from bench.harness import default_out
+    from tools.device.host import Device, parse_args
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the temporary folders land here
     committed = default_out("device")
@@ -416,8 +427,8 @@ def test_device_score_data_travel_packed_and_unpack_identical(tmp_path):
     import h5py
     import numpy as np
 
-    from bench.device import DATA_KEYS, data_digest, pack_data, unpack_data
     from dmm.trainer.collect import collect
+    from tools.device.data import DATA_KEYS, data_digest, pack_data, unpack_data
 
     policy = random_sac_policy(tmp_path / "policy.npz", 11, 3)
     data = collect("Hopper-v4", policy, 300, tmp_path / "hopper-tiny.hdf5", seed=0)

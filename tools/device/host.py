@@ -1,5 +1,6 @@
-"""One prepared command for a bare GPU host: environment, CUDA tests, training speed, GPU-resident
-serving and (with the time left) the 100k-update score runs, within one time budget.
+"""One prepared command for a bare GPU host (``python -m bench.device``): environment, CUDA tests,
+training speed, GPU-resident serving and (with the time left) the 100k-update score runs, within one
+time budget.
 
 GPU hosts are lent for minutes, bare (Python with torch and triton, no network), so everything this
 project wants to know from a GPU is gathered by one rehearsed command. The steps run in the order of
@@ -9,7 +10,7 @@ prints a one-line summary, and is skipped with its reason (never a crash) when a
 missing or the budget is spent. ``device.json`` and ``device.md`` are rewritten after every step, so
 a run cut short still leaves what it measured.
 
-1. ``env``: GPU, driver, torch/triton versions; installs the wheels from ``bench/device_wheels.sh``
+1. ``env``: GPU, driver, torch/triton versions; installs the wheels from ``tools/device/wheels.sh``
    (``.whl/``) and the project into ``--site`` and checks that every dependency imports. The score
    data are not carried (82 MB): when absent they are re-collected in the background from the D4RL
    reference policy with the recipe of ../shared/data/README.md and checked against its digest
@@ -24,7 +25,7 @@ a run cut short still leaves what it measured.
    ``--score-seeds``), all runs at once, in resumable run folders (``runs/device-scores``): run the
    command again on the same machine (``--steps scores``) to continue them.
 
-    bash bench/device_wheels.sh                  # here, once: the wheels the host lacks
+    bash tools/device/wheels.sh                  # here, once: the wheels the host lacks
     python -m bench.device                       # on the GPU host (writes bench/results/device)
     python -m bench.device --dry-run             # every step at tiny sizes on the CPU (into a new
                                                  # temporary folder, printed; --out to choose it)
@@ -36,7 +37,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import lzma
 import os
 import shutil
 import signal
@@ -49,9 +49,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
+from bench.common import SHARED_HOPPER
+from bench.harness import (
     REPO_ROOT,
-    SHARED_HOPPER,
     command_line,
     cpu_model,
     default_out,
@@ -59,6 +59,7 @@ from bench.common import (
     now_utc,
     usable_cores,
 )
+from tools.device.data import data_digest, pack_data, unpack_data
 
 SCRIPT = "device"
 MODULE = f"bench.{SCRIPT}"
@@ -70,7 +71,6 @@ COLLECT_STEPS = 1_000_000  # the shared file's recipe (../shared/data/README.md)
 DRY_RUN_COLLECT_STEPS = 3_000
 DATA = REPO_ROOT / "runs" / "device-data" / SHARED_HOPPER.name  # ignored, so kept on a warm host
 PACKED_DATA = DATA.with_suffix(".packed.npz")  # carried: `--pack-data` here, unpacked there
-DATA_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
 SCORE_RUNS = REPO_ROOT / "runs" / "device-scores"
 # data_digest() of ../shared/data/hopper-medium-sim-v4.hdf5: a re-collected copy has it where the
 # rollouts are bit-identical to the ones that made the shared file.
@@ -490,65 +490,6 @@ def _wait_for_data(device: Device, step: Step) -> Path | None:
         "same_as_shared": digest == DATA_DIGEST,
     }
     return device.data
-
-
-def data_digest(path: Path) -> str:
-    """sha256 over the arrays a dataset is made of (an hdf5 file's bytes also hold its write time)."""
-    import hashlib
-
-    import h5py
-
-    digest = hashlib.sha256()
-    with h5py.File(path, "r") as f:
-        for key in ("observations", "actions", "rewards", "terminals", "timeouts"):
-            digest.update(f[key][:].tobytes())
-    return digest.hexdigest()
-
-
-def pack_data(src: Path, dst: Path) -> None:
-    """Pack the arrays of an hdf5 dataset small enough to travel with a device call.
-
-    Each array is stored column by column with its bytes split into planes (sign and exponent bytes
-    of neighbouring floats repeat), then lzma-compressed: 44 MB for the 82 MB score data, against 47
-    with hdf5's own gzip. ``unpack_data`` restores the same arrays (``data_digest`` checks it).
-    """
-    import h5py
-    import numpy as np
-
-    packed: dict[str, Any] = {}
-    with h5py.File(src, "r") as f:
-        attrs = {k: v.item() if hasattr(v, "item") else v for k, v in f.attrs.items()}
-        for key in DATA_KEYS:
-            a = f[key][:]
-            columns = np.ascontiguousarray(a.reshape(len(a), -1).T)
-            planes = np.ascontiguousarray(columns.view(np.uint8).reshape(-1, a.dtype.itemsize).T)
-            packed[key] = np.frombuffer(lzma.compress(planes.tobytes(), preset=6), np.uint8)
-            packed[f"{key}.meta"] = np.array(json.dumps({"shape": a.shape, "dtype": a.dtype.str}))
-    packed["attrs"] = np.array(json.dumps(attrs))
-    packed["digest"] = np.array(data_digest(src))
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(dst, **packed)
-
-
-def unpack_data(src: Path, dst: Path) -> None:
-    """Write the hdf5 file ``pack_data`` packed; refuses a copy whose arrays differ."""
-    import h5py
-    import numpy as np
-
-    packed = np.load(src)
-    tmp = dst.with_suffix(".partial")
-    with h5py.File(tmp, "w") as f:
-        f.attrs.update(json.loads(str(packed["attrs"])))
-        for key in DATA_KEYS:
-            meta = json.loads(str(packed[f"{key}.meta"]))
-            dtype, shape = np.dtype(meta["dtype"]), tuple(meta["shape"])
-            raw = np.frombuffer(lzma.decompress(packed[key].tobytes()), np.uint8)
-            columns = np.ascontiguousarray(raw.reshape(dtype.itemsize, -1).T).view(dtype)
-            f.create_dataset(key, data=columns.reshape(-1, shape[0]).T.reshape(shape))
-    if data_digest(tmp) != str(packed["digest"]):
-        tmp.unlink()
-        raise ValueError(f"{src} does not unpack to the data it was packed from")
-    tmp.replace(dst)
 
 
 def _run_progress(root: Path) -> dict[str, Any]:

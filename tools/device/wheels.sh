@@ -11,11 +11,11 @@
 # --scores-only the serving stack (grpcio, protobuf, their health/reflection packages) stays behind,
 # so that the packed score data (`python -m bench.device --pack-data`, 44 MB) fit in the same call.
 #
-#   bash bench/device_wheels.sh            # then: python -m bench.device (on the GPU host)
-#   bash bench/device_wheels.sh --scores-only
+#   bash tools/device/wheels.sh            # then: python -m bench.device (on the GPU host)
+#   bash tools/device/wheels.sh --scores-only
 set -euo pipefail
 
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 DEST=.whl
 LIMIT_MIB=64
 WHEELS=(

@@ -1,0 +1,1 @@
+"""Tooling around the project that is neither the package nor a benchmark (see each folder's README)."""
