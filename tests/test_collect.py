@@ -127,7 +127,7 @@ def test_reproduces_the_shared_dataset(tmp_path):
             {"--env": "Walker2d-v4"},
             "observations of dim 11 .* Walker2d-v4 has observation dim 17 and action dim 6",
         ),
-        ({"--num-envs": "0"}, "--num-envs must be positive"),
+        ({"--num-envs": "0"}, "--num-envs: must be a positive integer, got 0"),
         ({"--out": "nowhere/x.hdf5"}, "output folder does not exist"),
     ],
 )
