@@ -318,3 +318,35 @@ def test_without_a_cxx_compiler_training_runs_eagerly_and_says_so_once(small_hop
     step = TrainStep(model, cfg, torch.device("cpu"), lines.append)
     assert step.forward is model
     assert len(lines) == 1 and "no C++ compiler" in lines[0] and "eagerly" in lines[0]
+
+
+def test_episode_rows_carry_their_state_from_update_to_update_and_need_a_recurrent_model(
+    small_hopper, tmp_path, monkeypatch
+):
+    """An episode row that goes on starts from the state the last update left (detached); one that
+    starts an episode from zeros. Without a recurrent state (DT) the option is refused."""
+    import dmm.trainer.train as train_module
+
+    dataset = load_dataset(small_hopper)
+    overrides = {"model": TINY, "updates": 6, "eval_episodes": 0, "compile": False, "batch_size": 4}
+    seen: list[tuple[np.ndarray, list | None]] = []
+    original = train_module.TrainStep._carried
+
+    def recording(self, fresh):
+        state = original(self, fresh)
+        seen.append((fresh.copy(), state))
+        return state
+
+    monkeypatch.setattr(train_module.TrainStep, "_carried", recording)
+    cfg = load_train_config(dataset.name, overrides={**overrides, "episode_fraction": 0.5})
+    train(cfg, dataset, ModelStore(tmp_path / "a"), "m", progress=False, log=lambda _: None)
+    assert seen[0][1] is None and seen[0][0].all()
+    fresh, state = seen[1]
+    assert not fresh[:2].all() and fresh[2:].all()  # two episode rows, two random windows
+    for block in state:
+        assert not block.ssm.requires_grad
+        assert (block.ssm[torch.from_numpy(fresh)] == 0).all()
+        assert (block.ssm[torch.from_numpy(~fresh)] != 0).any()
+    dt = load_train_config(dataset.name, overrides={**overrides, "episode_fraction": 0.5}, architecture="dt")
+    with pytest.raises(ConfigError, match="recurrent state"):
+        train(dt, dataset, ModelStore(tmp_path / "b"), "m", progress=False, log=lambda _: None)

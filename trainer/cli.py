@@ -189,6 +189,12 @@ def _add_optimization_options(train: argparse.ArgumentParser) -> None:
         type=float,
         help="evaluate and publish an exponential moving average of the weights (e.g. 0.999)",
     )
+    g.add_argument(
+        "--episode-fraction",
+        type=float,
+        help="share of each batch's rows that walk whole episodes, K steps per update, carrying the "
+        "recurrent state (trains what recurrent inference sees; DMM only; default 0)",
+    )
 
 
 def _add_evaluation_options(train: argparse.ArgumentParser) -> None:
@@ -273,6 +279,7 @@ CONFIG_OPTIONS = (
     "seed",
     "lr_schedule",
     "ema_decay",
+    "episode_fraction",
     "eval_every",
     "eval_episodes",
     "eval_num_envs",
