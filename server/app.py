@@ -134,11 +134,15 @@ class PolicyServer:
                 )
 
     async def shutdown(self) -> None:
-        """Health NOT_SERVING, refuse new RPCs, let sessions finish for the grace period, end the rest."""
+        """Drain: health NOT_SERVING, refuse new RPCs, tell the streams of clients that can resume to
+        move to another server at once, let the other sessions finish for the grace period, end the rest."""
         assert self.server is not None and self.service is not None and self.pool is not None
         await self.health.enter_graceful_shutdown()
         self.service.shutting_down = True
         stop = asyncio.ensure_future(self.server.stop(self.options.grace_s))
+        moved = self.service.move_resumable_sessions()
+        if moved:
+            logs.event(logging.INFO, "sessions moved", sessions=moved, reason="draining")
         deadline = asyncio.get_running_loop().time() + self.options.grace_s * 0.9
         while len(self.service.sessions) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.02)

@@ -30,6 +30,9 @@ from dmm.v1.modes import MODE_NAME
 
 # How long a handler waits after EOF for grpc to report a client cancellation (end-of-session only).
 CANCEL_WINDOW_S = 0.005
+# What a draining server ends a resumable stream with (UNAVAILABLE): the client resumes elsewhere.
+DRAIN_DETAILS = "server draining: resume the episodes on another server"
+RESUME_TRAILER = ("dmm-resume", "elsewhere")
 
 
 class Dispatcher:
@@ -75,6 +78,11 @@ class Dispatcher:
             if reason == "shutdown":
                 self.metrics.errors.labels(grpc.StatusCode.UNAVAILABLE.name).inc()
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "server shutting down; the session ended")
+            elif reason == "drained":
+                self.metrics.errors.labels(grpc.StatusCode.UNAVAILABLE.name).inc()
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE, DRAIN_DETAILS, trailing_metadata=(RESUME_TRAILER,)
+                )
             raise
         finally:
             if session is not None:
@@ -266,9 +274,18 @@ class Dispatcher:
 
     def end_all(self) -> int:
         """Shutdown: end every open session with UNAVAILABLE; returns how many were open."""
-        open_sessions = self.sessions.sessions()
-        for session in open_sessions:
-            session.end_reason = "shutdown"
+        return self._end(self.sessions.sessions(), "shutdown")
+
+    def move_resumable(self) -> int:
+        """Drain: end every session whose client said it can resume elsewhere (Start.resumable) at once,
+        with UNAVAILABLE and the trailer ``dmm-resume: elsewhere``, so its episodes go on on another
+        server rather than wait out the grace period here; returns how many."""
+        return self._end([s for s in self.sessions.sessions() if s.resumable], "drained")
+
+    @staticmethod
+    def _end(sessions: list[Session], reason: str) -> int:
+        for session in sessions:
+            session.end_reason = reason
             if session.task is not None:
                 session.task.cancel()
-        return len(open_sessions)
+        return len(sessions)

@@ -80,6 +80,10 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
         """Shutdown: end every open session with UNAVAILABLE; returns how many were open."""
         return self.streams.end_all()
 
+    def move_resumable_sessions(self) -> int:
+        """Drain: tell the streams whose clients can resume elsewhere to move; returns how many."""
+        return self.streams.move_resumable()
+
     async def Act(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
         await self.streams.run(context, ACT)
 

@@ -1,0 +1,188 @@
+"""No episode lost when a server dies or drains: a PolicyClient given two servers resumes its episodes on
+the other one, and in window mode the rollout's returns equal an uninterrupted rollout's."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from serving_fixtures import STATE_DIM, Stream, publish_tiny
+
+from dmm.client import PolicyClient, PolicyServiceError
+from dmm.server.testing import ServerProcess, metric_value
+from dmm.v1 import policy_pb2
+
+ENV = "hopper-medium-v2"
+ROLLOUT = {"env": ENV, "episodes": 4, "num_envs": 2, "seed": 3, "max_episode_steps": 80, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def store_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("store")
+    publish_tiny(root, ENV, seed=0)
+    return root
+
+
+@pytest.fixture
+def servers(store_root: Path) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+    first = ServerProcess(store_root, ["--mode", "window", "--grace", "20"]).start()
+    try:
+        with ServerProcess(store_root, ["--mode", "window"]) as second:
+            yield first, second
+    finally:
+        first.kill()
+
+
+class _Trigger(threading.Thread):
+    """Sends ``then`` to the first of ``servers`` that answers ``actions`` more actions than it had
+    answered when the trigger started; :attr:`fired` is that server."""
+
+    def __init__(self, servers: list[ServerProcess], actions: int, then: signal.Signals) -> None:
+        super().__init__(daemon=True)
+        self.servers, self.then = servers, then
+        self.limits = [_served(server) + actions for server in servers]
+        self.fired: ServerProcess | None = None
+        self.start()
+
+    def run(self) -> None:
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
+            for server, limit in zip(self.servers, self.limits, strict=True):
+                if _served(server) >= limit:
+                    assert server.proc is not None
+                    server.proc.send_signal(self.then)
+                    self.fired = server
+                    return
+            time.sleep(0.005)
+
+
+def _served(server: ServerProcess) -> float:
+    return metric_value(server.scrape(), "dmm_actions_total", {"model": ENV}) or 0.0
+
+
+def _rollout(client: PolicyClient, vectorized: bool):
+    """A vector env's rows always share their forwards; per-episode streams run one at a time, as
+    concurrent ones would share forwards with varying neighbours (float sums in another order)."""
+    return client.rollout(vectorized=vectorized, **{**ROLLOUT, "num_envs": 2 if vectorized else 1})
+
+
+def _reference(target: str, vectorized: bool) -> list[float]:
+    with PolicyClient(target) as client:
+        result = _rollout(client, vectorized)
+    assert result.failovers == 0
+    return result.returns
+
+
+@pytest.mark.parametrize("vectorized", [True, False], ids=["vector-env", "per-episode-streams"])
+@pytest.mark.parametrize("addresses", ["list", "multi-address"])
+def test_a_rollout_survives_a_killed_server(servers, vectorized: bool, addresses: str) -> None:
+    pytest.importorskip("mujoco")
+    first, second = servers
+    expected = _reference(second.target, vectorized)
+    if addresses == "list":
+        target: str | list[str] = [first.target, second.target]
+    else:
+        target = f"ipv4:{first.target},{second.target}"
+    killer = _Trigger([first, second], 15, signal.SIGKILL)
+    with PolicyClient(target) as client:
+        result = _rollout(client, vectorized)
+    killer.join(5)
+    assert killer.fired is not None and killer.fired.proc is not None
+    assert killer.fired.proc.wait(5) == -signal.SIGKILL
+    assert result.failovers >= 1
+    assert result.returns == expected  # window mode: the very same actions after the resume
+
+
+def test_a_draining_server_hands_its_episodes_over(servers) -> None:
+    pytest.importorskip("mujoco")
+    first, second = servers
+    expected = _reference(second.target, True)
+    drain = _Trigger([first], 15, signal.SIGTERM)
+    started = time.monotonic()
+    with PolicyClient([first.target, second.target]) as client:
+        result = client.rollout(**ROLLOUT)
+    drain.join(5)
+    assert drain.fired is first
+    assert result.failovers >= 1 and result.returns == expected
+    # Its streams moved at once, so it exits well before its 20 s grace period.
+    assert first.proc is not None and first.proc.wait(15) == 0
+    assert time.monotonic() - started < 15
+    assert any("sessions moved" in line for line in first.output)
+
+
+def test_a_draining_server_tells_resumable_streams_to_move_and_lets_others_finish(
+    store_root: Path,
+) -> None:
+    ok = np.zeros(STATE_DIM)
+    server = ServerProcess(store_root, ["--grace", "5"]).start()
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            old, resumable = Stream(channel), Stream(channel)
+            old.start(model=ENV)
+            old.step(ok)
+            resumable.start(model=ENV, resumable=True)
+            resumable.step(ok)
+            server.proc.send_signal(signal.SIGTERM)
+            with pytest.raises(grpc.RpcError) as info:
+                for _ in range(500):
+                    resumable.step(ok, reward=1.0)
+                    time.sleep(0.01)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "resume" in info.value.details()
+            assert ("dmm-resume", "elsewhere") in tuple(info.value.trailing_metadata() or ())
+            # A client that cannot resume keeps its session for the grace period, as before.
+            old.step(ok, reward=1.0)
+            old.end(1.0)
+            assert old.finish() == grpc.StatusCode.OK
+            # New sessions are refused: the client goes elsewhere.
+            with pytest.raises(grpc.RpcError) as refused:
+                Stream(channel).start(model=ENV)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert server.proc.wait(30) == 0
+    finally:
+        server.kill()
+
+
+def test_failover_gives_up_after_its_retries(store_root: Path) -> None:
+    """With no server left, the rollout fails with UNAVAILABLE after the bounded retries."""
+    pytest.importorskip("mujoco")
+    server = ServerProcess(store_root).start()
+    killer = _Trigger([server], 5, signal.SIGKILL)
+    try:
+        with (
+            PolicyClient(server.target, failover_retries=2, failover_backoff_s=0.01) as client,
+            pytest.raises(PolicyServiceError) as info,
+        ):
+            client.rollout(**ROLLOUT)
+        assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        killer.join(5)
+        server.kill()
+
+
+def test_bad_failover_settings_are_refused() -> None:
+    from dmm.errors import DMMError
+
+    with pytest.raises(DMMError, match="target"):
+        PolicyClient([])
+    with pytest.raises(DMMError, match="failover"):
+        PolicyClient("localhost:1", failover_retries=-1)
+
+
+def test_the_resume_start_pins_version_mode_and_target() -> None:
+    """A resumed stream asks for what the first server chose, so a new latest version cannot change
+    an episode halfway."""
+    from dmm.client.policy_client import _resume_start
+
+    started = policy_pb2.SessionStarted(
+        version=3, mode=policy_pb2.INFERENCE_MODE_RECURRENT, target_return=7.0
+    )
+    resumed = _resume_start(policy_pb2.Start(model=ENV, resumable=True), started)
+    assert (resumed.version, resumed.mode, resumed.target_return) == (3, started.mode, 7.0)
+    assert resumed.model == ENV and resumed.resumable
