@@ -18,7 +18,8 @@ from typing import Any
 
 from dmm.server.app import READY_PREFIX
 
-_READY_RE = re.compile(re.escape(READY_PREFIX) + r" grpc=(\S+):(\d+) metrics=(\S+):(\d+)")
+# The ready line starts its line (log lines start with their time), and names every field at once.
+_READY_RE = re.compile(re.escape(READY_PREFIX) + r" grpc=(\S+):(\d+) metrics=(\S+):(\d+)(.*)$")
 
 
 class ServerProcess:
@@ -90,11 +91,27 @@ class ServerProcess:
         assert self.proc is not None and self.proc.stdout is not None
         for line in self.proc.stdout:
             self.output.append(line)
-            match = _READY_RE.search(line)
-            if match:
+            match = _READY_RE.match(line.rstrip("\n"))
+            if match and self._is_server_ready_line(match.group(5)):
                 self.port, self.metrics_port = int(match.group(2)), int(match.group(4))
                 self._ready.set()
         self._ready.set()  # the process ended: stop waiting
+
+    def _is_server_ready_line(self, fields: str) -> bool:
+        """With ``--workers N`` only the supervisor's ready line (it ends ``workers=N``) says the server
+        is ready: a line from one worker that starts the same, or one written through a worker's log
+        line under load, must not be taken for it."""
+        workers = self._option("--workers")
+        return workers is None or fields.split()[-1:] == [f"workers={workers}"]
+
+    def _option(self, flag: str) -> str | None:
+        """The value of ``flag`` in the server's arguments (``--flag V`` or ``--flag=V``), None if absent."""
+        for i, arg in enumerate(self.args):
+            if arg == flag and i + 1 < len(self.args):
+                return self.args[i + 1]
+            if arg.startswith(flag + "="):
+                return arg.split("=", 1)[1]
+        return None
 
     def wait_healthy(self, deadline_s: float = 30.0) -> None:
         """Block until the gRPC health service answers SERVING."""
