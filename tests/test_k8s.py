@@ -692,3 +692,25 @@ def test_rendering_matches_kustomize(overlays, renders, configuration):
     theirs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(result.stdout) if d}
     ours = {(d["kind"], d["metadata"]["name"]): d for d in renders[configuration]}
     assert theirs == ours
+
+
+def test_the_rolling_update_section_matches_the_manifests(renders):
+    """What deploy/README.md promises of a rolling update is what the manifests do: readiness follows
+    the health the drain turns NOT_SERVING, the preStop sleep, --grace and the termination period it
+    names, a surge before any pod goes, and a budget that keeps a replica to resume on."""
+    readme = (DEPLOY / "README.md").read_text()
+    section = readme.split("\n### Rolling updates without losing episodes\n", 1)[1].split("\n## ", 1)[0]
+    deployment = one(renders["base"], "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    container = server(renders["base"])
+    assert container["readinessProbe"]["grpc"]["service"] == HEALTH_SERVICE
+    sleep = container["lifecycle"]["preStop"]["exec"]["command"][1]
+    grace = flags(container["args"])["--grace"]
+    assert f"sleeps {sleep} s" in section and f"`--grace` ({grace} s)" in section
+    assert f"`terminationGracePeriodSeconds: {pod['terminationGracePeriodSeconds']}`" in section
+    rolling = deployment["spec"]["strategy"]["rollingUpdate"]
+    assert (rolling["maxSurge"], rolling["maxUnavailable"]) == (1, 0)
+    assert "`maxSurge: 1`, `maxUnavailable: 0`" in section
+    assert one(renders["base"], "PodDisruptionBudget")["spec"]["minAvailable"] >= 1
+    for needle in ("dmm-resume: elsewhere", "Start.resumable", "RolloutResult.failovers", "round_robin"):
+        assert needle in section, needle
