@@ -88,7 +88,7 @@ REQUIRED_MODULES = (
     "tqdm",
     "matplotlib",
 )
-# What the tests and serve steps need beyond them (`device_wheels.sh --scores-only` leaves it behind)
+# What the tests and serve steps need beyond them (`tools/device/wheels.sh --scores-only` leaves it behind)
 SERVING_MODULES = (
     "grpc",
     "grpc_health",

@@ -60,6 +60,6 @@ EOF
 size_mib=$(du -sm "$DEST" | cut -f1)
 echo "$(ls "$DEST"/*.whl | wc -l) wheels, ${size_mib} MiB in $DEST"
 if (( size_mib > LIMIT_MIB )); then
-    echo "device_wheels.sh: $DEST is ${size_mib} MiB, over the ${LIMIT_MIB} MiB a device call may carry" >&2
+    echo "wheels.sh: $DEST is ${size_mib} MiB, over the ${LIMIT_MIB} MiB a device call may carry" >&2
     exit 1
 fi
