@@ -38,7 +38,13 @@ class ServerMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
+        self._add_step_metrics(self.registry)
+        self._add_session_metrics(self.registry)
+        self._add_episode_metrics(self.registry)
+        self._add_model_metrics(self.registry)
+
+    def _add_step_metrics(self, r: CollectorRegistry) -> None:
+        """Latency, actions and batching of steps, and how late the event loop runs."""
         self.act_latency = Histogram(
             "dmm_act_latency_seconds",
             "Time from a step message's arrival to its reply being written.",
@@ -70,6 +76,16 @@ class ServerMetrics:
         self.batch_size = Histogram(
             "dmm_batch_size", "Steps per batched forward.", ("model",), buckets=BATCH_BUCKETS, registry=r
         )
+        self.loop_lag = Histogram(
+            "dmm_event_loop_lag_seconds",
+            "How late the server's event loop runs a timer: when it grows, the server is saturated and new "
+            "streams and steps wait.",
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
+
+    def _add_session_metrics(self, r: CollectorRegistry) -> None:
+        """Sessions open, started, ended and resumed, and requests refused."""
         self.active_sessions = Gauge(
             "dmm_active_sessions",
             "Open Act sessions.",
@@ -90,14 +106,9 @@ class ServerMetrics:
             registry=r,
         )
         self.errors = Counter("dmm_errors", "Requests answered with an error status.", ("code",), registry=r)
-        self.loop_lag = Histogram(
-            "dmm_event_loop_lag_seconds",
-            "How late the server's event loop runs a timer: when it grows, the server is saturated and new "
-            "streams and steps wait.",
-            buckets=LAG_BUCKETS,
-            registry=r,
-        )
-        # Episodes a client completed with End, per model version: live policy quality.
+
+    def _add_episode_metrics(self, r: CollectorRegistry) -> None:
+        """Episodes a client completed with End, per model version: live policy quality."""
         per_version = ("model", "version")
         self.episode_return = Histogram(
             "dmm_episode_return",
@@ -120,6 +131,9 @@ class ServerMetrics:
             buckets=LENGTH_BUCKETS,
             registry=r,
         )
+
+    def _add_model_metrics(self, r: CollectorRegistry) -> None:
+        """Model versions loaded, and which are held now."""
         self.model_loads = Counter("dmm_model_loads", "Model versions loaded.", ("model",), registry=r)
         self.versions_loaded = _FlagGauge(
             "dmm_model_versions_loaded",
