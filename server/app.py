@@ -72,10 +72,20 @@ class PolicyServer:
             max_sessions=o.max_sessions,
             idle_timeout_s=o.idle_timeout_s,
         )
+        self.server = self._grpc_server()
+        self._listen()
+        await self.server.start()
+        self._lag_watch = asyncio.create_task(self._watch_event_loop())
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def _grpc_server(self) -> grpc.aio.Server:
+        """The gRPC server with the policy, health and reflection services, before it listens."""
+        o = self.options
         interceptors = []
         if o.auth_token_file is not None:
             interceptors.append(TokenAuth(load_tokens(o.auth_token_file), self.metrics))
-        self.server = grpc.aio.server(
+        server = grpc.aio.server(
             interceptors=interceptors,
             options=[
                 # the service refuses what is over the limit (counted, logged); the transport only
@@ -90,11 +100,16 @@ class PolicyServer:
                 ("grpc.server_max_unrequested_time_in_server", UNACCEPTED_STREAM_MAX_S),
             ],
         )
-        add_to_server(self.service, self.server, o.max_message_bytes)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        add_to_server(self.service, server, o.max_message_bytes)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
+        return server
+
+    def _listen(self) -> None:
+        """Bind the gRPC port (TLS when asked) and, outside ``--workers``, the metrics endpoint."""
+        o = self.options
         address = f"[{o.host}]:{o.port}" if ":" in o.host else f"{o.host}:{o.port}"
         try:
             if o.tls:
@@ -106,15 +121,11 @@ class PolicyServer:
             raise ConfigError(f"cannot listen on {address}: {err}") from None
         if self.worker:
             self.metrics_port = o.metrics_port  # the supervisor's
-        else:
-            try:
-                self._metrics_http, self.metrics_port = self.metrics.serve_http(o.metrics_port, o.host)
-            except OSError as err:
-                raise ConfigError(f"cannot serve metrics on {o.host}:{o.metrics_port}: {err}") from None
-        await self.server.start()
-        self._lag_watch = asyncio.create_task(self._watch_event_loop())
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            return
+        try:
+            self._metrics_http, self.metrics_port = self.metrics.serve_http(o.metrics_port, o.host)
+        except OSError as err:
+            raise ConfigError(f"cannot serve metrics on {o.host}:{o.metrics_port}: {err}") from None
 
     async def _watch_event_loop(self) -> None:
         """Measure how late the event loop runs (dmm_event_loop_lag_seconds) and say when it is
