@@ -185,7 +185,9 @@ def run_all(
         common += ["--max-delay-ms", str(args.max_delay_ms)] if args.max_delay_ms is not None else []
         for scan, batching, workers in itertools.product(args.scan_backends, args.batching, args.workers):
             config = f"{scan} scan, batching {batching}, {workers} worker(s)"
-            server_args[config] = [*common, "--scan-backend", scan, "--workers", str(workers)]
+            # one worker: dmm serve's own single process (a --workers count makes it a supervisor)
+            several = ["--workers", str(workers)] if workers > 1 else []
+            server_args[config] = [*common, "--scan-backend", scan, *several]
             on = ["--max-batch", str(args.max_batch)] if args.max_batch else []
             server_args[config] += on if batching == "on" else ["--max-batch", "1"]
             server = start_server(store, server_args[config], args, cores)
