@@ -1,0 +1,436 @@
+"""The whole recurrent step of a DMM policy as one CPU kernel (numba), on a runner's slot buffers in place.
+
+:meth:`DMMPolicy.step` in eager torch is ~90 small ops per step, and at one robot their dispatch,
+not the arithmetic, is the step's cost. :class:`FusedStep` does the same step in one call: it
+normalizes the raw state and return-to-go, embeds the three tokens (a_{t-1}, rtg_t, s_t) with their
+timestep embeddings and LayerNorm, runs them through every block (LayerNorms, the local mixer over
+the slot's cache of its last k-1 inputs, Mamba's projections, SiLU and softplus, the selective-scan
+update of the slot's state, the gate), then the final LayerNorm and the tanh head. The caches, the
+scan states and the previous actions are the runner's torch buffers, read and written through
+numpy views (a CPU tensor shares its memory), so the torch step and this one can take turns on a
+slot and :meth:`PolicyRunner.resume` fills the same buffers for both.
+
+Layout: all ``3 B`` tokens of a call are the rows of ``[3B, *]`` matrices (slot i's tokens at rows
+3i..3i+2), and each layer runs over all of them at once, so a weight matrix is read once per layer
+per call; the products are row-blocked loops whose inner loop runs over the output features
+(contiguous, vectorized). Only the scan and the local mixer's window walk the three tokens in order.
+``exp`` (SiLU, the scan's decay) is :mod:`dmm.model.scan_numba`'s vectorizable polynomial and
+softplus uses a vectorizable ``log1p``: libm's scalar calls would cost more than the products at
+large B. Weights are copied once, as float32, when a :class:`FusedStep` is built: a policy whose
+weights change afterwards needs a new one (a runner builds it with itself).
+
+The kernel runs on the calling thread and releases the GIL; it does not use numba's threading
+layers (see :mod:`dmm.model.scan_numba` on why threads did not pay on this kind of machine).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from dmm.model.mamba import ModifiedMamba
+from dmm.model.policy import TOKENS_PER_STEP, DMMPolicy
+from dmm.model.scan_numba import (
+    _EXP_FLOOR,
+    _HALF,
+    _LN2_HI,
+    _LN2_LO,
+    _LOG2E,
+    _ONE,
+    _P2,
+    _P3,
+    _P4,
+    _P5,
+    _P6,
+    _P7,
+    _jit,
+)
+from dmm.model.scan_numba import _forward as _scan_forward
+
+_EXP_CEIL = np.float32(88.0)  # exp(88) ~ 1.7e38 < the largest float32, 3.4e38
+_ZERO, _TWO = np.float32(0.0), np.float32(2.0)
+_SQRT2_M1 = np.float32(0.41421356237309503)  # log1p below folds 1 + y into [0.71, 1.42)
+_LN2 = np.float32(0.6931471805599453)
+_THIRD, _FIFTH, _SEVENTH = np.float32(1 / 3), np.float32(1 / 5), np.float32(1 / 7)
+_NINTH, _ELEVENTH = np.float32(1 / 9), np.float32(1 / 11)
+_SOFTPLUS_THRESHOLD = np.float32(20.0)  # torch's: softplus(x) = x above it
+_LOCAL_DSM, _LOCAL_CONV = 0, 1
+
+
+@_jit
+def _exp_into(z, out, bits):
+    """out[j] = exp(z[j]) (z clamped to [-87, 88]): scan_numba's polynomial. out must not be z: LLVM
+    vectorizes the loop only behind a check that the two do not overlap."""
+    scale = bits.view(np.float32)
+    for j in range(z.shape[0]):
+        x = min(max(z[j], _EXP_FLOOR), _EXP_CEIL)
+        m = np.floor(x * _LOG2E + _HALF)
+        r = x - m * _LN2_HI - m * _LN2_LO
+        out[j] = _ONE + r * (_ONE + r * (_P2 + r * (_P3 + r * (_P4 + r * (_P5 + r * (_P6 + r * _P7))))))
+        bits[j] = (np.int32(m) + np.int32(127)) << np.int32(23)
+    for j in range(z.shape[0]):
+        out[j] *= scale[j]
+
+
+@_jit
+def _softplus_into(x, z, e, bits):
+    """x[j] = softplus(x[j]) as torch computes it (x above 20 stays x), with a branch-free log1p;
+    z, e, bits: scratch of x's length.
+
+    softplus(x) = max(x, 0) + log1p(exp(-|x|)); log1p(y) for y in (0, 1] is 2 atanh(s) with
+    s = y / (2 + y), or with 1 + y halved (s = (y - 1) / (y + 3), plus ln 2) above sqrt(2) - 1, so
+    |s| <= 0.172 and six odd terms reach float32 precision; y itself is never rounded into 1 + y.
+    """
+    for j in range(x.shape[0]):
+        z[j] = -abs(x[j])
+    _exp_into(z, e, bits)
+    for j in range(x.shape[0]):
+        y = e[j]
+        high = y > _SQRT2_M1
+        s = (y - _ONE) / (y + np.float32(3.0)) if high else y / (_TWO + y)
+        s2 = s * s
+        series = _ONE + s2 * (_THIRD + s2 * (_FIFTH + s2 * (_SEVENTH + s2 * (_NINTH + s2 * _ELEVENTH))))
+        log1p = _TWO * s * series + (_LN2 if high else _ZERO)
+        v = x[j]
+        x[j] = v if v > _SOFTPLUS_THRESHOLD else max(v, _ZERO) + log1p
+
+
+@_jit
+def _silu_into(x, z, e, bits):
+    """x = x * sigmoid(x) in place (1-D); z, e, bits: scratch of x's length."""
+    for j in range(x.shape[0]):
+        z[j] = -x[j]
+    _exp_into(z, e, bits)
+    for j in range(x.shape[0]):
+        x[j] = x[j] / (_ONE + e[j])
+
+
+@_jit
+def _linear(x, wt, bias, out):
+    """out = x @ wt + bias: x [M, K] (M a multiple of 3), wt [K, N], bias [N], out [M, N].
+
+    Three rows at a time, so each weight row is loaded once for three tokens; the inner loop runs
+    over the N output features of a contiguous weight row.
+    """
+    M, K = x.shape
+    for m in range(0, M, 3):
+        o0, o1, o2 = out[m], out[m + 1], out[m + 2]
+        o0[:] = bias
+        o1[:] = bias
+        o2[:] = bias
+        for k in range(K):
+            x0, x1, x2, w = x[m, k], x[m + 1, k], x[m + 2, k], wt[k]
+            for n in range(w.shape[0]):
+                o0[n] += x0 * w[n]
+                o1[n] += x1 * w[n]
+                o2[n] += x2 * w[n]
+
+
+@_jit
+def _layer_norm(x, w, b, out):
+    """out[r] = LayerNorm(x[r]) with weight w, bias b and torch's eps 1e-5 (biased variance)."""
+    d = x.shape[1]
+    for r in range(x.shape[0]):
+        row, o = x[r], out[r]
+        mean = _ZERO
+        for c in range(d):
+            mean += row[c]
+        mean /= d
+        var = _ZERO
+        for c in range(d):
+            var += (row[c] - mean) * (row[c] - mean)
+        inv = _ONE / np.sqrt(var / d + np.float32(1e-5))
+        for c in range(d):
+            o[c] = (row[c] - mean) * inv * w[c] + b[c]
+
+
+@_jit
+def _embed(emb, mean, std, rtg_scale, prev_act, slots, steps, obs, rtgs, x):
+    """x [3B, d]: the tokens (a_{t-1}, rtg_t, s_t) of every slot, embedded, before the LayerNorm."""
+    w_act, b_act, w_rtg, b_rtg, w_state, b_state, table = emb
+    S = obs.shape[1]
+    t_max = table.shape[0] - 1
+    for i in range(slots.shape[0]):
+        a, r, s = x[3 * i], x[3 * i + 1], x[3 * i + 2]
+        a[:] = b_act
+        for k in range(w_act.shape[0]):
+            p = prev_act[slots[i], k]
+            for c in range(a.shape[0]):
+                a[c] += p * w_act[k, c]
+        rtg = rtgs[i] / rtg_scale
+        for c in range(r.shape[0]):
+            r[c] = w_rtg[c] * rtg + b_rtg[c]
+        s[:] = b_state
+        for k in range(S):
+            v = (obs[i, k] - mean[k]) / std[k]
+            for c in range(s.shape[0]):
+                s[c] += v * w_state[k, c]
+        if t_max >= 0:
+            t = min(max(steps[i], 0), t_max)
+            t_prev = min(max(steps[i] - 1, 0), t_max)
+            for c in range(a.shape[0]):
+                a[c] += table[t_prev, c]
+                r[c] += table[t, c]
+                s[c] += table[t, c]
+
+
+@_jit
+def _local_mix(xt, cache, slots, kind, w, bias, windows, out):
+    """out = the local mixer of the normalized tokens xt [3B, d] over each slot's cache [S, k-1, d],
+    which then holds the slot's last k-1 tokens. windows [3B, k*d]: token j's k inputs, oldest first."""
+    d = xt.shape[1]
+    k = windows.shape[1] // d
+    held = k - 1
+    for i in range(slots.shape[0]):
+        c = cache[slots[i]]
+        for j in range(TOKENS_PER_STEP):
+            row = windows[3 * i + j]
+            for p in range(j, j + k):  # position in (cache, tokens)
+                src = c[p] if p < held else xt[3 * i + p - held]
+                row[(p - j) * d : (p - j + 1) * d] = src
+        for q in range(held):  # shift: the last k-1 of (cache, tokens); c[q + 3] is read before written
+            p = q + TOKENS_PER_STEP
+            c[q] = c[p] if p < held else xt[3 * i + p - held]
+    if kind == _LOCAL_DSM:
+        _linear(windows, w, bias, out)
+        return
+    for r in range(xt.shape[0]):  # depthwise conv: w [k, d]
+        out[r] = bias
+        for p in range(k):
+            for ch in range(d):
+                out[r, ch] += windows[r, p * d + ch] * w[p, ch]
+
+
+@_jit
+def _mamba(zt, layer, li, mask, state, slots, out):
+    """out [3B, d] = ModifiedMamba(zt) of layer li; its scan (scan_numba's forward kernel, three tokens
+    per slot) updates the slots' rows of ``state`` [S, d_inner, d_state]."""
+    in_x, in_z, x_dt, x_b, x_c, dt_wt, dt_b, out_wt, At, D = layer[6:]
+    M, di, R, N = zt.shape[0], dt_wt.shape[2], dt_wt.shape[1], At.shape[1]
+    z, e, bits = np.empty(M * di, np.float32), np.empty(M * di, np.float32), np.empty(M * di, np.int32)
+    zeros = np.zeros(max(di, N), np.float32)
+    u, gate = np.empty((M, di), np.float32), np.empty((M, di), np.float32)
+    _linear(zt, in_x[li], zeros[:di], u)
+    _linear(zt, in_z[li], zeros[:di], gate)
+    _silu_into(u.reshape(M * di), z, e, bits)
+    _silu_into(gate.reshape(M * di), z, e, bits)
+    dt, B, C = np.empty((M, R), np.float32), np.empty((M, N), np.float32), np.empty((M, N), np.float32)
+    _linear(u, x_dt[li], zeros[:R], dt)
+    _linear(u, x_b[li], zeros[:N], B)
+    _linear(u, x_c[li], zeros[:N], C)
+    delta = np.empty((M, di), np.float32)
+    _linear(dt, dt_wt[li], dt_b[li], delta)
+    _softplus_into(delta.reshape(M * di), z, e, bits)
+    for r in range(M):
+        if not mask[r]:
+            delta[r] = _ZERO  # padding: the scan leaves the state as it is
+    b3 = (slots.shape[0], TOKENS_PER_STEP)
+    y = np.empty((M, di), np.float32)
+    _scan_forward(
+        u.reshape(*b3, di), delta.reshape(*b3, di), At[li], B.reshape(*b3, N), C.reshape(*b3, N), D[li],
+        state, slots, y.reshape(*b3, di),
+    )  # fmt: skip
+    for r in range(M):
+        for c in range(di):
+            y[r, c] *= gate[r, c]
+    _linear(y, out_wt[li], zeros[: out.shape[1]], out)
+
+
+@_jit
+def _block(x, layer, li, stream, kind, mask, cache, state, slots):
+    """x [3B, d] becomes block li's output: Z = X + DSM(LN1 X), Y = Z + Mamba(LN2 Z) ("stream"), or
+    each mixer added to its normalized input ("normalized")."""
+    ln1_w, ln1_b, ln2_w, ln2_b, local_w, local_b = layer[:6]
+    M, d = x.shape
+    xt = np.empty((M, d), np.float32)
+    _layer_norm(x, ln1_w[li], ln1_b[li], xt)
+    for r in range(M):
+        if not mask[r]:
+            xt[r] = _ZERO  # padding enters the local mixer as zeros, as before a sequence start
+    mixed = np.empty((M, d), np.float32)
+    width = local_w.shape[1] if kind == _LOCAL_DSM else local_w.shape[1] * d  # k * d either way
+    windows = np.empty((M, width), np.float32)
+    _local_mix(xt, cache, slots, kind, local_w[li], local_b[li], windows, mixed)
+    for r in range(M):
+        for c in range(d):
+            x[r, c] = (x[r, c] if stream else xt[r, c]) + mixed[r, c]
+    zt = xt  # LN1's output is no longer needed
+    _layer_norm(x, ln2_w[li], ln2_b[li], zt)
+    _mamba(zt, layer, li, mask, state, slots, mixed)
+    for r in range(M):
+        for c in range(d):
+            x[r, c] = (x[r, c] if stream else zt[r, c]) + mixed[r, c]
+
+
+@_jit
+def _head(x, head, slots, prev_act, out):
+    """out [B, act_dim] = tanh(head(LN_f(h))) at each slot's s_t token, also kept as its a_{t-1}."""
+    ln_w, ln_b, wt, b = head
+    d = x.shape[1]
+    h = np.empty((3, d), np.float32)  # _layer_norm works on rows; only the first is used
+    for i in range(slots.shape[0]):
+        _layer_norm(x[3 * i + 2 : 3 * i + 3], ln_w, ln_b, h[:1])
+        for a in range(wt.shape[1]):
+            acc = b[a]
+            for c in range(d):
+                acc += h[0, c] * wt[c, a]
+            out[i, a] = np.tanh(acc)
+            prev_act[slots[i], a] = out[i, a]
+
+
+@_jit
+def _step(emb, norm, layers, head, stream, kind, caches, states, prev_act, slots, steps, obs, rtgs, out):
+    """The whole step for slots [B]: see :class:`FusedStep`."""
+    ln_w, ln_b = emb[7], emb[8]
+    mean, std, rtg_scale = norm
+    B, d = slots.shape[0], ln_w.shape[0]
+    x = np.empty((TOKENS_PER_STEP * B, d), np.float32)
+    _embed(emb[:7], mean, std, rtg_scale, prev_act, slots, steps, obs, rtgs, x)
+    _layer_norm(x, ln_w, ln_b, x)
+    mask = np.ones(TOKENS_PER_STEP * B, np.bool_)
+    for i in range(B):
+        mask[3 * i] = steps[i] > 0  # at t = 0 the a_{t-1} token is padding
+    for li in range(caches.shape[0]):
+        _block(x, layers, li, stream, kind, mask, caches[li], states[li], slots)
+    _head(x, head, slots, prev_act, out)
+
+
+class SlotBuffers(NamedTuple):
+    """numpy views of a runner's recurrent slot buffers (float32, C-contiguous, on the CPU), each layer's
+    buffer a row of one array so that one compiled kernel serves any number of layers."""
+
+    local: np.ndarray  # [n_layer, S, k-1, d]: each local mixer's last k-1 inputs
+    ssm: np.ndarray  # [n_layer, S, d_inner, d_state]: each layer's scan state
+    prev_action: np.ndarray  # [S, act_dim]: the action each slot answered last
+
+
+def _f32(t: torch.Tensor) -> np.ndarray:
+    """A float32, C-contiguous copy of ``t`` that no later change of the module reaches."""
+    return np.array(t.detach().to("cpu", torch.float32).numpy(), dtype=np.float32, order="C", copy=True)
+
+
+def _stack(tensors: list[torch.Tensor]) -> np.ndarray:
+    return np.ascontiguousarray(np.stack([_f32(t) for t in tensors]))
+
+
+def _split(tensors: list[torch.Tensor], sizes: list[int]) -> list[np.ndarray]:
+    """Stacked column blocks of ``sizes`` of every layer's [in, out] weight: one product per block
+    gives each its own contiguous output."""
+    return [_stack(list(parts)) for parts in zip(*(t.split(sizes, dim=1) for t in tensors), strict=True)]
+
+
+def _view(t: torch.Tensor, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """The numpy view of buffer ``t``: the same memory, so the kernel's writes are the runner's."""
+    if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous float32 CPU tensor, not {t.dtype} on {t.device}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
+    return t.detach().numpy()
+
+
+class FusedStep:
+    """:meth:`DMMPolicy.step` for the rows ``slots`` of a runner's slot buffers, fused into one kernel,
+    with the runner's input normalization folded in (raw states and returns-to-go in, actions out)."""
+
+    def __init__(
+        self, model: DMMPolicy, state_mean: np.ndarray, state_std: np.ndarray, rtg_scale: float
+    ) -> None:
+        cfg = model.config
+        if not cfg.supports_recurrent:
+            raise ValueError(f"the fused step needs a Mamba global mixer ({cfg.describe_architecture()})")
+        self.config = cfg
+        self._norm = (
+            np.array(state_mean, np.float32).reshape(cfg.state_dim),
+            np.array(state_std, np.float32).reshape(cfg.state_dim),
+            np.float32(rtg_scale),
+        )
+        self._stream = cfg.residual == "stream"
+        self._kind = _LOCAL_DSM if cfg.local_mixer == "dsm" else _LOCAL_CONV
+        self._read_weights(model)
+
+    def _read_weights(self, model: DMMPolicy) -> None:
+        """Copy the weights once into the kernel's layout: linear weights transposed to [in, out]."""
+        d, di, N, R = (
+            self.config.d_model,
+            self.config.d_inner,
+            self.config.d_state,
+            self.config.resolved_dt_rank,
+        )
+        table = model.embed_timestep.weight if model.embed_timestep is not None else torch.zeros(0, d)
+        emb = [model.embed_action.weight.t(), model.embed_action.bias, model.embed_rtg.weight[:, 0]]
+        emb += [model.embed_rtg.bias, model.embed_state.weight.t(), model.embed_state.bias, table]
+        self._emb = tuple(_f32(t) for t in [*emb, model.embed_ln.weight, model.embed_ln.bias])
+        blocks = list(model.blocks)
+        mambas: list[ModifiedMamba] = [b.global_mixer for b in blocks]
+        local = [b.local.proj.weight.t() if self._kind == _LOCAL_DSM else b.local.weight for b in blocks]
+        local_bias = [b.local.proj.bias if self._kind == _LOCAL_DSM else b.local.bias for b in blocks]
+        self._layers = (
+            _stack([b.ln1.weight for b in blocks]),
+            _stack([b.ln1.bias for b in blocks]),
+            _stack([b.ln2.weight for b in blocks]),
+            _stack([b.ln2.bias for b in blocks]),
+            _stack(local),
+            _stack(local_bias),
+            *_split([m.in_proj.weight.t() for m in mambas], [di, di]),
+            *_split([m.x_proj.weight.t() for m in mambas], [R, N, N]),
+            _stack([m.dt_proj.weight.t() for m in mambas]),
+            _stack([m.dt_proj.bias for m in mambas]),
+            _stack([m.out_proj.weight.t() for m in mambas]),
+            _stack([(-torch.exp(m.A_log.float())).t() for m in mambas]),
+            _stack([m.D for m in mambas]),
+        )
+        self._head = tuple(
+            _f32(t) for t in (model.ln_f.weight, model.ln_f.bias, model.head.weight.t(), model.head.bias)
+        )
+
+    def views(self, local: torch.Tensor, ssm: torch.Tensor, prev_action: torch.Tensor) -> SlotBuffers:
+        """numpy views of a runner's buffers of S slots: local [n_layer, S, k-1, d], ssm
+        [n_layer, S, d_inner, d_state], prev_action [S, act_dim] (checked here once, not at each step)."""
+        cfg = self.config
+        L, S = cfg.n_layer, prev_action.shape[0]
+        return SlotBuffers(
+            _view(local, "the local-mixer buffer", (L, S, cfg.dsm_window - 1, cfg.d_model)),
+            _view(ssm, "the scan-state buffer", (L, S, cfg.d_inner, cfg.d_state)),
+            _view(prev_action, "the previous-action buffer", (S, cfg.act_dim)),
+        )
+
+    def __call__(
+        self, buffers: SlotBuffers, slots: np.ndarray, steps: np.ndarray, states: np.ndarray, rtgs: np.ndarray
+    ) -> np.ndarray:
+        """Step the distinct ``slots`` [B] (int64) at episode steps ``steps`` [B] (int64) on raw
+        ``states`` [B, state_dim] and raw returns-to-go ``rtgs`` [B] (float32); returns the actions
+        [B, act_dim] and updates the slots' rows of ``buffers`` in place. The kernel does not check
+        its indices, so they are checked here."""
+        B = len(slots)
+        ints = (slots.dtype, steps.dtype) == (np.int64, np.int64) and slots.shape == steps.shape == (B,)
+        if not ints or states.shape != (B, self.config.state_dim) or rtgs.shape != (B,):
+            raise ValueError(
+                f"expected int64 slots and steps [B], states [B, {self.config.state_dim}] and rtgs [B]; got "
+                f"{slots.dtype} {slots.shape}, {steps.dtype} {steps.shape}, {states.shape}, {rtgs.shape}"
+            )
+        if B and (slots.min() < 0 or slots.max() >= buffers.prev_action.shape[0]):
+            raise IndexError(f"slots must lie in [0, {buffers.prev_action.shape[0]})")
+        out = np.empty((B, self.config.act_dim), np.float32)
+        obs, rtg = np.ascontiguousarray(states, np.float32), np.ascontiguousarray(rtgs, np.float32)
+        _step(
+            self._emb, self._norm, self._layers, self._head, self._stream, self._kind,
+            buffers.local, buffers.ssm, buffers.prev_action, slots, steps, obs, rtg, out,
+        )  # fmt: skip
+        return out
+
+
+@functools.cache
+def warm_up() -> None:
+    """Compile (or load from numba's cache) the kernel now rather than at a first request: one
+    signature serves every policy size."""
+    from dmm.model.config import DMMConfig
+
+    cfg = DMMConfig(state_dim=1, act_dim=1, d_model=8, n_layer=1)
+    fused = FusedStep(DMMPolicy(cfg), np.zeros(1), np.ones(1), 1.0)
+    local = torch.zeros(1, 1, cfg.dsm_window - 1, cfg.d_model)
+    buffers = fused.views(local, torch.zeros(1, 1, cfg.d_inner, cfg.d_state), torch.zeros(1, 1))
+    one = np.zeros(1, np.int64)
+    fused(buffers, one, one, np.zeros((1, 1), np.float32), np.zeros(1, np.float32))

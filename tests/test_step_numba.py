@@ -1,0 +1,147 @@
+"""The fused CPU step (dmm.model.step_numba) against DMMPolicy.step, and its vectorized math helpers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dmm.model import DMMConfig, DMMPolicy
+from dmm.model.block import BlockState
+from dmm.model.step_numba import FusedStep, _exp_into, _softplus_into
+
+MEAN, STD, RTG_SCALE = 0.1, 2.0, 10.0
+
+
+def _model(seed: int = 0, **overrides) -> DMMPolicy:
+    """A small DMM whose every parameter, LayerNorms included, is moved off its initial value."""
+    torch.manual_seed(seed)
+    settings = {"state_dim": 5, "act_dim": 3, "d_model": 16, "n_layer": 2, "dsm_window": 4, "d_state": 4}
+    model = DMMPolicy(DMMConfig(**{**settings, "max_ep_len": 7, **overrides})).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+class _Pair:
+    """The same slot buffers twice: one stepped by the fused kernel, one by DMMPolicy.step."""
+
+    def __init__(self, model: DMMPolicy, capacity: int) -> None:
+        cfg = model.config
+        self.model = model
+        self.fused = FusedStep(model, np.full(cfg.state_dim, MEAN), np.full(cfg.state_dim, STD), RTG_SCALE)
+        local = torch.randn(cfg.n_layer, capacity, cfg.dsm_window - 1, cfg.d_model)
+        ssm = torch.randn(cfg.n_layer, capacity, cfg.d_inner, cfg.d_state)
+        self.buffers = [local, ssm, torch.randn(capacity, cfg.act_dim)]
+        self.reference = [b.clone() for b in self.buffers]
+        self.views = self.fused.views(*self.buffers)
+        self.steps = np.zeros(capacity, np.int64)
+
+    def start(self, slots: list[int]) -> None:
+        """A new episode in ``slots``: zero state, as a runner's reset leaves it."""
+        for buffers in (self.buffers, self.reference):
+            buffers[0][:, slots] = 0.0
+            buffers[1][:, slots] = 0.0
+            buffers[2][slots] = 0.0
+        self.steps[slots] = 0
+
+    def step(self, slots: list[int], rng: np.random.Generator) -> None:
+        cfg, idx = self.model.config, torch.as_tensor(slots)
+        states = rng.normal(size=(len(slots), cfg.state_dim)).astype(np.float32)
+        rtgs = rng.uniform(-5, 30, size=len(slots)).astype(np.float32)
+        steps = self.steps[slots]
+        got = self.fused(self.views, np.asarray(slots, np.int64), steps, states, rtgs)
+        local, ssm, prev = self.reference
+        state = [BlockState(local[i], ssm[i], slots=idx) for i in range(cfg.n_layer)]
+        obs = (torch.from_numpy(states) - MEAN) / STD
+        rtg = torch.from_numpy(rtgs).unsqueeze(-1) / RTG_SCALE
+        timesteps = torch.as_tensor(steps) if cfg.timestep_embedding else None
+        with torch.inference_mode():
+            want, _ = self.model.step(state, rtg, obs, prev[idx], torch.as_tensor(steps > 0), timesteps)
+        prev[idx] = want
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
+        for name, mine, theirs in zip(
+            ("local", "ssm", "prev_action"), self.buffers, self.reference, strict=True
+        ):
+            torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5, msg=f"{name} buffer")
+        self.steps[slots] += 1
+
+
+@pytest.mark.parametrize("residual", ["stream", "normalized"])
+@pytest.mark.parametrize("timestep_embedding", [True, False])
+@pytest.mark.parametrize("local_mixer", ["dsm", "conv"])
+def test_fused_step_equals_the_torch_step(residual, timestep_embedding, local_mixer):
+    """One slot alone, then many at different steps (some starting, some past max_ep_len, which the
+    timestep embedding clamps), in an order that is not the slot order; untouched rows stay as they are."""
+    model = _model(residual=residual, timestep_embedding=timestep_embedding, local_mixer=local_mixer)
+    pair, rng = _Pair(model, capacity=8), np.random.default_rng(1)
+    pair.start([3])
+    for _ in range(3):
+        pair.step([3], rng)
+    pair.start([0, 5, 6])
+    for t in range(9):
+        pair.step([5, 3, 0, 6] if t % 2 else [6, 0, 3], rng)
+        if t == 4:
+            pair.start([6])  # a new episode in a slot amid the others
+
+
+@pytest.mark.parametrize("dsm_window", [1, 2, 6])
+def test_fused_step_with_any_local_window(dsm_window):
+    """Windows shorter than a step's three tokens (no cache, one token) and longer ones."""
+    pair, rng = (
+        _Pair(_model(seed=dsm_window, dsm_window=dsm_window, n_layer=3), capacity=3),
+        np.random.default_rng(2),
+    )
+    pair.start([0, 1, 2])
+    for t in range(5):
+        pair.step([0, 1, 2] if t else [1], rng)
+
+
+def test_weights_are_read_once():
+    """Changing the module after the fused step was built changes nothing: the runner rebuilds it."""
+    model = _model()
+    pair = _Pair(model, capacity=1)
+    pair.start([0])
+    before = pair.fused(pair.views, np.zeros(1, np.int64), np.zeros(1, np.int64), np.ones((1, 5), np.float32),
+                        np.ones(1, np.float32))  # fmt: skip
+    with torch.no_grad():
+        model.head.bias.add_(1.0)
+    pair.start([0])
+    after = pair.fused(pair.views, np.zeros(1, np.int64), np.zeros(1, np.int64), np.ones((1, 5), np.float32),
+                       np.ones(1, np.float32))  # fmt: skip
+    np.testing.assert_array_equal(before, after)
+
+
+def test_bad_inputs_are_refused():
+    pair = _Pair(_model(), capacity=2)
+    slot, step = np.zeros(1, np.int64), np.zeros(1, np.int64)
+    states, rtgs = np.zeros((1, 5), np.float32), np.zeros(1, np.float32)
+    with pytest.raises(IndexError, match="slots must lie in"):
+        pair.fused(pair.views, np.array([2]), step, states, rtgs)
+    with pytest.raises(ValueError, match="expected int64 slots"):
+        pair.fused(pair.views, slot.astype(np.int32), step, states, rtgs)
+    with pytest.raises(ValueError, match="expected int64 slots"):
+        pair.fused(pair.views, slot, step, np.zeros((1, 4), np.float32), rtgs)
+    local, ssm, prev = pair.buffers
+    with pytest.raises(ValueError, match="local-mixer buffer has shape"):
+        pair.fused.views(local[:1], ssm, prev)
+    with pytest.raises(ValueError, match="contiguous float32 CPU tensor"):
+        pair.fused.views(local, ssm.double(), prev)
+    with pytest.raises(ValueError, match="needs a Mamba global mixer"):
+        FusedStep(_model(global_mixer="attention"), np.zeros(5), np.ones(5), 1.0)
+
+
+def test_exp_and_softplus_match_numpy_and_torch():
+    """The vectorizable exp over its clamped range and softplus on both sides of torch's threshold."""
+    z = np.linspace(-80, 80, 20001, dtype=np.float32)
+    out = np.empty_like(z)
+    _exp_into(z, out, np.empty(z.size, np.int32))
+    np.testing.assert_allclose(out, np.exp(z.astype(np.float64)), rtol=3e-7)
+    x = np.concatenate([np.linspace(-40, 40, 40001), [-1e-6, 0.0, 1e-6, 19.999, 20.0, 20.001, 1e4]]).astype(
+        np.float32
+    )
+    want = torch.nn.functional.softplus(torch.from_numpy(x).double()).numpy()
+    scratch = np.empty(x.size, np.float32), np.empty(x.size, np.float32), np.empty(x.size, np.int32)
+    _softplus_into(x, *scratch)
+    np.testing.assert_allclose(x, want, rtol=3e-7, atol=1e-30)
