@@ -145,3 +145,57 @@ def test_exp_and_softplus_match_numpy_and_torch():
     scratch = np.empty(x.size, np.float32), np.empty(x.size, np.float32), np.empty(x.size, np.int32)
     _softplus_into(x, *scratch)
     np.testing.assert_allclose(x, want, rtol=3e-7, atol=1e-30)
+
+
+def _episodes(runner, rng: np.random.Generator) -> list[np.ndarray]:
+    """Slots stepped at different steps, a slot resumed from a history and the capacity grown."""
+    runner.reset([0])
+    out = [runner.step([0], rng.normal(size=(1, 5)), [12.0])]
+    history = rng.normal(size=(4, 5)), rng.uniform(-1, 1, size=(4, 3)), np.linspace(9, 6, 4)
+    runner.resume([2], [history[0]], [history[1]], [history[2]])
+    runner.reset([5])  # grows past the first capacity
+    for t in range(4):
+        out.append(runner.step([5, 0, 2], rng.normal(size=(3, 5)), [8.0 - t, 11.0 - t, 5.0 - t]))
+    return out
+
+
+def test_the_runner_steps_with_the_fused_kernel_on_the_cpu_and_as_the_torch_step_does():
+    from conftest import policy_of
+
+    from dmm.model import PolicyRunner
+
+    policy = policy_of(_model(seed=3))
+    fused, eager = (
+        PolicyRunner(policy, "recurrent", capacity=2),
+        PolicyRunner(policy, "recurrent", 2, "torch"),
+    )
+    assert (fused.recurrent_step, eager.recurrent_step) == ("fused", "torch")
+    got, want = _episodes(fused, np.random.default_rng(4)), _episodes(eager, np.random.default_rng(4))
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_the_recurrent_step_is_chosen_by_option_or_environment(monkeypatch):
+    """auto: fused wherever the numba scan would run; the option wins over the environment."""
+    from conftest import policy_of
+
+    from dmm.model import PolicyRunner, scan
+
+    monkeypatch.setattr(scan, "_default", None)
+    monkeypatch.delenv(scan.ENV_VAR, raising=False)
+    monkeypatch.delenv("DMM_RECURRENT_STEP", raising=False)
+    policy = policy_of(_model())
+    assert PolicyRunner(policy, "recurrent").recurrent_step == "fused"
+    assert PolicyRunner(policy, "window").recurrent_step == "torch"
+    policy.model.set_scan_backend("torch")
+    assert PolicyRunner(policy, "recurrent").recurrent_step == "torch"
+    assert PolicyRunner(policy, "recurrent", recurrent_step="fused").recurrent_step == "fused"
+    policy.model.set_scan_backend(None)
+    monkeypatch.setenv("DMM_RECURRENT_STEP", "torch")
+    assert PolicyRunner(policy, "recurrent").recurrent_step == "torch"
+    assert PolicyRunner(policy, "recurrent", recurrent_step="auto").recurrent_step == "fused"
+    monkeypatch.setenv("DMM_RECURRENT_STEP", "fast")
+    with pytest.raises(ValueError, match=r"unknown \$DMM_RECURRENT_STEP 'fast'"):
+        PolicyRunner(policy, "recurrent")
+    with pytest.raises(ValueError, match="unknown recurrent_step 'eager'"):
+        PolicyRunner(policy, "recurrent", recurrent_step="eager")  # type: ignore[arg-type]

@@ -11,26 +11,71 @@ Two modes:
 A slot is a row in preallocated device buffers; callers own slot numbering (e.g. a server's session
 table) and call :meth:`PolicyRunner.reset` when an episode starts in a slot, or
 :meth:`PolicyRunner.resume` to continue an episode other slots (or another process) played so far.
+
+On the CPU, the recurrent step runs as one fused numba kernel (:mod:`dmm.model.step_numba`) rather
+than :meth:`DMMPolicy.step`'s ~90 torch ops; both read and write the same slot buffers and give the
+same actions (to 1e-5). It runs where the numba scan backend would; ``recurrent_step="torch"`` (or
+``DMM_RECURRENT_STEP=torch``) keeps the torch step, which is also what runs on a GPU. The fused
+step copies the weights when the runner is built: a runner serves the weights its policy had then.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, get_args
 
 import numpy as np
 import torch
 
+from dmm.errors import ConfigError
 from dmm.model.block import BlockState
 from dmm.model.config import InferenceMode
+from dmm.model.mamba import ModifiedMamba
 from dmm.model.policy import TOKENS_PER_STEP
+from dmm.model.scan import resolve_backend
 
 if TYPE_CHECKING:
     from dmm.model.checkpoint import Policy
+    from dmm.model.step_numba import FusedStep
+
+RecurrentStep = Literal["auto", "fused", "torch"]
+RECURRENT_STEP_ENV = "DMM_RECURRENT_STEP"
+
+
+def _fused_step(policy: Policy, mode: InferenceMode, choice: str | None) -> bool:
+    """Whether a runner steps with the fused CPU kernel: ``choice`` (None: ``$DMM_RECURRENT_STEP``, else
+    ``auto``). ``auto`` takes it in recurrent mode wherever the policy's scans would run the numba
+    backend (on the CPU, unless the scan backend is pinned to torch: then the whole torch step runs);
+    ``fused`` takes it on the CPU whatever the scan backend."""
+    source = "recurrent_step" if choice is not None else f"${RECURRENT_STEP_ENV}"
+    choice = choice if choice is not None else (os.environ.get(RECURRENT_STEP_ENV, "").strip() or "auto")
+    if choice not in get_args(RecurrentStep):
+        raise ValueError(f"unknown {source} {choice!r}; expected auto, fused or torch")
+    if choice == "torch" or mode != "recurrent":
+        return False
+    if policy.device.type != "cpu":
+        if choice == "fused":
+            raise ValueError(f"the fused recurrent step runs on the CPU, not on {policy.device}")
+        return False
+    if choice == "fused":
+        return True
+    pinned = next(m.scan_backend for m in policy.model.modules() if isinstance(m, ModifiedMamba))
+    try:
+        return resolve_backend(pinned, policy.device) == "numba"
+    except ConfigError:
+        return False  # a scan backend that cannot run here: the torch step reports it at its first step
 
 
 class PolicyRunner:
-    def __init__(self, policy: Policy, mode: InferenceMode = "window", capacity: int = 64) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        mode: InferenceMode = "window",
+        capacity: int = 64,
+        recurrent_step: RecurrentStep | None = None,
+    ) -> None:
         if mode not in ("window", "recurrent"):
             raise ValueError(f"unknown inference mode {mode!r}; expected 'window' or 'recurrent'")
         if mode == "recurrent" and not policy.config.supports_recurrent:
@@ -45,33 +90,54 @@ class PolicyRunner:
         self._mean = torch.tensor(policy.meta.state_mean, dtype=torch.float32, device=self.device)
         self._std = torch.tensor(policy.meta.state_std, dtype=torch.float32, device=self.device)
         self._rtg_scale = float(policy.meta.rtg_scale)
+        self._fused: FusedStep | None = None
+        if _fused_step(policy, mode, recurrent_step):
+            from dmm.model import step_numba
+
+            step_numba.warm_up()  # compile (or load) now, not at the first step
+            mean, std = self._mean.numpy(), self._std.numpy()
+            self._fused = step_numba.FusedStep(self.model, mean, std, self._rtg_scale)
         self.capacity = 0
         self._steps = np.zeros(0, dtype=np.int64)
         self._buffers: dict[str, torch.Tensor] = {}
         self._grow(max(1, capacity))
 
-    def _buffer_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Per-slot buffer shapes (the slot axis is 0); one local-mixer and one scan buffer per layer."""
+    @property
+    def recurrent_step(self) -> RecurrentStep:
+        """Which recurrent step runs: ``fused`` (the CPU kernel) or ``torch`` (also in window mode)."""
+        return "fused" if self._fused is not None else "torch"
+
+    def _allocate(self, capacity: int) -> dict[str, torch.Tensor]:
+        """Zeroed buffers for ``capacity`` slots (the slot axis is 0). In recurrent mode the local-mixer
+        and the scan buffers of all layers are the rows of one [n_layer, S, ...] tensor per kind, which
+        the fused step takes whole; each layer's entry is its (contiguous) row."""
+        zeros = functools.partial(torch.zeros, dtype=torch.float32, device=self.device)
         cfg = self.policy.config
         if self.mode == "window":
             K = self.context
-            return {"rtg": (K, 1), "obs": (K, self.state_dim), "act": (K, self.act_dim)}
-        per_layer = {}
-        for layer in range(cfg.n_layer):
-            per_layer[f"local.{layer}"] = (cfg.dsm_window - 1, cfg.d_model)
-            per_layer[f"ssm.{layer}"] = (cfg.d_inner, cfg.d_state)
-        return {**per_layer, "prev_action": (self.act_dim,)}
+            obs, act = zeros(capacity, K, self.state_dim), zeros(capacity, K, self.act_dim)
+            return {"rtg": zeros(capacity, K, 1), "obs": obs, "act": act}
+        self._layer_stacks = {
+            "local": zeros(cfg.n_layer, capacity, cfg.dsm_window - 1, cfg.d_model),
+            "ssm": zeros(cfg.n_layer, capacity, cfg.d_inner, cfg.d_state),
+        }
+        stacks = self._layer_stacks.items()
+        per_layer = {f"{kind}.{i}": stack[i] for kind, stack in stacks for i in range(cfg.n_layer)}
+        return {**per_layer, "prev_action": zeros(capacity, self.act_dim)}
 
     def _grow(self, capacity: int) -> None:
         if capacity <= self.capacity:
             return
-        for name, shape in self._buffer_shapes().items():
-            fresh = torch.zeros((capacity, *shape), dtype=torch.float32, device=self.device)
+        fresh = self._allocate(capacity)
+        for name, buffer in fresh.items():
             if name in self._buffers:
-                fresh[: self.capacity] = self._buffers[name]
-            self._buffers[name] = fresh
+                buffer[: self.capacity] = self._buffers[name]
+        self._buffers = fresh
         self._steps = np.concatenate([self._steps, np.zeros(capacity - self.capacity, dtype=np.int64)])
         self.capacity = capacity
+        if self._fused is not None:
+            stacks = self._layer_stacks
+            self._views = self._fused.views(stacks["local"], stacks["ssm"], fresh["prev_action"])
 
     def reset(self, slots: Sequence[int]) -> None:
         """Start a new episode in each of ``slots`` (capacity grows as needed)."""
@@ -183,10 +249,14 @@ class PolicyRunner:
             raise ValueError("slots in one step must be distinct")
         if max(slots) >= self.capacity:
             raise IndexError(f"slot {max(slots)} was never reset")
+        steps = self._steps[slots]
+        if self._fused is not None:
+            action = self._fused(self._views, np.asarray(slots, dtype=np.int64), steps, states, rtgs)
+            self._steps[slots] = steps + 1
+            return action
         idx = torch.as_tensor(slots, dtype=torch.long, device=self.device)
         obs = (torch.from_numpy(states).to(self.device) - self._mean) / self._std
         rtg = torch.from_numpy(rtgs).to(self.device).unsqueeze(-1) / self._rtg_scale
-        steps = self._steps[slots]
         if self.mode == "window":
             action = self._window_step(idx, obs, rtg, steps)
         else:
