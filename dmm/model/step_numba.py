@@ -109,24 +109,37 @@ def _silu_into(x, z, e, bits):
 
 
 @_jit
+def _rows(x, wt, out, m, rows):
+    """out[m : m + rows] = x[m : m + rows] @ wt for rows = 6 or 3 (a literal after inlining)."""
+    for k in range(x.shape[1]):
+        x0, x1, x2 = x[m, k], x[m + 1, k], x[m + 2, k]
+        if rows == 6:
+            x3, x4, x5 = x[m + 3, k], x[m + 4, k], x[m + 5, k]
+        for n in range(wt.shape[1]):
+            w = wt[k, n]
+            out[m, n] += x0 * w
+            out[m + 1, n] += x1 * w
+            out[m + 2, n] += x2 * w
+            if rows == 6:
+                out[m + 3, n] += x3 * w
+                out[m + 4, n] += x4 * w
+                out[m + 5, n] += x5 * w
+
+
+@_jit
 def _linear(x, wt, bias, out):
     """out = x @ wt + bias: x [M, K] (M a multiple of 3), wt [K, N], bias [N], out [M, N].
 
-    Three rows at a time, so each weight row is loaded once for three tokens; the inner loop runs
-    over the N output features of a contiguous weight row.
+    Six rows at a time (then three), so each weight row is loaded once for six tokens; the inner
+    loop runs over the N output features of a contiguous weight row.
     """
-    M, K = x.shape
-    for m in range(0, M, 3):
-        o0, o1, o2 = out[m], out[m + 1], out[m + 2]
-        o0[:] = bias
-        o1[:] = bias
-        o2[:] = bias
-        for k in range(K):
-            x0, x1, x2, w = x[m, k], x[m + 1, k], x[m + 2, k], wt[k]
-            for n in range(w.shape[0]):
-                o0[n] += x0 * w[n]
-                o1[n] += x1 * w[n]
-                o2[n] += x2 * w[n]
+    M = x.shape[0]
+    for m in range(M):
+        out[m] = bias
+    for m in range(0, M - M % 6, 6):
+        _rows(x, wt, out, m, 6)
+    if M % 6:
+        _rows(x, wt, out, M - 3, 3)
 
 
 @_jit
@@ -208,35 +221,34 @@ def _local_mix(xt, cache, slots, kind, w, bias, windows, out):
 def _mamba(zt, layer, li, mask, state, slots, out):
     """out [3B, d] = ModifiedMamba(zt) of layer li; its scan (scan_numba's forward kernel, three tokens
     per slot) updates the slots' rows of ``state`` [S, d_inner, d_state]."""
-    in_x, in_z, x_dt, x_b, x_c, dt_wt, dt_b, out_wt, At, D = layer[6:]
+    in_wt, x_wt, dt_wt, dt_b, out_wt, At, D = layer[6:]
     M, di, R, N = zt.shape[0], dt_wt.shape[2], dt_wt.shape[1], At.shape[1]
-    z, e, bits = np.empty(M * di, np.float32), np.empty(M * di, np.float32), np.empty(M * di, np.int32)
-    zeros = np.zeros(max(di, N), np.float32)
-    u, gate = np.empty((M, di), np.float32), np.empty((M, di), np.float32)
-    _linear(zt, in_x[li], zeros[:di], u)
-    _linear(zt, in_z[li], zeros[:di], gate)
-    _silu_into(u.reshape(M * di), z, e, bits)
-    _silu_into(gate.reshape(M * di), z, e, bits)
-    dt, B, C = np.empty((M, R), np.float32), np.empty((M, N), np.float32), np.empty((M, N), np.float32)
-    _linear(u, x_dt[li], zeros[:R], dt)
-    _linear(u, x_b[li], zeros[:N], B)
-    _linear(u, x_c[li], zeros[:N], C)
+    xz = np.empty((M, 2 * di), np.float32)
+    _linear(zt, in_wt[li], np.zeros(2 * di, np.float32), xz)
+    z, e, bits = (
+        np.empty(2 * M * di, np.float32),
+        np.empty(2 * M * di, np.float32),
+        np.empty(2 * M * di, np.int32),
+    )
+    _silu_into(xz.reshape(2 * M * di), z, e, bits)  # u = silu(x) and the gate silu(z) at once
+    b3 = (slots.shape[0], TOKENS_PER_STEP)
+    u = np.ascontiguousarray(xz[:, :di]).reshape(*b3, di)
+    dbc = np.empty((M, R + 2 * N), np.float32)
+    _linear(xz[:, :di], x_wt[li], np.zeros(R + 2 * N, np.float32), dbc)
     delta = np.empty((M, di), np.float32)
-    _linear(dt, dt_wt[li], dt_b[li], delta)
-    _softplus_into(delta.reshape(M * di), z, e, bits)
+    _linear(dbc[:, :R], dt_wt[li], dt_b[li], delta)
+    _softplus_into(delta.reshape(M * di), z[: M * di], e[: M * di], bits[: M * di])
     for r in range(M):
         if not mask[r]:
             delta[r] = _ZERO  # padding: the scan leaves the state as it is
-    b3 = (slots.shape[0], TOKENS_PER_STEP)
+    B = np.ascontiguousarray(dbc[:, R : R + N]).reshape(*b3, N)
+    C = np.ascontiguousarray(dbc[:, R + N :]).reshape(*b3, N)
     y = np.empty((M, di), np.float32)
-    _scan_forward(
-        u.reshape(*b3, di), delta.reshape(*b3, di), At[li], B.reshape(*b3, N), C.reshape(*b3, N), D[li],
-        state, slots, y.reshape(*b3, di),
-    )  # fmt: skip
+    _scan_forward(u, delta.reshape(*b3, di), At[li], B, C, D[li], state, slots, y.reshape(*b3, di))
     for r in range(M):
         for c in range(di):
-            y[r, c] *= gate[r, c]
-    _linear(y, out_wt[li], zeros[: out.shape[1]], out)
+            y[r, c] *= xz[r, di + c]
+    _linear(y, out_wt[li], np.zeros(out.shape[1], np.float32), out)
 
 
 @_jit
@@ -316,12 +328,6 @@ def _stack(tensors: list[torch.Tensor]) -> np.ndarray:
     return np.ascontiguousarray(np.stack([_f32(t) for t in tensors]))
 
 
-def _split(tensors: list[torch.Tensor], sizes: list[int]) -> list[np.ndarray]:
-    """Stacked column blocks of ``sizes`` of every layer's [in, out] weight: one product per block
-    gives each its own contiguous output."""
-    return [_stack(list(parts)) for parts in zip(*(t.split(sizes, dim=1) for t in tensors), strict=True)]
-
-
 def _view(t: torch.Tensor, name: str, shape: tuple[int, ...]) -> np.ndarray:
     """The numpy view of buffer ``t``: the same memory, so the kernel's writes are the runner's."""
     if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
@@ -353,12 +359,7 @@ class FusedStep:
 
     def _read_weights(self, model: DMMPolicy) -> None:
         """Copy the weights once into the kernel's layout: linear weights transposed to [in, out]."""
-        d, di, N, R = (
-            self.config.d_model,
-            self.config.d_inner,
-            self.config.d_state,
-            self.config.resolved_dt_rank,
-        )
+        d = self.config.d_model
         table = model.embed_timestep.weight if model.embed_timestep is not None else torch.zeros(0, d)
         emb = [model.embed_action.weight.t(), model.embed_action.bias, model.embed_rtg.weight[:, 0]]
         emb += [model.embed_rtg.bias, model.embed_state.weight.t(), model.embed_state.bias, table]
@@ -374,8 +375,8 @@ class FusedStep:
             _stack([b.ln2.bias for b in blocks]),
             _stack(local),
             _stack(local_bias),
-            *_split([m.in_proj.weight.t() for m in mambas], [di, di]),
-            *_split([m.x_proj.weight.t() for m in mambas], [R, N, N]),
+            _stack([m.in_proj.weight.t() for m in mambas]),
+            _stack([m.x_proj.weight.t() for m in mambas]),
             _stack([m.dt_proj.weight.t() for m in mambas]),
             _stack([m.dt_proj.bias for m in mambas]),
             _stack([m.out_proj.weight.t() for m in mambas]),
