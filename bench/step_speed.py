@@ -1,11 +1,14 @@
-"""Policy step speed: ``PolicyRunner.step`` per scan backend, batch size and inference mode.
+"""Policy step speed: ``PolicyRunner.step`` per step backend, batch size and inference mode.
 
-For every mode and batch size B, each backend gets a fresh runner with B slots; the runners step in
-turn (backend 1, backend 2, backend 1, ...), so machine noise hits all backends alike. After
-``--warmup`` untimed steps (past the context K, so window rows run full windows) come ``--steps``
-timed ones; the median step time is reported. All backends see the same states and returns-to-go,
-so their actions are compared too (max |difference| against the first backend). One process, one
-policy; the policy's modules are shared, so each runner's step pins the scan backend first.
+Backends: ``torch`` (the torch step, torch scan), ``numba`` (the torch step, numba scan) and, in
+recurrent mode, ``fused`` (the whole step as one numba kernel, :mod:`dmm.model.step_numba`: the
+runner's default recurrent step on the CPU). For every mode and batch size B, each backend gets a
+fresh runner with B slots; the runners step in turn (backend 1, backend 2, backend 1, ...), so
+machine noise hits all backends alike. After ``--warmup`` untimed steps (past the context K, so
+window rows run full windows) come ``--steps`` timed ones; the median step time is reported. All
+backends see the same states and returns-to-go, so their actions are compared too (max |difference|
+against the first backend). One process, one policy; the policy's modules are shared, so each torch
+runner's step pins the scan backend first.
 
     python -m bench.step_speed                        # a fresh paper-size DMM, 1 thread
     python -m bench.step_speed --store models --name hopper-medium-sim-v4
@@ -29,7 +32,7 @@ SCRIPT = "step_speed"
 COLUMNS = (
     ("mode", "{mode}"),
     ("B", "{batch}"),
-    ("scan", "{backend}"),
+    ("step", "{backend}"),
     ("ms/step (median)", "{median_step_ms:.3f}"),
     ("us/action", "{us_per_action:.1f}"),
     ("actions/s", "{actions_per_second:.0f}"),
@@ -43,7 +46,11 @@ def time_steps(policy: Any, mode: str, batch: int, args: argparse.Namespace) -> 
     from dmm.model import PolicyRunner
 
     slots = list(range(batch))
-    runners = {backend: PolicyRunner(policy, mode, capacity=batch) for backend in args.backends}
+    backends = [b for b in args.backends if b != "fused" or mode == "recurrent"]
+    runners = {
+        b: PolicyRunner(policy, mode, capacity=batch, recurrent_step="fused" if b == "fused" else "torch")
+        for b in backends
+    }
     for runner in runners.values():
         runner.reset(slots)
     rng = np.random.default_rng(args.seed)
@@ -54,7 +61,8 @@ def time_steps(policy: Any, mode: str, batch: int, args: argparse.Namespace) -> 
     actions: dict[str, list[np.ndarray]] = {backend: [] for backend in runners}
     for t in range(total):
         for backend, runner in runners.items():
-            policy.model.set_scan_backend(backend)
+            if backend != "fused":
+                policy.model.set_scan_backend(backend)
             start = time.perf_counter()
             out = runner.step(slots, states[t], np.full(batch, rtgs[t], dtype=np.float32))
             if t >= args.warmup:
@@ -82,9 +90,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument(
         "--backends",
         nargs="+",
-        choices=("torch", "numba"),
-        default=["torch", "numba"],
-        help="scan backends; the first is the reference (default: torch numba)",
+        choices=("torch", "numba", "fused"),
+        default=["torch", "numba", "fused"],
+        help="torch or numba: the torch step with that scan backend; fused: the fused numba step "
+        "(recurrent mode only); the first is the reference (default: torch numba fused)",
     )
     p.add_argument("--steps", type=int, help="timed steps per row (default 50; 5 with --quick)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 20; 10 with --quick)")
@@ -134,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for mode in args.modes:
         for backend in args.backends:
             pts = [r for r in rows if r["mode"] == mode and r["backend"] == backend]
+            if not pts:
+                continue
             style = "-" if backend == args.backends[-1] else "--"
             ax.plot([r["batch"] for r in pts], [r["us_per_action"] for r in pts], style, marker="o")
             ax.lines[-1].set_label(f"{mode}, {backend}")
@@ -146,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"policy: {source}; torch threads {args.threads}; {args.warmup} untimed steps, then the median of "
         f"{args.steps} timed steps per row; a step = normalize, forward, read the actions back",
         f"x {reference}: its median step time over this row's, same mode and B, steps interleaved",
+        "step torch / numba: DMMPolicy.step (eager torch) with that scan backend; fused: the whole "
+        "recurrent step as one numba kernel (dmm/model/step_numba.py), the runner's default on the CPU",
     ]
     table = format_table([(h.format(reference=reference), f) for h, f in COLUMNS], rows)
     write_report(args.out, SCRIPT, "Policy step speed (PolicyRunner.step)", table, payload, fig, notes)
