@@ -199,3 +199,32 @@ def test_the_recurrent_step_is_chosen_by_option_or_environment(monkeypatch):
         PolicyRunner(policy, "recurrent")
     with pytest.raises(ValueError, match="unknown recurrent_step 'eager'"):
         PolicyRunner(policy, "recurrent", recurrent_step="eager")  # type: ignore[arg-type]
+
+
+def test_auto_steps_large_batches_with_torch_on_the_same_slots(monkeypatch):
+    """Over AUTO_FUSED_MAX_ROWS rows ``auto`` takes the torch step, reading and writing the slots the
+    fused step uses, so episodes go on across batch sizes with the actions of the torch step."""
+    from conftest import policy_of
+
+    from dmm.model import PolicyRunner, inference
+
+    monkeypatch.setattr(inference, "AUTO_FUSED_MAX_ROWS", 2)
+    policy = policy_of(_model(seed=6))
+    calls = []
+    auto, eager = PolicyRunner(policy, "recurrent", 4), PolicyRunner(policy, "recurrent", 4, "torch")
+    original = type(auto._fused).__call__
+    monkeypatch.setattr(
+        type(auto._fused), "__call__", lambda self, *a: calls.append(len(a[1])) or original(self, *a)
+    )
+    rng_a, rng_b = np.random.default_rng(1), np.random.default_rng(1)
+    for runner in (auto, eager):
+        runner.reset([0, 1, 2])
+    for rows in ([0, 1, 2], [0, 1], [2], [0, 1, 2]):
+        states = rng_a.normal(size=(len(rows), 5))
+        np.testing.assert_allclose(
+            auto.step(rows, states, [9.0] * len(rows)),
+            eager.step(rows, rng_b.normal(size=(len(rows), 5)), [9.0] * len(rows)),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+    assert calls == [2, 1]  # the three-row batches took the torch step

@@ -14,7 +14,8 @@ table) and call :meth:`PolicyRunner.reset` when an episode starts in a slot, or
 
 On the CPU, the recurrent step runs as one fused numba kernel (:mod:`dmm.model.step_numba`) rather
 than :meth:`DMMPolicy.step`'s ~90 torch ops; both read and write the same slot buffers and give the
-same actions (to 1e-5). It runs where the numba scan backend would; ``recurrent_step="torch"`` (or
+same actions (to 1e-5). It runs where the numba scan backend would, for batches of up to
+``AUTO_FUSED_MAX_ROWS`` rows (larger ones take the torch step); ``recurrent_step="torch"`` (or
 ``DMM_RECURRENT_STEP=torch``) keeps the torch step, which is also what runs on a GPU. The fused
 step copies the weights when the runner is built: a runner serves the weights its policy had then.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal, get_args
 
@@ -44,28 +46,35 @@ RecurrentStep = Literal["auto", "fused", "torch"]
 RECURRENT_STEP_ENV = "DMM_RECURRENT_STEP"
 
 
-def _fused_step(policy: Policy, mode: InferenceMode, choice: str | None) -> bool:
-    """Whether a runner steps with the fused CPU kernel: ``choice`` (None: ``$DMM_RECURRENT_STEP``, else
-    ``auto``). ``auto`` takes it in recurrent mode wherever the policy's scans would run the numba
-    backend (on the CPU, unless the scan backend is pinned to torch: then the whole torch step runs);
-    ``fused`` takes it on the CPU whatever the scan backend."""
+# Above this many rows ``auto`` steps with torch (its BLAS products beat the kernel's own loops): the
+# fused step is 8.6x the torch step at B=1, about equal to torch with the numba scan at B=64 and 14%
+# slower at B=256 (bench/results/step_speed).
+AUTO_FUSED_MAX_ROWS = 64
+
+
+def _fused_max_rows(policy: Policy, mode: InferenceMode, choice: str | None) -> int:
+    """How many rows a runner steps at most with the fused CPU kernel (0: never), by ``choice`` (None:
+    ``$DMM_RECURRENT_STEP``, else ``auto``). ``auto`` takes it in recurrent mode for up to
+    :data:`AUTO_FUSED_MAX_ROWS` rows wherever the policy's scans would run the numba backend (on the
+    CPU, unless the scan backend is pinned to torch: then the whole torch step runs); ``fused`` takes
+    it for every batch on the CPU whatever the scan backend."""
     source = "recurrent_step" if choice is not None else f"${RECURRENT_STEP_ENV}"
     choice = choice if choice is not None else (os.environ.get(RECURRENT_STEP_ENV, "").strip() or "auto")
     if choice not in get_args(RecurrentStep):
         raise ValueError(f"unknown {source} {choice!r}; expected auto, fused or torch")
     if choice == "torch" or mode != "recurrent":
-        return False
+        return 0
     if policy.device.type != "cpu":
         if choice == "fused":
             raise ValueError(f"the fused recurrent step runs on the CPU, not on {policy.device}")
-        return False
+        return 0
     if choice == "fused":
-        return True
+        return sys.maxsize
     pinned = next(m.scan_backend for m in policy.model.modules() if isinstance(m, ModifiedMamba))
     try:
-        return resolve_backend(pinned, policy.device) == "numba"
+        return AUTO_FUSED_MAX_ROWS if resolve_backend(pinned, policy.device) == "numba" else 0
     except ConfigError:
-        return False  # a scan backend that cannot run here: the torch step reports it at its first step
+        return 0  # a scan backend that cannot run here: the torch step reports it at its first step
 
 
 class PolicyRunner:
@@ -91,7 +100,8 @@ class PolicyRunner:
         self._std = torch.tensor(policy.meta.state_std, dtype=torch.float32, device=self.device)
         self._rtg_scale = float(policy.meta.rtg_scale)
         self._fused: FusedStep | None = None
-        if _fused_step(policy, mode, recurrent_step):
+        self._fused_max_rows = _fused_max_rows(policy, mode, recurrent_step)
+        if self._fused_max_rows:
             from dmm.model import step_numba
 
             step_numba.warm_up()  # compile (or load) now, not at the first step
@@ -250,7 +260,7 @@ class PolicyRunner:
         if max(slots) >= self.capacity:
             raise IndexError(f"slot {max(slots)} was never reset")
         steps = self._steps[slots]
-        if self._fused is not None:
+        if self._fused is not None and len(slots) <= self._fused_max_rows:
             action = self._fused(self._views, np.asarray(slots, dtype=np.int64), steps, states, rtgs)
             self._steps[slots] = steps + 1
             return action
