@@ -9,6 +9,24 @@ from pathlib import Path
 from dmm.cli_common import add_name_option, add_target_return_option, add_version_option, positive_int
 
 TOKEN_ENV = "DMM_TOKEN"  # the bearer token when --token-file is not given
+DEFAULT_TARGET = "localhost:50051"
+# gRPC's own multi-address targets: their commas separate the addresses of one balanced target
+MULTI_ADDRESS_SCHEMES = ("ipv4:", "ipv6:")
+
+
+def server_targets(text: str) -> list[str]:
+    """An argparse type: one ``--target``, a server address or a comma-separated list of them (each
+    then its own target, which a rollout fails over between). A gRPC multi-address target
+    (``ipv4:10.0.0.1:5001,10.0.0.2:5001``) stays one target, balanced round-robin by gRPC."""
+    if text.startswith(MULTI_ADDRESS_SCHEMES):
+        targets = [text] if text.partition(":")[2].strip(", ") else []
+    else:
+        targets = [t.strip() for t in text.split(",")]
+    if not targets or not all(targets):
+        raise argparse.ArgumentTypeError(
+            f"must be a server address or a comma-separated list of them, got {text!r}"
+        )
+    return targets
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,7 +38,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "stream per episode with --per-episode-streams), and print the mean/std return and D4RL normalized "
         "score.",
     )
-    p.add_argument("--target", default="localhost:50051", help="server address (default: localhost:50051)")
+    p.add_argument(
+        "--target",
+        action="append",
+        type=server_targets,
+        help=f"server address; repeat it or give a comma-separated list for several servers, which the "
+        f"episodes fail over between when one dies or drains (default: {DEFAULT_TARGET})",
+    )
     p.add_argument("--env", default="hopper-medium-v2", help="dataset / env name (default: hopper-medium-v2)")
     p.add_argument(
         "--episodes", type=positive_int, default=10, help="episodes per target return (default: 10)"
@@ -63,7 +87,8 @@ def _rollout(args: argparse.Namespace) -> int:
 
     token = read_token(args.token_file) if args.token_file else os.environ.get(TOKEN_ENV) or None
     tls = {"tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key}
-    with PolicyClient(args.target, token=token, **tls) as client:
+    targets = [t for group in args.target or [[DEFAULT_TARGET]] for t in group]
+    with PolicyClient(targets, token=token, **tls) as client:
         for target_return in args.target_returns or [None]:
             result = client.rollout(
                 env=args.env,
@@ -78,5 +103,5 @@ def _rollout(args: argparse.Namespace) -> int:
                 max_episode_steps=args.max_episode_steps,
                 vectorized=not args.per_episode_streams,
             )
-            print(f"{result}, target {result.target_return:g}", flush=True)
+            print(f"{result}, target {result.target_return:g}, failovers {result.failovers}", flush=True)
     return 0

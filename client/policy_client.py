@@ -74,6 +74,9 @@ class RolloutResult:
     target_return: float = math.nan
     # Times a stream moved to another server (its server died or drained) and resumed its episodes.
     failovers: int = 0
+    # Per resumed request: seconds from the client seeing its stream fail to the answer on another server
+    # (backoff and reconnection included), so a benchmark can report resume latency as a client sees it.
+    resume_seconds: list[float] = field(default_factory=list)
 
     @property
     def mean_return(self) -> float:
@@ -377,14 +380,12 @@ class PolicyClient:
                 with EpisodeEngine(env, min(num_envs, episodes), **make_kwargs) as engine:
                     actor = _VectorActor(self._servers, start)
                     played = [engine.play(actor, episodes, seed, bar.update)]
-                    failovers = actor.resumable.failovers
+                    moves = [actor.resumable]
             else:
-                played, failovers = self._threaded_rollout(
-                    env, make_kwargs, start, episodes, num_envs, seed, bar
-                )
+                played, moves = self._threaded_rollout(env, make_kwargs, start, episodes, num_envs, seed, bar)
         finally:
             bar.close()
-        return _rollout_result(env, start.model, played, failovers)
+        return _rollout_result(env, start.model, played, moves)
 
     def _threaded_rollout(
         self,
@@ -395,13 +396,13 @@ class PolicyClient:
         num_envs: int,
         seed: int,
         bar: Any,
-    ) -> tuple[list[Episodes], int]:
+    ) -> tuple[list[Episodes], list[_ResumableStream]]:
         """One Act stream per episode, ``num_envs`` threads each with its own env; episode ``i`` is
-        the engine's only episode, seeded ``seed + i``. Also returns the streams' failovers."""
+        the engine's only episode, seeded ``seed + i``. Also returns the streams (their failovers)."""
         results: list[Episodes | None] = [None] * episodes
         next_episode = iter(range(episodes))
         lock = threading.Lock()
-        failovers = [0]
+        streams: list[_ResumableStream] = []
 
         def update() -> None:
             with lock:
@@ -415,20 +416,21 @@ class PolicyClient:
                     if index is None:
                         return
                     actor = _ActActor(self._servers, start)
-                    try:
-                        results[index] = engine.play(actor, 1, seed + index, update)
-                    finally:
-                        with lock:
-                            failovers[0] += actor.resumable.failovers
+                    with lock:
+                        streams.append(actor.resumable)
+                    results[index] = engine.play(actor, 1, seed + index, update)
 
         with ThreadPoolExecutor(min(num_envs, episodes), thread_name_prefix="dmm-rollout") as pool:
             for future in [pool.submit(worker) for _ in range(min(num_envs, episodes))]:
                 future.result()
-        return [r for r in results if r is not None], failovers[0]
+        return [r for r in results if r is not None], streams
 
 
-def _rollout_result(env: str, model: str, played: list[Episodes], failovers: int) -> RolloutResult:
-    """One :class:`RolloutResult` of the engine's results (one per stream), in episode order."""
+def _rollout_result(
+    env: str, model: str, played: list[Episodes], streams: list[_ResumableStream]
+) -> RolloutResult:
+    """One :class:`RolloutResult` of the engine's results (one per stream), in episode order, with the
+    failovers of ``streams``."""
     returns = np.concatenate([p.returns for p in played])
     return RolloutResult(
         env=env,
@@ -439,7 +441,8 @@ def _rollout_result(env: str, model: str, played: list[Episodes], failovers: int
         normalized_scores=[float(s) for s in normalized_score(env, returns)],
         versions=[int(p.started.version) for p in played for _ in p.lengths],
         target_return=played[0].started.target_return,
-        failovers=failovers,
+        failovers=sum(s.failovers for s in streams),
+        resume_seconds=[t for s in streams for t in s.resume_seconds],
     )
 
 

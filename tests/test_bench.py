@@ -344,6 +344,23 @@ def test_soak_counts_every_episode_ending_and_frees_every_slot(tmp_path):
     assert summary["episodes"] == summary["completed"] + summary["cancelled"] + summary["vanished"]
 
 
+@pytest.mark.slow  # about 40 s: three server starts and a reference run
+def test_chaos_loses_no_episode_to_a_killed_server(tmp_path):
+    """One server SIGKILLed mid-run: every episode completes, streams fail over and resume, and each
+    episode equals its uninterrupted reference (window mode)."""
+    pytest.importorskip("mujoco")
+    code, payload, md = run_bench(
+        "chaos", tmp_path, "--duration", "6", "--kill-every", "4", "--max-episode-steps", "1000"
+    )
+    assert code == 0, md
+    summary = payload["summary"]
+    assert summary["events"] == 1 and payload["events"][0]["signal"] == "SIGKILL"
+    assert summary["lost"] == 0 and summary["completed"] == summary["episodes"] > 0
+    assert summary["failovers"] >= 1 and summary["resumes"] >= 1 and summary["resume_p99_ms"] > 0
+    assert summary["equal_to_reference"] == summary["compared"] == summary["completed"]
+    assert summary["resumed_equal_to_reference"] >= 1
+
+
 def test_scores_report_joins_runs_from_several_roots(tmp_path):
     import torch
 

@@ -97,6 +97,10 @@ def test_a_rollout_survives_a_killed_server(servers, vectorized: bool, addresses
     assert killer.fired.proc.wait(5) == -signal.SIGKILL
     assert result.failovers >= 1
     assert result.returns == expected  # window mode: the very same actions after the resume
+    assert len(result.resume_seconds) <= result.failovers
+    assert all(0 < t < 10 for t in result.resume_seconds)
+    if vectorized:  # one stream, mid-episode when the server died: it resumed
+        assert result.resume_seconds
 
 
 def test_a_draining_server_hands_its_episodes_over(servers) -> None:
@@ -186,3 +190,39 @@ def test_the_resume_start_pins_version_mode_and_target() -> None:
     resumed = _resume_start(policy_pb2.Start(model=ENV, resumable=True), started)
     assert (resumed.version, resumed.mode, resumed.target_return) == (3, started.mode, 7.0)
     assert resumed.model == ENV and resumed.resumable
+
+
+def test_rollout_cli_takes_several_targets() -> None:
+    """Repeated ``--target`` and comma-separated lists add up; a gRPC multi-address target stays one."""
+    from dmm.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["rollout", "--target", "a:1, b:2", "--target", "ipv4:10.0.0.1:5,10.0.0.2:5"])
+    assert args.target == [["a:1", "b:2"], ["ipv4:10.0.0.1:5,10.0.0.2:5"]]
+    assert parser.parse_args(["rollout"]).target is None  # localhost:50051 then
+
+
+@pytest.mark.parametrize("bad", ["", "a:1,", ",a:1", "ipv4:"])
+def test_rollout_cli_refuses_an_empty_target(bad: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from dmm.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["rollout", "--target", bad])
+    assert info.value.code == 2
+    assert "--target: must be a server address or a comma-separated list" in capsys.readouterr().err
+
+
+def test_rollout_cli_fails_over_between_its_targets(servers, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("mujoco")
+    from dmm.cli import main
+
+    first, second = servers
+    killer = _Trigger([first, second], 15, signal.SIGKILL)
+    argv = ["rollout", "--target", f"{first.target},{second.target}", "--env", ENV, "--episodes", "4"]
+    argv += ["--num-envs", "2", "--seed", "3", "--max-episode-steps", "80", "--no-progress"]
+    assert main(argv) == 0
+    killer.join(5)
+    assert killer.fired is not None
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "4 episodes" in line
+    assert int(line.rsplit("failovers ", 1)[1]) >= 1
