@@ -30,6 +30,8 @@ import numba
 import numpy as np
 import torch
 
+from dmm.model import scan_op
+
 # nnan/ninf are left out: a NaN or inf in the inputs must come out as NaN, not as whatever the
 # optimizer assumed away.
 _FASTMATH = {"contract", "reassoc", "arcp", "nsz", "afn"}
@@ -190,48 +192,18 @@ def forward_into(
     return y
 
 
-@torch.library.custom_op("dmm::selective_scan", mutates_args=(), device_types="cpu")
-def selective_scan_op(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor,
-    h0: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """y [b, L, d] and the last state [b, d, n] from h0 [b, d, n] (see :func:`forward_into`)."""
-    return _scan_from(u, delta, A, B, C, D, h0)
-
-
 def _scan_from(u, delta, A, B, C, D, h0) -> tuple[torch.Tensor, torch.Tensor]:
     """The scan of a batch from its own initial states: a fresh copy of h0 becomes the last state."""
     state = h0.detach().clone(memory_format=torch.contiguous_format)
     return forward_into(u, delta, A, B, C, D, state, torch.arange(u.shape[0])), state
 
 
-@selective_scan_op.register_fake
-def _(u, delta, A, B, C, D, h0):
-    return torch.empty_like(u), torch.empty_like(h0)
-
-
-@torch.library.custom_op("dmm::selective_scan_backward", mutates_args=(), device_types="cpu")
-def selective_scan_backward_op(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor,
-    h0: torch.Tensor,
-    grad_y: torch.Tensor,
-    grad_last: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _gradients(u, delta, A, B, C, D, h0, grad_y, grad_last) -> tuple[torch.Tensor, ...]:
     """Gradients of (u, delta, A, B, C, D, h0), recomputing the states."""
     _check_dtype(u.dtype)
     b, L, d = u.shape
     n = A.shape[1]
-    gu, gdelta = torch.empty_like(u), torch.empty_like(u)
+    gu, gdelta = (torch.empty_like(u, memory_format=torch.contiguous_format) for _ in range(2))
     gB, gC = torch.empty(b, L, n, dtype=u.dtype), torch.empty(b, L, n, dtype=u.dtype)
     gAt, gD = torch.zeros(n, d, dtype=u.dtype), torch.zeros(d, dtype=u.dtype)
     gh0 = h0.detach().clone(memory_format=torch.contiguous_format)
@@ -241,33 +213,10 @@ def selective_scan_backward_op(
     return gu, gdelta, gAt.t().contiguous(), gB, gC, gD, gh0
 
 
-@selective_scan_backward_op.register_fake
-def _(u, delta, A, B, C, D, h0, grad_y, grad_last):
-    b, L, _ = u.shape
-    gBC = u.new_empty(b, L, A.shape[1])
-    return (
-        torch.empty_like(u),
-        torch.empty_like(u),
-        torch.empty_like(A),
-        gBC,
-        torch.empty_like(gBC),
-        torch.empty_like(D),
-        torch.empty_like(h0),
-    )
-
-
-def _save_inputs(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs)
-
-
-def _gradients(ctx, grad_y, grad_last):
-    u, delta, A, B, C, D, h0 = ctx.saved_tensors
-    grad_y = torch.zeros_like(u) if grad_y is None else grad_y
-    grad_last = torch.zeros_like(h0) if grad_last is None else grad_last
-    return selective_scan_backward_op(u, delta, A, B, C, D, h0, grad_y, grad_last)
-
-
-selective_scan_op.register_autograd(_gradients, setup_context=_save_inputs)
+# y [b, L, d] and the last state [b, d, n] from h0 [b, d, n] (see forward_into); its backward.
+selective_scan_op, selective_scan_backward_op = scan_op.define(
+    "selective_scan", _scan_from, _gradients, "cpu"
+)
 
 
 @functools.cache
@@ -280,19 +229,4 @@ def warm_up() -> None:
         (y.sum() + h.sum()).backward()
 
 
-def selective_scan_numba(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor,
-    h0: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same shapes and results as :func:`dmm.model.scan.selective_scan_torch`."""
-    if h0 is None:
-        h0 = u.new_zeros(u.shape[0], u.shape[2], A.shape[1])
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C, D, h0))
-    if needs_grad or torch.compiler.is_compiling():
-        return selective_scan_op(u, delta, A, B, C, D, h0)
-    return _scan_from(u, delta, A, B, C, D, h0)  # the op's own path, minus its dispatch cost
+selective_scan_numba = scan_op.entry_point(selective_scan_op, _scan_from, "numba")

@@ -30,6 +30,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from dmm.model import scan_op
+
 CHUNK = 16  # positions per backward chunk: states kept at chunk starts, recomputed within a chunk
 BLOCK_D_MAX = 32  # channels per program: 32 x 16 states in registers; d_inner 128 gives 4 programs per row
 
@@ -246,40 +248,7 @@ def _forward(u, delta, A, B, C, D, h0) -> tuple[torch.Tensor, torch.Tensor]:
     return y, hT
 
 
-@torch.library.custom_op("dmm::selective_scan_triton", mutates_args=())
-def selective_scan_op(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor,
-    h0: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """y [b, L, d] and the last state [b, d, n]: u, delta [b, L, d]; A [d, n]; B, C [b, L, n];
-    D [d]; h0 [b, d, n]."""
-    return _forward(u, delta, A, B, C, D, h0)
-
-
-@selective_scan_op.register_fake
-def _(u, delta, A, B, C, D, h0):
-    return torch.empty_like(u, memory_format=torch.contiguous_format), torch.empty_like(
-        h0, memory_format=torch.contiguous_format
-    )
-
-
-@torch.library.custom_op("dmm::selective_scan_triton_backward", mutates_args=())
-def selective_scan_backward_op(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor,
-    h0: torch.Tensor,
-    grad_y: torch.Tensor,
-    grad_last: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward(u, delta, A, B, C, D, h0, grad_y, grad_last) -> tuple[torch.Tensor, ...]:
     """Gradients of (u, delta, A, B, C, D, h0), recomputing the states (see the module docstring)."""
     _check(u, delta, A, B, C, D, h0, grad_y, grad_last)
     u, delta, A, B, C, D, h0, grad_y, grad_last = _contiguous(u, delta, A, B, C, D, h0, grad_y, grad_last)
@@ -300,48 +269,5 @@ def selective_scan_backward_op(
     return gu, gdelta, gA.sum(0), gB.sum(1), gC.sum(1), gD.sum(0), gh0
 
 
-@selective_scan_backward_op.register_fake
-def _(u, delta, A, B, C, D, h0, grad_y, grad_last):
-    b, L, _ = u.shape
-    gBC = u.new_empty(b, L, A.shape[1])
-    return (
-        u.new_empty(u.shape),
-        u.new_empty(u.shape),
-        A.new_empty(A.shape),
-        gBC,
-        u.new_empty(gBC.shape),
-        D.new_empty(D.shape),
-        h0.new_empty(h0.shape),
-    )
-
-
-def _save_inputs(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs)
-
-
-def _gradients(ctx, grad_y, grad_last):
-    u, delta, A, B, C, D, h0 = ctx.saved_tensors
-    grad_y = torch.zeros_like(u) if grad_y is None else grad_y
-    grad_last = torch.zeros_like(h0) if grad_last is None else grad_last
-    return selective_scan_backward_op(u, delta, A, B, C, D, h0, grad_y, grad_last)
-
-
-selective_scan_op.register_autograd(_gradients, setup_context=_save_inputs)
-
-
-def selective_scan_triton(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor,
-    h0: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same shapes and results as :func:`dmm.model.scan.selective_scan_torch`."""
-    if h0 is None:
-        h0 = u.new_zeros(u.shape[0], u.shape[2], A.shape[1])
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C, D, h0))
-    if needs_grad or torch.compiler.is_compiling():
-        return selective_scan_op(u, delta, A, B, C, D, h0)
-    return _forward(u, delta, A, B, C, D, h0)  # the op's own path, minus its dispatch cost
+selective_scan_op, selective_scan_backward_op = scan_op.define("selective_scan_triton", _forward, _backward)
+selective_scan_triton = scan_op.entry_point(selective_scan_op, _forward, "triton")
