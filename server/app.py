@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from dmm.errors import ConfigError
 from dmm.model.scan import default_backend, set_default_backend
 from dmm.server import logs
+from dmm.server.dispatch import Dispatcher
 from dmm.server.metrics import ServerMetrics
 from dmm.server.options import ServeOptions
 from dmm.server.pool import ModelPool
@@ -66,11 +67,13 @@ class PolicyServer:
             router=Router(self.store.root if isinstance(self.store, ModelStore) else None, o.parsed_routes()),
         )
         self.service = PolicyService(
-            self.pool,
-            self.metrics,
-            default_mode=o.mode,
-            max_sessions=o.max_sessions,
-            idle_timeout_s=o.idle_timeout_s,
+            Dispatcher(
+                self.pool,
+                self.metrics,
+                default_mode=o.mode,
+                max_sessions=o.max_sessions,
+                idle_timeout_s=o.idle_timeout_s,
+            )
         )
         self.server = self._grpc_server()
         self._listen()

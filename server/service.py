@@ -9,7 +9,6 @@ from collections.abc import Callable
 
 import grpc
 
-from dmm.model import InferenceMode
 from dmm.server.dispatch import Dispatcher
 from dmm.server.metrics import ServerMetrics
 from dmm.server.pool import ModelPool
@@ -48,20 +47,12 @@ def add_to_server(service: PolicyService, server: grpc.aio.Server, max_message_b
 
 
 class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
-    def __init__(
-        self,
-        pool: ModelPool,
-        metrics: ServerMetrics,
-        *,
-        default_mode: InferenceMode,
-        max_sessions: int,
-        idle_timeout_s: float,
-    ) -> None:
-        self.pool = pool
-        self.metrics = metrics
-        self.streams = Dispatcher(
-            pool, metrics, default_mode=default_mode, max_sessions=max_sessions, idle_timeout_s=idle_timeout_s
-        )
+    """The gRPC handlers: the streams go to ``streams``, the unary calls read its pool's store."""
+
+    def __init__(self, streams: Dispatcher) -> None:
+        self.streams = streams
+        self.pool: ModelPool = streams.pool
+        self.metrics: ServerMetrics = streams.metrics
 
     @property
     def sessions(self) -> SessionTable:
