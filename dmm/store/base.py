@@ -19,6 +19,7 @@ from typing import Protocol
 import torch
 
 from dmm.store.errors import ModelNotFoundError, StoreError, VersionNotFoundError, started_ago
+from dmm.store.inputs import json_bytes, prepare_files, prepare_tensors
 from dmm.store.layout import TRAINING_HEARTBEAT_S, TrainingMarker, parse_version, validate_name
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,35 @@ class Checkpoint:
     tensors: dict[str, torch.Tensor]
     config: dict
     metrics: dict
+
+
+@dataclass(frozen=True)
+class PreparedVersion:
+    """A version to publish, checked and serialized: what every backend writes, byte for byte."""
+
+    name: str
+    tensors: dict[str, torch.Tensor]  # contiguous CPU tensors, no shared storage
+    config: bytes  # config.json
+    metrics: bytes  # metrics.json
+    files: dict[str, bytes | Path]  # extra files: their bytes, or the file to copy
+
+    @classmethod
+    def of(
+        cls,
+        name: str,
+        tensors: dict[str, torch.Tensor],
+        config: dict,
+        metrics: dict | None = None,
+        files: dict[str, bytes | os.PathLike[str]] | None = None,
+    ) -> PreparedVersion:
+        """Check every input (StoreError) before anything is written, so a bad one leaves no trace."""
+        return cls(
+            validate_name(name),
+            prepare_tensors(tensors),
+            json_bytes(config, "config"),
+            json_bytes({} if metrics is None else metrics, "metrics"),
+            prepare_files(files),
+        )
 
 
 class Store(Protocol):
@@ -78,11 +108,26 @@ class VersionResolver(ABC):
     the markers of models being trained (:class:`~dmm.store.layout.TrainingMarker`).
 
     A backend gives ``root``, :meth:`models`, :meth:`versions` and :meth:`explain_incomplete`, so
-    that a damaged version is reported as such instead of as absent, and reads, writes and removes
-    the marker files.
+    that a damaged version is reported as such instead of as absent, reads, writes and removes
+    the marker files, and writes a :class:`PreparedVersion` (:meth:`publish_prepared`).
     """
 
     root: Path | str
+
+    def publish(
+        self,
+        name: str,
+        tensors: dict[str, torch.Tensor],
+        config: dict,
+        metrics: dict | None = None,
+        files: dict[str, bytes | os.PathLike[str]] | None = None,
+    ) -> int:
+        """Publish a new version of ``name`` and return its number."""
+        return self.publish_prepared(PreparedVersion.of(name, tensors, config, metrics, files))
+
+    @abstractmethod
+    def publish_prepared(self, version: PreparedVersion) -> int:
+        """Write ``version`` as the next version number of its model, all or nothing; returns the number."""
 
     @abstractmethod
     def models(self) -> list[str]:

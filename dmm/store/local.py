@@ -22,9 +22,8 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from dmm.store.base import Checkpoint, VersionResolver
+from dmm.store.base import Checkpoint, PreparedVersion, VersionResolver
 from dmm.store.errors import CorruptVersionError, StoreError
-from dmm.store.inputs import json_bytes, prepare_files, prepare_tensors
 from dmm.store.layout import (
     CHECKSUMS_FILE,
     CONFIG_FILE,
@@ -238,28 +237,16 @@ class ModelStore(VersionResolver):
 
     # ----------------------------------------------------------------- writing
 
-    def publish(
-        self,
-        name: str,
-        tensors: dict[str, torch.Tensor],
-        config: dict,
-        metrics: dict | None = None,
-        files: dict[str, bytes | os.PathLike[str]] | None = None,
-    ) -> int:
-        """Write a new version atomically and return its number."""
-        validate_name(name)
-        prepared = prepare_tensors(tensors)
-        config_bytes = json_bytes(config, "config")
-        metrics_bytes = json_bytes({} if metrics is None else metrics, "metrics")
-        extra = prepare_files(files)
-
+    def publish_prepared(self, version: PreparedVersion) -> int:
+        """Write a new version atomically (a temporary folder renamed into place) and return its number."""
+        name = version.name
         model_dir = self.root / name
         tmp = self._make_tmp(model_dir)
         try:
-            digests = self._write_version(tmp, prepared, config_bytes, metrics_bytes, extra)
+            digests = self._write_version(tmp, version)
             _write_bytes(tmp / CHECKSUMS_FILE, format_checksums(digests))
             _fsync_dir(tmp)
-            version = self._rename_into_place(model_dir, tmp)
+            number = self._rename_into_place(model_dir, tmp)
         except BaseException as err:
             # Nothing half-written stays behind; the temp folder was never visible as a version.
             shutil.rmtree(tmp, ignore_errors=True)
@@ -267,7 +254,7 @@ class ModelStore(VersionResolver):
                 raise StoreError(f"cannot write a new version of {name!r} in {model_dir}: {err}") from err
             raise
         _fsync_dir(model_dir)  # make the rename durable
-        return version
+        return number
 
     def _make_tmp(self, model_dir: Path) -> Path:
         """A new temporary folder in ``model_dir``, creating the root and ``model_dir`` as needed."""
@@ -308,21 +295,14 @@ class ModelStore(VersionResolver):
         _fsync_path(tmp / fname)
         return sha256_file(tmp / fname)
 
-    def _write_version(
-        self,
-        tmp: Path,
-        tensors: dict[str, torch.Tensor],
-        config_bytes: bytes,
-        metrics_bytes: bytes,
-        extra: dict[str, bytes | Path],
-    ) -> dict[str, str]:
+    def _write_version(self, tmp: Path, version: PreparedVersion) -> dict[str, str]:
         """Write every file of a version into ``tmp``; file name -> sha256 hex."""
         digests = {
-            WEIGHTS_FILE: self._write_weights(tmp, tensors),
-            CONFIG_FILE: _write_bytes(tmp / CONFIG_FILE, config_bytes),
-            METRICS_FILE: _write_bytes(tmp / METRICS_FILE, metrics_bytes),
+            WEIGHTS_FILE: self._write_weights(tmp, version.tensors),
+            CONFIG_FILE: _write_bytes(tmp / CONFIG_FILE, version.config),
+            METRICS_FILE: _write_bytes(tmp / METRICS_FILE, version.metrics),
         }
-        for fname, source in extra.items():
+        for fname, source in version.files.items():
             if isinstance(source, Path):
                 digests[fname] = self._copy_extra(tmp, fname, source)
             else:

@@ -73,7 +73,7 @@ from botocore.exceptions import (
 )
 from fsspec.exceptions import FSTimeoutError
 
-from dmm.store.base import Checkpoint, VersionResolver
+from dmm.store.base import Checkpoint, PreparedVersion, VersionResolver
 from dmm.store.errors import CorruptVersionError, StoreError
 from dmm.store.layout import (
     CHECKSUMS_FILE,
@@ -413,22 +413,15 @@ class S3ModelStore(VersionResolver):
 
     # ----------------------------------------------------------------- writing
 
-    def publish(
-        self,
-        name: str,
-        tensors: dict[str, torch.Tensor],
-        config: dict,
-        metrics: dict | None = None,
-        files: dict[str, bytes | os.PathLike[str]] | None = None,
-    ) -> int:
+    def publish_prepared(self, version: PreparedVersion) -> int:
         """Upload a new version and return its number: files first, manifest last.
 
-        The version is written (validated, serialized, checksummed) by the local store into a
-        temporary folder first, so both stores accept and write exactly the same versions."""
-        validate_name(name)
+        The version is written (serialized, checksummed) by the local store into a temporary folder
+        first, so both stores write exactly the same versions."""
+        name = version.name
         with tempfile.TemporaryDirectory(prefix="dmm-publish-") as tmp:
             staged = ModelStore(tmp)
-            source = staged.version_path(name, staged.publish(name, tensors, config, metrics, files))
+            source = staged.version_path(name, staged.publish_prepared(version))
             number = self._claim(name)
             self._upload(name, number, source)
         self._forget(name)
