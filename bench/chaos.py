@@ -342,7 +342,11 @@ def _report(
         f"{args.client_procs} client processes, one Act stream per episode, episode i seeded "
         f"{args.seed} + i; new episodes for {args.duration:g} s (the last episode ended "
         f"{summary['wall_s']:.0f} s in); client channels' reconnect backoff: "
-        + (f"{args.max_reconnect_backoff_ms} ms" if args.max_reconnect_backoff_ms else "gRPC's default"),
+        + (
+            f"{args.max_reconnect_backoff_ms} ms"
+            if args.max_reconnect_backoff_ms
+            else "PolicyClient's default"
+        ),
         f"schedule: {schedule}; each server restarted on its own port: "
         + ", ".join(_event_text(e) for e in run["events"]),
         "failovers: streams moved to another server (new episodes' starts included); resumes: requests "
@@ -391,7 +395,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument(
         "--max-reconnect-backoff-ms",
         type=int,
-        help="the client channels' reconnect backoff (default: gRPC's own, 1 s growing to 120 s)",
+        help="the client channels' reconnect backoff (default: PolicyClient's, 500 ms)",
     )
     defaults = {"sessions": (16, 4), "duration": (180.0, 8.0), "kill_every": (20.0, 4.0)}
     defaults["max_episode_steps"] = (None, 200)
