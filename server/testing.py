@@ -23,7 +23,10 @@ _READY_RE = re.compile(re.escape(READY_PREFIX) + r" grpc=(\S+):(\d+) metrics=(\S
 
 
 class ServerProcess:
-    """A ``dmm serve`` child process. Use as a context manager; it is SIGTERMed on exit."""
+    """A ``dmm serve`` child process. Use as a context manager; it is SIGTERMed on exit.
+
+    ``startup_timeout_s`` is generous: on a busy 2-core machine importing torch and loading (or, on a
+    new machine, compiling) the numba kernels can take a minute before the server says it is ready."""
 
     def __init__(
         self,
@@ -31,7 +34,7 @@ class ServerProcess:
         args: Sequence[str] = (),
         *,
         host: str = "127.0.0.1",
-        startup_timeout_s: float = 60.0,
+        startup_timeout_s: float = 180.0,
         env: dict[str, str] | None = None,
         channel: dict[str, Any] | None = None,
     ) -> None:
