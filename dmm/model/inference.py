@@ -35,7 +35,6 @@ from dmm.errors import ConfigError
 from dmm.model.block import BlockState
 from dmm.model.config import InferenceMode
 from dmm.model.mamba import ModifiedMamba
-from dmm.model.policy import TOKENS_PER_STEP
 from dmm.model.scan import resolve_backend
 
 if TYPE_CHECKING:
@@ -217,9 +216,9 @@ class PolicyRunner:
         self, idx: torch.Tensor, rtg: torch.Tensor, obs: torch.Tensor, act: torch.Tensor, steps: np.ndarray
     ) -> None:
         """The recurrent state after t steps has read the tokens rtg_0, s_0, a_0, ..., rtg_{t-1}, s_{t-1}
-        (step t feeds a_{t-1} first): one forward over the histories' tokens less the last action, left
-        padded (padding is exact: zeros into the local mixer, as before a sequence starts, and skipped by
-        the scan), with the state carried into the slot buffers."""
+        (step t feeds a_{t-1} first): one forward over the left-padded histories less the last action
+        (:meth:`DMMPolicy.state_before_last_action`; padding is exact: zeros into the local mixer, as
+        before a sequence starts, and skipped by the scan), with the state carried into the slots."""
         T = obs.shape[1]
         real = torch.arange(T, device=self.device).unsqueeze(0) >= torch.as_tensor(
             T - steps, device=self.device
@@ -230,10 +229,7 @@ class PolicyRunner:
                 torch.arange(T, device=self.device).unsqueeze(0)
                 - (T - torch.as_tensor(steps, device=self.device)).unsqueeze(1)
             ).clamp(min=0)
-        model = self.model
-        tokens = model._tokens(rtg, obs, act, timesteps)[:, :-1]
-        token_mask = real.repeat_interleave(TOKENS_PER_STEP, dim=1)[:, :-1]
-        _, state = model._blocks(tokens, token_mask, model.initial_state(len(steps), self.device))
+        state = self.model.state_before_last_action(rtg, obs, act, real, timesteps)
         b = self._buffers
         for layer, block_state in enumerate(state):
             assert block_state is not None, "recurrent mode has a state in every layer"

@@ -116,6 +116,22 @@ class DMMPolicy(nn.Module):
         h, new_state = self._blocks(self._tokens(rtg, states, actions, timesteps), token_mask, state)
         return self._action(h[:, 1::TOKENS_PER_STEP]), new_state
 
+    def state_before_last_action(
+        self,
+        rtg: torch.Tensor,
+        states: torch.Tensor,
+        actions: torch.Tensor,
+        mask: torch.Tensor | None,
+        timesteps: torch.Tensor | None,
+    ) -> list[BlockState | None]:
+        """The recurrent state :meth:`step` leaves after a (left-padded) sequence's last step: every
+        token read from the initial state but the last action, which the next step feeds first. What
+        rebuilds a session from the episode so far in one forward."""
+        token_mask = None if mask is None else mask.repeat_interleave(TOKENS_PER_STEP, dim=1)[:, :-1]
+        tokens = self._tokens(rtg, states, actions, timesteps)[:, :-1]
+        _, state = self._blocks(tokens, token_mask, self.initial_state(states.shape[0], states.device))
+        return state
+
     def initial_state(self, batch: int, device: torch.device | str | None = None) -> list[BlockState]:
         """The recurrent state of ``batch`` sequences that have not started."""
         if not self.config.supports_recurrent:
