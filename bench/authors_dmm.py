@@ -91,7 +91,7 @@ class AuthorsDMM(nn.Module):
         # Not in their class: DT's timestep embedding, for the study's "+ timestep" variant only.
         self.embed_timestep = nn.Embedding(config.max_ep_len, d) if config.timestep_embedding else None
         if self.embed_timestep is not None:
-            nn.init.normal_(self.embed_timestep.weight, std=0.02)  # as DMMPolicy's
+            nn.init.normal_(self.embed_timestep.weight, std=0.02)  # as PolicyNetwork's
 
     def forward(
         self,
@@ -101,7 +101,7 @@ class AuthorsDMM(nn.Module):
         mask: torch.Tensor | None = None,
         timesteps: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The interface of :meth:`DMMPolicy.forward` (``timesteps`` only with ``timestep_embedding``)."""
+        """The interface of :meth:`PolicyNetwork.forward` (``timesteps`` only with ``timestep_embedding``)."""
         b, T = states.shape[:2]
         stacked = torch.stack(
             [self.embed_return(rtg), self.embed_state(states), self.embed_action(actions)], dim=2

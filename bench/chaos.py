@@ -425,7 +425,7 @@ def prepare_store(args: argparse.Namespace, tmp: Path) -> tuple[Path, str, str]:
     if args.store is not None:
         return args.store, args.name, f"{args.name} from {args.store}"
     policy = fresh_policy("dmm", args.env, 0, "cpu")
-    publish_policy(ModelStore(tmp / "store"), FRESH_NAME, policy.model, policy.meta)
+    publish_policy(ModelStore(tmp / "store"), FRESH_NAME, policy.network, policy.meta)
     return tmp / "store", FRESH_NAME, "freshly initialized paper-size DMM (d=64, K=8)"
 
 

@@ -113,7 +113,7 @@ def run_all(args: argparse.Namespace, policy: Any, env: str, target: float) -> d
     results = {}
     for key, scan in scans.items():
         print(f"{key}: {args.episodes} episodes, {scan} scan...", file=sys.stderr, flush=True)
-        policy.model.set_scan_backend(scan)
+        policy.network.set_scan_backend(scan)
         t0 = time.perf_counter()
         if key == "sequential":
             returns, lengths = sequential(policy, env, args.episodes, target, args.mode, args.seed)
@@ -193,7 +193,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     payload = {
         **header(SCRIPT, argv, args.device),
-        **{"policy": source, "num_parameters": policy.model.num_parameters(), "env": env, "mode": args.mode},
+        **{
+            "policy": source,
+            "num_parameters": policy.network.num_parameters(),
+            "env": env,
+            "mode": args.mode,
+        },
         **{"target_return": target, "episodes": args.episodes, "num_envs": args.num_envs, "seed": args.seed},
         **{"torch_threads": torch.get_num_threads(), "speedup": speedup, "scan_backend": backend},
         **{"speedup_vs_torch_scan": speedup_vs_torch, "agreement": agree, "results": results},

@@ -127,7 +127,7 @@ def prepare_store(args: argparse.Namespace, tmp: Path) -> tuple[Path, str, int, 
         config, _ = policy_from_config(ModelStore(args.store).read_config(args.name))
         return args.store, args.name, config.state_dim, f"{args.name} (latest) from {args.store}"
     policy = fresh_policy("dmm", FRESH_POLICY_ENV, 0, "cpu")
-    publish_policy(ModelStore(tmp), FRESH_NAME, policy.model, policy.meta)
+    publish_policy(ModelStore(tmp), FRESH_NAME, policy.network, policy.meta)
     return tmp, FRESH_NAME, policy.config.state_dim, "freshly initialized paper-size DMM (d=64, K=8)"
 
 

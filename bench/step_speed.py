@@ -62,7 +62,7 @@ def time_steps(policy: Any, mode: str, batch: int, args: argparse.Namespace) -> 
     for t in range(total):
         for backend, runner in runners.items():
             if backend != "fused":
-                policy.model.set_scan_backend(backend)
+                policy.network.set_scan_backend(backend)
             start = time.perf_counter()
             out = runner.step(slots, states[t], np.full(batch, rtgs[t], dtype=np.float32))
             if t >= args.warmup:
@@ -157,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"policy: {source}; torch threads {args.threads}; {args.warmup} untimed steps, then the median of "
         f"{args.steps} timed steps per row; a step = normalize, forward, read the actions back",
         f"x {reference}: its median step time over this row's, same mode and B, steps interleaved",
-        "step torch / numba: DMMPolicy.step (eager torch) with that scan backend; fused: the whole "
+        "step torch / numba: PolicyNetwork.step (eager torch) with that scan backend; fused: the whole "
         "recurrent step as one numba kernel (dmm/model/step_numba.py), the runner's default on the CPU",
     ]
     table = format_table([(h.format(reference=reference), f) for h, f in COLUMNS], rows)

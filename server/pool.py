@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import Counter, Histogram
 
-from dmm.model import InferenceMode, LoadedPolicy, PolicyRunner, load_policy
+from dmm.model import InferenceMode, PolicyRunner, PolicyVersion, load_policy
 from dmm.server import logs
 from dmm.server.batcher import Batcher
 from dmm.server.metrics import ServerMetrics
@@ -26,7 +26,7 @@ from dmm.store import Store
 
 @dataclass
 class _Served:
-    policy: LoadedPolicy
+    policy: PolicyVersion
     batchers: dict[str, Batcher] = field(default_factory=dict)
     sessions: int = 0
 
@@ -36,7 +36,7 @@ class Lease:
     """One session's slots in one runner (one, or one per episode of a vector stream); hand them back
     with :meth:`ModelPool.release`."""
 
-    policy: LoadedPolicy
+    policy: PolicyVersion
     mode: InferenceMode
     batcher: Batcher
     slots: list[int]
@@ -171,7 +171,7 @@ class ModelPool:
         for key in list(self._loaded):
             self._unload(key)
 
-    async def describe(self, name: str, version: int | None) -> LoadedPolicy:
+    async def describe(self, name: str, version: int | None) -> PolicyVersion:
         """The policy of ``name`` ``version`` (latest if None): the served one, or read from the store."""
         number = await self.resolve(name, version)
         served = self._loaded.get((name, number))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dmm.model import LoadedPolicy
+from dmm.model import PolicyVersion
 from dmm.server.checks import check_float32_rows, check_states, invalid
 from dmm.v1 import policy_pb2
 
@@ -37,7 +37,7 @@ class History:
 
 
 def read_history(
-    so_far: policy_pb2.EpisodeSoFar, policy: LoadedPolicy, target: float, row: int | None = None
+    so_far: policy_pb2.EpisodeSoFar, policy: PolicyVersion, target: float, row: int | None = None
 ) -> History:
     """``so_far`` checked against ``policy``, its rtgs counted down from ``target``; an Abort
     (INVALID_ARGUMENT) naming the first bad field (and the vector stream's ``row`` it is for)."""

@@ -23,11 +23,11 @@ def publish_tiny(store_root: Path | str, name: str = "tiny", seed: int = 0, **co
     returns its version."""
     import torch
 
-    from dmm.model import DMMConfig, DMMPolicy, PolicyMeta, publish_policy
+    from dmm.model import DMMConfig, PolicyMeta, PolicyNetwork, publish_policy
     from dmm.store import open_store
 
     torch.manual_seed(seed)
-    model = DMMPolicy(DMMConfig(state_dim=STATE_DIM, act_dim=ACT_DIM, d_model=16, n_layer=2, **config))
+    model = PolicyNetwork(DMMConfig(state_dim=STATE_DIM, act_dim=ACT_DIM, d_model=16, n_layer=2, **config))
     rng = np.random.default_rng(seed)
     meta = PolicyMeta(
         env="hopper-medium-v2",

@@ -432,7 +432,7 @@ def test_width_matched_variants_have_the_other_models_size():
     from bench.common import fresh_policy
 
     size = {
-        v: fresh_policy(v, "hopper-medium-v2", 0, "cpu").model.num_parameters()
+        v: fresh_policy(v, "hopper-medium-v2", 0, "cpu").network.num_parameters()
         for v in ("dmm", "dt", "dmm-d128", "dt-d64")
     }
     assert size["dt"] > 3 * size["dmm"]  # the two models at their usual settings

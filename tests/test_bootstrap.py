@@ -37,10 +37,10 @@ def load_module(name: str):
 
 def publish_policy_version(root: Path, name: str, seed: int, files: dict | None = None) -> int:
     """A tiny Hopper-sized DMM policy published as a new version of ``name`` in the store ``root``."""
-    from dmm.model import DMMConfig, DMMPolicy, PolicyMeta, publish_policy
+    from dmm.model import DMMConfig, PolicyMeta, PolicyNetwork, publish_policy
 
     torch.manual_seed(seed)
-    model = DMMPolicy(DMMConfig(state_dim=11, act_dim=3, d_model=16, n_layer=2))
+    model = PolicyNetwork(DMMConfig(state_dim=11, act_dim=3, d_model=16, n_layer=2))
     meta = PolicyMeta(
         env=name,
         env_id="Hopper-v4",

@@ -16,7 +16,7 @@ import torch
 from conftest import policy_of
 from serving_fixtures import STATE_DIM, play_episode, publish_tiny
 
-from dmm.model import DMMConfig, DMMPolicy, PolicyRunner
+from dmm.model import DMMConfig, PolicyNetwork, PolicyRunner
 from dmm.server.testing import ServerProcess
 
 pytestmark = [
@@ -46,8 +46,8 @@ def _episodes(runner: PolicyRunner, states: np.ndarray, rtgs: np.ndarray) -> np.
 def test_gpu_runner_acts_as_the_cpu_runner(mode, overrides):
     config = DMMConfig(state_dim=5, act_dim=2, d_model=32, n_layer=3, context=4, dsm_window=6, **overrides)
     torch.manual_seed(0)
-    cpu_model = DMMPolicy(config).float().eval()
-    gpu_model = DMMPolicy(config).float().eval()
+    cpu_model = PolicyNetwork(config).float().eval()
+    gpu_model = PolicyNetwork(config).float().eval()
     gpu_model.load_state_dict(cpu_model.state_dict())
     rng = np.random.default_rng(0)
     n, T = 3, 3 * config.context

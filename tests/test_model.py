@@ -11,7 +11,7 @@ from conftest import policy_of
 from scan_reference import naive_scan
 
 from dmm.errors import ConfigError
-from dmm.model import DMMConfig, DMMPolicy, Policy, PolicyRunner, scan
+from dmm.model import DMMConfig, Policy, PolicyNetwork, PolicyRunner, scan
 from dmm.model.local_mixer import DenseSequenceMixer
 from dmm.model.mamba import ModifiedMamba
 from dmm.model.scan import resolve_backend, selective_scan_torch
@@ -77,7 +77,7 @@ def test_cpu_never_selects_cuda_backend():
         resolve_backend("cuda", torch.device("cpu"))
 
 
-def _policy(seed=0, **overrides) -> DMMPolicy:
+def _policy(seed=0, **overrides) -> PolicyNetwork:
     torch.manual_seed(seed)
     cfg = {
         "state_dim": 5,
@@ -88,7 +88,7 @@ def _policy(seed=0, **overrides) -> DMMPolicy:
         "dsm_window": 6,
         **overrides,
     }
-    model = DMMPolicy(DMMConfig(**cfg)).double().eval()
+    model = PolicyNetwork(DMMConfig(**cfg)).double().eval()
     # Perturb A_log and D away from their structured init so the tests exercise every parameter.
     with torch.no_grad():
         for p in model.parameters():
@@ -153,7 +153,7 @@ def test_left_padding_with_mask_equals_unpadded_prefix(overrides):
     )
 
 
-def _loaded(model: DMMPolicy) -> Policy:
+def _loaded(model: PolicyNetwork) -> Policy:
     return policy_of(model.float())
 
 
@@ -269,7 +269,7 @@ def test_the_dt_baseline_has_no_dmm_mixers_and_a_dmm_always_has_both():
 
 
 def test_every_layer_owns_its_parameters():
-    model = DMMPolicy(DMMConfig(state_dim=11, act_dim=3))
+    model = PolicyNetwork(DMMConfig(state_dim=11, act_dim=3))
     blocks = list(model.blocks)
     assert len(blocks) == 3
     seen: dict[int, str] = {}
@@ -290,7 +290,7 @@ def test_every_layer_owns_its_parameters():
 
 
 def test_paper_shapes():
-    model = DMMPolicy(DMMConfig(state_dim=11, act_dim=3))
+    model = PolicyNetwork(DMMConfig(state_dim=11, act_dim=3))
     block = model.blocks[0]
     assert block.local.proj.in_features == 6 * 64 and block.local.proj.out_features == 64
     mamba = block.global_mixer
@@ -303,7 +303,7 @@ def test_a_fresh_policy_sees_the_magnitude_of_the_return_to_go_and_the_state():
     """Every token goes through LayerNorm, which is scale-invariant: with zero-bias embeddings,
     rtg 1 and rtg 3 (or s and 2s) would be the same token. The init must keep them apart."""
     torch.manual_seed(0)
-    model = DMMPolicy(DMMConfig(state_dim=5, act_dim=2)).eval()
+    model = PolicyNetwork(DMMConfig(state_dim=5, act_dim=2)).eval()
     rtg, states, actions = (x.float() for x in _episode(4))
     t = torch.arange(4).unsqueeze(0)
     base = model(rtg.abs(), states, actions, timesteps=t)
@@ -316,7 +316,7 @@ def test_the_default_policy_knows_the_episode_step():
     bench/results/dmm-vs-dt: without the step, DMM and DT stop following the target return). The
     same window must give other actions at another point of the episode, trained or not."""
     torch.manual_seed(0)
-    model = DMMPolicy(DMMConfig(state_dim=5, act_dim=2)).eval()
+    model = PolicyNetwork(DMMConfig(state_dim=5, act_dim=2)).eval()
     rtg, states, actions = (x.float() for x in _episode(4))
     early = model(rtg, states, actions, timesteps=torch.arange(4).unsqueeze(0))
     late = model(rtg, states, actions, timesteps=torch.arange(500, 504).unsqueeze(0))
@@ -359,7 +359,7 @@ def test_the_default_block_passes_its_input_through_a_residual_stream():
     """With both mixers silenced, a block must hand on its input unchanged (pre-norm residual,
     as the authors' code); eq. 3 as printed would hand on LN2(LN1(x)) and lose the scale of x."""
     torch.manual_seed(0)
-    block = DMMPolicy(DMMConfig(state_dim=5, act_dim=2)).blocks[0].eval()
+    block = PolicyNetwork(DMMConfig(state_dim=5, act_dim=2)).blocks[0].eval()
     with torch.no_grad():
         block.local.proj.weight.zero_()
         block.local.proj.bias.zero_()

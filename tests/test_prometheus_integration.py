@@ -107,12 +107,12 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A store with one tiny Hopper-shaped policy (version 1)."""
     import torch
 
-    from dmm.model import DMMConfig, DMMPolicy, PolicyMeta, publish_policy
+    from dmm.model import DMMConfig, PolicyMeta, PolicyNetwork, publish_policy
     from dmm.store import ModelStore
 
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("store")
-    model = DMMPolicy(DMMConfig(state_dim=11, act_dim=3, d_model=16, n_layer=1, context=4))
+    model = PolicyNetwork(DMMConfig(state_dim=11, act_dim=3, d_model=16, n_layer=1, context=4))
     meta = PolicyMeta(
         env="hopper-medium-v2",
         env_id="Hopper-v4",

@@ -86,7 +86,7 @@ def test_a_stopped_and_resumed_run_ends_bit_identical(hopper_random, tmp_path, m
     assert ModelStore(tmp_path / "b").versions("m") == []
     resumed = train(cfg, dataset, ModelStore(tmp_path / "b"), "m", progress=False, log=_quiet, run=run)
 
-    a, b = (load_policy(ModelStore(tmp_path / s), "m").model.state_dict() for s in ("a", "b"))
+    a, b = (load_policy(ModelStore(tmp_path / s), "m").network.state_dict() for s in ("a", "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.metrics["loss_curve"] == straight.metrics["loss_curve"]  # the chunk's pending losses too
     with pytest.raises(ConfigError, match="is finished: it published version 1"):

@@ -11,7 +11,7 @@ import torch
 from conftest import policy_of
 from serving_fixtures import ACT_DIM, STATE_DIM, TARGET_RETURN, Stream, publish_tiny
 
-from dmm.model import DMMConfig, DMMPolicy, PolicyRunner, scan
+from dmm.model import DMMConfig, PolicyNetwork, PolicyRunner, scan
 from dmm.v1 import policy_pb2
 
 MODES = [
@@ -22,10 +22,10 @@ MODES = [
 ]
 
 
-def _model(seed: int = 0, **overrides: object) -> DMMPolicy:
+def _model(seed: int = 0, **overrides: object) -> PolicyNetwork:
     torch.manual_seed(seed)
     cfg = {"state_dim": 5, "act_dim": 2, "d_model": 16, "n_layer": 2, "context": 4, "dsm_window": 6}
-    model = DMMPolicy(DMMConfig(**{**cfg, **overrides})).eval()
+    model = PolicyNetwork(DMMConfig(**{**cfg, **overrides})).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))

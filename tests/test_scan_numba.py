@@ -165,14 +165,14 @@ def test_without_numba_auto_falls_back_and_numba_is_an_error(monkeypatch):
 
 
 def test_a_backend_pinned_on_the_policy_overrides_the_process_default(monkeypatch):
-    from dmm.model import DMMConfig, DMMPolicy
+    from dmm.model import DMMConfig, PolicyNetwork
 
     monkeypatch.setattr(scan, "_default", None)
     monkeypatch.delenv(scan.ENV_VAR, raising=False)
 
     calls = []
     monkeypatch.setattr(scan, "selective_scan_torch", lambda *a: calls.append("torch") or _loop(*a))
-    model = DMMPolicy(DMMConfig(state_dim=3, act_dim=2, d_model=16, n_layer=2))
+    model = PolicyNetwork(DMMConfig(state_dim=3, act_dim=2, d_model=16, n_layer=2))
     x = (torch.randn(1, 4, 1), torch.randn(1, 4, 3), torch.randn(1, 4, 2), None, torch.arange(4)[None])
     model(*x)
     assert calls == []  # auto: numba
@@ -187,10 +187,10 @@ def _loop(*args):
 
 def _trained_checkpoint(store) -> int:
     """A paper-size hopper DMM after 20 AdamW updates on random windows, published to ``store``."""
-    from dmm.model import DMMConfig, DMMPolicy, PolicyMeta, publish_policy
+    from dmm.model import DMMConfig, PolicyMeta, PolicyNetwork, publish_policy
 
     torch.manual_seed(0)
-    model = DMMPolicy(DMMConfig(state_dim=11, act_dim=3))
+    model = PolicyNetwork(DMMConfig(state_dim=11, act_dim=3))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for _ in range(20):
         rtg, states, actions = torch.randn(8, 8, 1), torch.randn(8, 8, 11), torch.rand(8, 8, 3) * 2 - 1
@@ -230,10 +230,10 @@ def test_numba_and_torch_backends_act_alike_on_a_trained_checkpoint(tmp_path, mo
 
 def test_a_compiled_policy_is_one_graph_around_the_numba_op():
     """Backend resolution and the op must not split the traced model (each break costs an update)."""
-    from dmm.model import DMMConfig, DMMPolicy
+    from dmm.model import DMMConfig, PolicyNetwork
 
     torch._dynamo.reset()
-    model = DMMPolicy(DMMConfig(state_dim=3, act_dim=2, d_model=16, n_layer=2))
+    model = PolicyNetwork(DMMConfig(state_dim=3, act_dim=2, d_model=16, n_layer=2))
     inputs = (
         torch.randn(4, 5, 1),
         torch.randn(4, 5, 3),

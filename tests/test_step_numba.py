@@ -1,4 +1,4 @@
-"""The fused CPU step (dmm.model.step_numba) against DMMPolicy.step, and its vectorized math helpers."""
+"""The fused CPU step (dmm.model.step_numba) against PolicyNetwork.step, and its vectorized math helpers."""
 
 from __future__ import annotations
 
@@ -6,18 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from dmm.model import DMMConfig, DMMPolicy
+from dmm.model import DMMConfig, PolicyNetwork
 from dmm.model.block import BlockState
 from dmm.model.step_numba import FusedStep, _exp_into, _softplus_into
 
 MEAN, STD, RTG_SCALE = 0.1, 2.0, 10.0
 
 
-def _model(seed: int = 0, **overrides) -> DMMPolicy:
+def _model(seed: int = 0, **overrides) -> PolicyNetwork:
     """A small DMM whose every parameter, LayerNorms included, is moved off its initial value."""
     torch.manual_seed(seed)
     settings = {"state_dim": 5, "act_dim": 3, "d_model": 16, "n_layer": 2, "dsm_window": 4, "d_state": 4}
-    model = DMMPolicy(DMMConfig(**{**settings, "max_ep_len": 7, **overrides})).eval()
+    model = PolicyNetwork(DMMConfig(**{**settings, "max_ep_len": 7, **overrides})).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.2 * torch.randn_like(p))
@@ -25,9 +25,9 @@ def _model(seed: int = 0, **overrides) -> DMMPolicy:
 
 
 class _Pair:
-    """The same slot buffers twice: one stepped by the fused kernel, one by DMMPolicy.step."""
+    """The same slot buffers twice: one stepped by the fused kernel, one by PolicyNetwork.step."""
 
-    def __init__(self, model: DMMPolicy, capacity: int) -> None:
+    def __init__(self, model: PolicyNetwork, capacity: int) -> None:
         cfg = model.config
         self.model = model
         self.fused = FusedStep(model, np.full(cfg.state_dim, MEAN), np.full(cfg.state_dim, STD), RTG_SCALE)
@@ -187,10 +187,10 @@ def test_the_recurrent_step_is_chosen_by_option_or_environment(monkeypatch):
     policy = policy_of(_model())
     assert PolicyRunner(policy, "recurrent").recurrent_step == "fused"
     assert PolicyRunner(policy, "window").recurrent_step == "torch"
-    policy.model.set_scan_backend("torch")
+    policy.network.set_scan_backend("torch")
     assert PolicyRunner(policy, "recurrent").recurrent_step == "torch"
     assert PolicyRunner(policy, "recurrent", recurrent_step="fused").recurrent_step == "fused"
-    policy.model.set_scan_backend(None)
+    policy.network.set_scan_backend(None)
     monkeypatch.setenv("DMM_RECURRENT_STEP", "torch")
     assert PolicyRunner(policy, "recurrent").recurrent_step == "torch"
     assert PolicyRunner(policy, "recurrent", recurrent_step="auto").recurrent_step == "fused"

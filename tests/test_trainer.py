@@ -14,7 +14,7 @@ from conftest import random_sac_policy
 
 from dmm.data import load_dataset
 from dmm.errors import ConfigError
-from dmm.model import DMMConfig, DMMPolicy, Policy, PolicyMeta, load_policy
+from dmm.model import DMMConfig, Policy, PolicyMeta, PolicyNetwork, load_policy
 from dmm.store import ModelStore
 from dmm.trainer.collect import collect
 from dmm.trainer.config import load_train_config
@@ -26,7 +26,7 @@ TINY = {"d_model": 16, "n_layer": 2, "dropout": 0.0}
 
 
 def test_weight_decay_excludes_norms_biases_A_log_and_D():
-    model = DMMPolicy(DMMConfig(state_dim=11, act_dim=3))
+    model = PolicyNetwork(DMMConfig(state_dim=11, act_dim=3))
     decay, no_decay = parameter_groups(model, 1e-4)
     assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
@@ -243,7 +243,7 @@ def test_with_ema_the_published_weights_are_the_average_of_every_update(small_ho
 
     def recording(self, batch):
         loss = original(self, batch)
-        seen.append({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+        seen.append({k: v.detach().clone() for k, v in self.network.state_dict().items()})
         return loss
 
     monkeypatch.setattr(train_module.TrainStep, "__call__", recording)
@@ -253,7 +253,7 @@ def test_with_ema_the_published_weights_are_the_average_of_every_update(small_ho
     cfg = load_train_config(dataset.name, overrides=overrides)
     store = ModelStore(tmp_path / "store")
     train(cfg, dataset, store, "m", progress=False, log=lambda _: None)
-    published = load_policy(store, "m").model.state_dict()
+    published = load_policy(store, "m").network.state_dict()
     average = dict(seen[0])
     for weights in seen[1:]:
         average = {k: decay * average[k] + (1 - decay) * weights[k] for k in average}

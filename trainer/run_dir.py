@@ -22,7 +22,7 @@ import torch
 
 from dmm.data import WindowSampler
 from dmm.errors import ConfigError, DMMError
-from dmm.model import DMMPolicy
+from dmm.model import PolicyNetwork
 from dmm.model.block import BlockState
 
 RUN_FILE = "run.json"
@@ -68,7 +68,7 @@ class RunDir:
     def save(
         self,
         update: int,
-        model: DMMPolicy,
+        model: PolicyNetwork,
         optimizer: torch.optim.Optimizer,
         scheduler: Any,
         sampler: WindowSampler,
@@ -97,7 +97,7 @@ class RunDir:
 
     def restore(
         self,
-        model: DMMPolicy,
+        model: PolicyNetwork,
         optimizer: torch.optim.Optimizer,
         scheduler: Any,
         sampler: WindowSampler,

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from dmm.data import Dataset, EpisodeSampler, WindowBatch, WindowSampler
 from dmm.envs import EnvSpec
 from dmm.errors import ConfigError
-from dmm.model import DMMPolicy, Policy, PolicyMeta, publish_policy
+from dmm.model import Policy, PolicyMeta, PolicyNetwork, publish_policy
 from dmm.model.block import BlockState
 from dmm.model.scan import resolve_backend
 from dmm.store import Store
@@ -68,7 +68,7 @@ def eval_targets(cfg: TrainConfig, spec: EnvSpec) -> list[float]:
 
 def new_policy(
     cfg: TrainConfig, spec: EnvSpec, env: str, state_stats: tuple[Iterable[float], Iterable[float]]
-) -> tuple[DMMPolicy, PolicyMeta]:
+) -> tuple[PolicyNetwork, PolicyMeta]:
     """A freshly initialized policy (seeded by ``cfg.seed``) for ``spec``'s environment and the
     metadata it is served with, normalizing states by ``state_stats`` (mean, std).
 
@@ -76,7 +76,7 @@ def new_policy(
     composed, so training and the benchmarks build the same model from the same config.
     """
     torch.manual_seed(cfg.seed)
-    model = DMMPolicy(cfg.model.with_dims(spec.obs_dim, spec.act_dim))
+    model = PolicyNetwork(cfg.model.with_dims(spec.obs_dim, spec.act_dim))
     mean, std = state_stats
     meta = PolicyMeta(
         env=env,
@@ -89,7 +89,7 @@ def new_policy(
     return model, meta
 
 
-def build_policy(cfg: TrainConfig, dataset: Dataset) -> tuple[DMMPolicy, PolicyMeta]:
+def build_policy(cfg: TrainConfig, dataset: Dataset) -> tuple[PolicyNetwork, PolicyMeta]:
     """A freshly initialized policy for ``dataset``, whose states it normalizes, once the dataset is
     known to have its environment's dimensions."""
     spec = dataset.spec
@@ -123,7 +123,7 @@ def compiled_forward(
     return torch.compile(forward, mode="reduce-overhead" if device.type == "cuda" else None)
 
 
-def make_sampler(cfg: TrainConfig, dataset: Dataset, model: DMMPolicy, rtg_scale: float) -> WindowSampler:
+def make_sampler(cfg: TrainConfig, dataset: Dataset, model: PolicyNetwork, rtg_scale: float) -> WindowSampler:
     """Random windows, with ``cfg.episode_fraction`` of each batch's rows walking whole trajectories."""
     context, rows = cfg.model.context, round(cfg.episode_fraction * cfg.batch_size)
     if not rows:
@@ -147,9 +147,9 @@ class TrainStep:
     """
 
     def __init__(
-        self, model: DMMPolicy, cfg: TrainConfig, device: torch.device, log: Callable[[str], None] = print
+        self, model: PolicyNetwork, cfg: TrainConfig, device: torch.device, log: Callable[[str], None] = print
     ) -> None:
-        self.model = model
+        self.network = model
         self.grad_clip = cfg.grad_clip
         self.device = device
         self.log = log
@@ -187,24 +187,24 @@ class TrainStep:
             torch.from_numpy(x).to(self.device)
             for x in (batch.rtg, batch.states, batch.actions, batch.mask, batch.timesteps)
         )
-        timesteps = timesteps if self.model.config.timestep_embedding else None
+        timesteps = timesteps if self.network.config.timestep_embedding else None
         pred, carry = self._predict(rtg, states, actions, mask, timesteps, self._carried(batch.fresh))
         if batch.fresh is not None:
             self.carry = carry
         loss = masked_action_mse(pred, actions, mask)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         if self.average is not None:
-            self.average.update_parameters(self.model)
+            self.average.update_parameters(self.network)
         return loss.item()
 
     @property
-    def served(self) -> DMMPolicy:
+    def served(self) -> PolicyNetwork:
         """The weights that are evaluated and published: the average where there is one."""
-        return self.model if self.average is None else self.average.module
+        return self.network if self.average is None else self.average.module
 
 
 def train(
@@ -245,16 +245,16 @@ class _Training:
         self.cfg, self.store, self.name, self.run = cfg, store, name, run
         self.progress, self.log = progress, log
         device = _device(cfg.device)
-        self.model, self.meta = build_policy(cfg, dataset)
-        self.model.to(device).train()
+        self.network, self.meta = build_policy(cfg, dataset)
+        self.network.to(device).train()
         self.targets = eval_targets(cfg, dataset.spec)
-        self.sampler = make_sampler(cfg, dataset, self.model, self.meta.rtg_scale)
-        self.step = TrainStep(self.model, cfg, device, log)
-        mamba = self.model.config.global_mixer == "mamba"
+        self.sampler = make_sampler(cfg, dataset, self.network, self.meta.rtg_scale)
+        self.step = TrainStep(self.network, cfg, device, log)
+        mamba = self.network.config.global_mixer == "mamba"
         self.metrics: dict[str, Any] = {
             "dataset": dataset.name,
             "env": self.meta.env,
-            "num_parameters": self.model.num_parameters(),
+            "num_parameters": self.network.num_parameters(),
             "scan_backend": resolve_backend(None, device) if mamba else None,
             "train_config": cfg.model_dump(),
             "loss_curve": [],
@@ -270,7 +270,7 @@ class _Training:
             return 0
         step = self.step
         done, self.losses, step.carry = self.run.restore(
-            self.model, step.optimizer, step.scheduler, self.sampler, self.metrics, step.average
+            self.network, step.optimizer, step.scheduler, self.sampler, self.metrics, step.average
         )
         if done:
             self.log(f"resuming {self.name} at update {done} of {self.cfg.updates} from {self.run.path}")
@@ -335,7 +335,7 @@ class _Training:
             )
             self.metrics["evals"].append({"update": update, **result.summary()})
             self.log(f"update {update}: target {target:g}: {result.describe()}")
-        self.model.train()
+        self.network.train()
 
     def publish(self) -> int:
         png = learning_curve_png(self.metrics)
@@ -348,7 +348,7 @@ class _Training:
             step = self.step
             self.run.save(
                 update,
-                self.model,
+                self.network,
                 step.optimizer,
                 step.scheduler,
                 self.sampler,

@@ -1,18 +1,18 @@
 """Decision MetaMamba: DSM, selective scan, modified Mamba, the policy and its inference."""
 
-from dmm.model.checkpoint import LoadedPolicy, Policy, load_policy, publish_policy
+from dmm.model.checkpoint import Policy, PolicyVersion, load_policy, publish_policy
 from dmm.model.config import DMMConfig, InferenceMode, PolicyMeta
 from dmm.model.inference import PolicyRunner
-from dmm.model.policy import DMMPolicy
+from dmm.model.policy import PolicyNetwork
 
 __all__ = [
     "DMMConfig",
-    "DMMPolicy",
     "InferenceMode",
-    "LoadedPolicy",
     "Policy",
     "PolicyMeta",
+    "PolicyNetwork",
     "PolicyRunner",
+    "PolicyVersion",
     "load_policy",
     "publish_policy",
 ]

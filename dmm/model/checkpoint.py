@@ -10,7 +10,7 @@ import torch
 from pydantic import ValidationError
 
 from dmm.model.config import DMMConfig, PolicyMeta
-from dmm.model.policy import DMMPolicy
+from dmm.model.policy import PolicyNetwork
 from dmm.store import CorruptVersionError, Store
 
 FORMAT_VERSION = 1
@@ -18,19 +18,19 @@ FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class Policy:
-    """A model with what inference needs beside it (state normalization, RTG scale, default target):
+    """A network with what inference needs beside it (state normalization, RTG scale, default target):
     what training holds, benchmarks build, and the runner and the evaluation take."""
 
-    model: DMMPolicy
+    network: PolicyNetwork
     meta: PolicyMeta
 
     @property
     def config(self) -> DMMConfig:
-        return self.model.config
+        return self.network.config
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return next(self.network.parameters()).device
 
     @property
     def label(self) -> str:
@@ -39,7 +39,7 @@ class Policy:
 
 
 @dataclass(frozen=True, kw_only=True)
-class LoadedPolicy(Policy):
+class PolicyVersion(Policy):
     """A version from the model store, in eval mode on its device."""
 
     name: str
@@ -51,7 +51,7 @@ class LoadedPolicy(Policy):
         return f"{self.name} v{self.version}"
 
 
-def policy_config(model: DMMPolicy, meta: PolicyMeta) -> dict[str, Any]:
+def policy_config(model: PolicyNetwork, meta: PolicyMeta) -> dict[str, Any]:
     """The ``config.json`` of a policy version."""
     return {"format": FORMAT_VERSION, "model": model.config.model_dump(), "meta": meta.model_dump()}
 
@@ -59,7 +59,7 @@ def policy_config(model: DMMPolicy, meta: PolicyMeta) -> dict[str, Any]:
 def publish_policy(
     store: Store,
     name: str,
-    model: DMMPolicy,
+    model: PolicyNetwork,
     meta: PolicyMeta,
     metrics: dict[str, Any] | None = None,
     files: dict[str, bytes | os.PathLike] | None = None,
@@ -92,15 +92,15 @@ def policy_from_config(config: dict[str, Any]) -> tuple[DMMConfig, PolicyMeta]:
 
 def load_policy(
     store: Store, name: str, version: int | str | None = None, device: str | torch.device = "cpu"
-) -> LoadedPolicy:
+) -> PolicyVersion:
     """Load and verify a version; a version that does not describe a valid policy is refused."""
     device = torch.device(device)
     ckpt = store.load(name, version, device=str(device))
     try:
         config, meta = policy_from_config(ckpt.config)
-        model = DMMPolicy(config)
+        model = PolicyNetwork(config)
         model.load_state_dict(ckpt.tensors, strict=True)
     except (ValueError, RuntimeError) as err:
         raise CorruptVersionError(f"{name} version {ckpt.version} is not a valid policy: {err}") from err
     model.to(device).eval()
-    return LoadedPolicy(model, meta, name=name, version=ckpt.version, metrics=ckpt.metrics)
+    return PolicyVersion(model, meta, name=name, version=ckpt.version, metrics=ckpt.metrics)

@@ -13,7 +13,7 @@ table) and call :meth:`PolicyRunner.reset` when an episode starts in a slot, or
 :meth:`PolicyRunner.resume` to continue an episode other slots (or another process) played so far.
 
 On the CPU, the recurrent step runs as one fused numba kernel (:mod:`dmm.model.step_numba`) rather
-than :meth:`DMMPolicy.step`'s ~90 torch ops; both read and write the same slot buffers and give the
+than :meth:`PolicyNetwork.step`'s ~90 torch ops; both read and write the same slot buffers and give the
 same actions (to 1e-5). It runs where the numba scan backend would, for batches of up to
 ``AUTO_FUSED_MAX_ROWS`` rows (larger ones take the torch step); ``recurrent_step="torch"`` (or
 ``DMM_RECURRENT_STEP=torch``) keeps the torch step, which is also what runs on a GPU. The fused
@@ -69,7 +69,7 @@ def _fused_max_rows(policy: Policy, mode: InferenceMode, choice: str | None) -> 
         return 0
     if choice == "fused":
         return sys.maxsize
-    pinned = next(m.scan_backend for m in policy.model.modules() if isinstance(m, ModifiedMamba))
+    pinned = next(m.scan_backend for m in policy.network.modules() if isinstance(m, ModifiedMamba))
     try:
         return AUTO_FUSED_MAX_ROWS if resolve_backend(pinned, policy.device) == "numba" else 0
     except ConfigError:
@@ -91,7 +91,7 @@ class PolicyRunner:
             raise ValueError(f"{policy.label} ({cfg.describe_architecture()}) supports window mode only")
         self.policy = policy
         self.mode = mode
-        self.model = policy.model
+        self.network = policy.network
         self.device = policy.device
         cfg = policy.config
         self.state_dim, self.act_dim, self.context = cfg.state_dim, cfg.act_dim, cfg.context
@@ -105,7 +105,7 @@ class PolicyRunner:
 
             step_numba.warm_up()  # compile (or load) now, not at the first step
             mean, std = self._mean.numpy(), self._std.numpy()
-            self._fused = step_numba.FusedStep(self.model, mean, std, self._rtg_scale)
+            self._fused = step_numba.FusedStep(self.network, mean, std, self._rtg_scale)
         self.capacity = 0
         self._steps = np.zeros(0, dtype=np.int64)
         self._buffers: dict[str, torch.Tensor] = {}
@@ -217,7 +217,7 @@ class PolicyRunner:
     ) -> None:
         """The recurrent state after t steps has read the tokens rtg_0, s_0, a_0, ..., rtg_{t-1}, s_{t-1}
         (step t feeds a_{t-1} first): one forward over the left-padded histories less the last action
-        (:meth:`DMMPolicy.state_before_last_action`; padding is exact: zeros into the local mixer, as
+        (:meth:`PolicyNetwork.state_before_last_action`; padding is exact: zeros into the local mixer, as
         before a sequence starts, and skipped by the scan), with the state carried into the slots."""
         T = obs.shape[1]
         real = torch.arange(T, device=self.device).unsqueeze(0) >= torch.as_tensor(
@@ -229,7 +229,7 @@ class PolicyRunner:
                 torch.arange(T, device=self.device).unsqueeze(0)
                 - (T - torch.as_tensor(steps, device=self.device)).unsqueeze(1)
             ).clamp(min=0)
-        state = self.model.state_before_last_action(rtg, obs, act, real, timesteps)
+        state = self.network.state_before_last_action(rtg, obs, act, real, timesteps)
         b = self._buffers
         for layer, block_state in enumerate(state):
             assert block_state is not None, "recurrent mode has a state in every layer"
@@ -289,7 +289,7 @@ class PolicyRunner:
             first = torch.as_tensor(steps + 1 - span, device=self.device)
             timesteps = (first.unsqueeze(1) + torch.arange(span, device=self.device)).clamp(min=0)
         window = (hist_rtg[:, K - span :], hist_obs[:, K - span :], hist_act[:, K - span :])
-        action = self.model(*window, mask, timesteps)[:, -1]
+        action = self.network(*window, mask, timesteps)[:, -1]
         hist_act[:, -1] = action
         b["rtg"][idx], b["obs"][idx], b["act"][idx] = hist_rtg, hist_obs, hist_act
         return action
@@ -305,6 +305,6 @@ class PolicyRunner:
         timesteps = (
             torch.as_tensor(steps, device=self.device) if self.policy.config.timestep_embedding else None
         )
-        action, _ = self.model.step(state, rtg, obs, b["prev_action"][idx], has_prev, timesteps)
+        action, _ = self.network.step(state, rtg, obs, b["prev_action"][idx], has_prev, timesteps)
         b["prev_action"][idx] = action
         return action

@@ -24,7 +24,7 @@ from dmm.model.scan import Backend
 TOKENS_PER_STEP = 3
 
 
-class DMMPolicy(nn.Module):
+class PolicyNetwork(nn.Module):
     def __init__(self, config: DMMConfig) -> None:
         super().__init__()
         self.config = config

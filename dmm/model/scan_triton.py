@@ -6,7 +6,7 @@ in registers while it walks the L positions, so a whole scan is one launch inste
 loop's L steps of small kernels (which is what filled the CUDA graph).
 
 * forward: ``y`` and the last state from an initial state ``h0``, so a long window runs in chunks
-  and ``DMMPolicy.forward_carried`` continues a sequence. It saves only its inputs.
+  and ``PolicyNetwork.forward_carried`` continues a sequence. It saves only its inputs.
 * backward: recomputes the states. L is cut into equal chunks of at most ``CHUNK`` positions; a
   first pass keeps the state at each chunk's start (``[b, L / chunk, d, n]``); then, chunk by chunk
   from the end, the chunk's states are recomputed into a scratch ``[b, chunk, d, n]`` reused by

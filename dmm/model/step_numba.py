@@ -1,6 +1,6 @@
 """The whole recurrent step of a DMM policy as one CPU kernel (numba), on a runner's slot buffers in place.
 
-:meth:`DMMPolicy.step` in eager torch is ~90 small ops per step, and at one robot their dispatch,
+:meth:`PolicyNetwork.step` in eager torch is ~90 small ops per step, and at one robot their dispatch,
 not the arithmetic, is the step's cost. :class:`FusedStep` does the same step in one call: it
 normalizes the raw state and return-to-go, embeds the three tokens (a_{t-1}, rtg_t, s_t) with their
 timestep embeddings and LayerNorm, runs them through every block (LayerNorms, the local mixer over
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from dmm.model.mamba import ModifiedMamba
-from dmm.model.policy import TOKENS_PER_STEP, DMMPolicy
+from dmm.model.policy import TOKENS_PER_STEP, PolicyNetwork
 from dmm.model.scan_numba import (
     _EXP_FLOOR,
     _HALF,
@@ -338,11 +338,11 @@ def _view(t: torch.Tensor, name: str, shape: tuple[int, ...]) -> np.ndarray:
 
 
 class FusedStep:
-    """:meth:`DMMPolicy.step` for the rows ``slots`` of a runner's slot buffers, fused into one kernel,
+    """:meth:`PolicyNetwork.step` for the rows ``slots`` of a runner's slot buffers, fused into one kernel,
     with the runner's input normalization folded in (raw states and returns-to-go in, actions out)."""
 
     def __init__(
-        self, model: DMMPolicy, state_mean: np.ndarray, state_std: np.ndarray, rtg_scale: float
+        self, model: PolicyNetwork, state_mean: np.ndarray, state_std: np.ndarray, rtg_scale: float
     ) -> None:
         cfg = model.config
         if not cfg.supports_recurrent:
@@ -357,7 +357,7 @@ class FusedStep:
         self._kind = _LOCAL_DSM if cfg.local_mixer == "dsm" else _LOCAL_CONV
         self._read_weights(model)
 
-    def _read_weights(self, model: DMMPolicy) -> None:
+    def _read_weights(self, model: PolicyNetwork) -> None:
         """Copy the weights once into the kernel's layout: linear weights transposed to [in, out]."""
         d = self.config.d_model
         table = model.embed_timestep.weight if model.embed_timestep is not None else torch.zeros(0, d)
@@ -430,7 +430,7 @@ def warm_up() -> None:
     from dmm.model.config import DMMConfig
 
     cfg = DMMConfig(state_dim=1, act_dim=1, d_model=8, n_layer=1)
-    fused = FusedStep(DMMPolicy(cfg), np.zeros(1), np.ones(1), 1.0)
+    fused = FusedStep(PolicyNetwork(cfg), np.zeros(1), np.ones(1), 1.0)
     local = torch.zeros(1, 1, cfg.dsm_window - 1, cfg.d_model)
     buffers = fused.views(local, torch.zeros(1, 1, cfg.d_inner, cfg.d_state), torch.zeros(1, 1))
     one = np.zeros(1, np.int64)
