@@ -54,6 +54,12 @@ VARIANTS: dict[str, Variant] = {
             "DMM, cosine learning rate + EMA 0.999",
             train={"lr_schedule": "cosine", "ema_decay": 0.999},
         ),
+        # Against a recurrent mode that trails the window (issue: recurrent as good as the window)
+        Variant(
+            "dmm-cosine-ema-rows",
+            "DMM, cosine + EMA 0.999, half the rows walk whole episodes",
+            train={"lr_schedule": "cosine", "ema_decay": 0.999, "episode_fraction": 0.5},
+        ),
         Variant(
             "dt-cosine-ema",
             "DT (K=20), cosine learning rate + EMA 0.999",
