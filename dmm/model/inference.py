@@ -237,37 +237,44 @@ class PolicyRunner:
             b[f"ssm.{layer}"][idx] = block_state.ssm
         b["prev_action"][idx] = act[:, -1]
 
-    @torch.inference_mode()
     def step(self, slots: Sequence[int], states: np.ndarray, rtgs: np.ndarray) -> np.ndarray:
         """Append (rtg, state) to each slot's episode and return the next actions [B, act_dim].
 
         ``states`` are raw observations [B, state_dim]; ``rtgs`` raw returns-to-go [B].
         """
-        slots = list(slots)
+        idx = np.asarray(slots, dtype=np.int64).reshape(-1)
         states = np.asarray(states, dtype=np.float32)
         rtgs = np.asarray(rtgs, dtype=np.float32).reshape(-1)
-        if states.shape != (len(slots), self.state_dim) or rtgs.shape != (len(slots),):
+        n = idx.size
+        if states.shape != (n, self.state_dim) or rtgs.shape != (n,):
             raise ValueError(
-                f"expected states ({len(slots)}, {self.state_dim}) and rtgs ({len(slots)},), "
+                f"expected states ({n}, {self.state_dim}) and rtgs ({n},), "
                 f"got {states.shape} and {rtgs.shape}"
             )
-        if len(set(slots)) != len(slots):
+        if n > 1 and np.unique(idx).size != n:
             raise ValueError("slots in one step must be distinct")
-        if max(slots) >= self.capacity:
-            raise IndexError(f"slot {max(slots)} was never reset")
-        steps = self._steps[slots]
-        if self._fused is not None and len(slots) <= self._fused_max_rows:
-            action = self._fused(self._views, np.asarray(slots, dtype=np.int64), steps, states, rtgs)
-            self._steps[slots] = steps + 1
-            return action
-        idx = torch.as_tensor(slots, dtype=torch.long, device=self.device)
+        if n and (idx.max() >= self.capacity or idx.min() < 0):
+            raise IndexError(f"slot {int(idx.max())} was never reset")
+        steps = self._steps[idx]
+        if self._fused is not None and n <= self._fused_max_rows:
+            # the fused CPU kernel: no torch (and no inference-mode switch) on this path
+            action = self._fused.run(self._views, idx, steps, states, rtgs)
+        else:
+            action = self._torch_step(idx, states, rtgs, steps)
+        self._steps[idx] = steps + 1
+        return action
+
+    @torch.inference_mode()
+    def _torch_step(
+        self, slots: np.ndarray, states: np.ndarray, rtgs: np.ndarray, steps: np.ndarray
+    ) -> np.ndarray:
+        idx = torch.from_numpy(slots).to(self.device)
         obs = (torch.from_numpy(states).to(self.device) - self._mean) / self._std
         rtg = torch.from_numpy(rtgs).to(self.device).unsqueeze(-1) / self._rtg_scale
         if self.mode == "window":
             action = self._window_step(idx, obs, rtg, steps)
         else:
             action = self._recurrent_step(idx, obs, rtg, steps)
-        self._steps[slots] = steps + 1
         return action.float().cpu().numpy()
 
     def _window_step(

@@ -414,7 +414,14 @@ class FusedStep:
             )
         if B and (slots.min() < 0 or slots.max() >= buffers.prev_action.shape[0]):
             raise IndexError(f"slots must lie in [0, {buffers.prev_action.shape[0]})")
-        out = np.empty((B, self.config.act_dim), np.float32)
+        return self.run(buffers, slots, steps, states, rtgs)
+
+    def run(
+        self, buffers: SlotBuffers, slots: np.ndarray, steps: np.ndarray, states: np.ndarray, rtgs: np.ndarray
+    ) -> np.ndarray:
+        """:meth:`__call__` for a caller that has checked the arguments itself (a runner's step, which
+        checks its slots against its own buffers): the kernel alone."""
+        out = np.empty((len(slots), self.config.act_dim), np.float32)
         obs, rtg = np.ascontiguousarray(states, np.float32), np.ascontiguousarray(rtgs, np.float32)
         _step(
             self._emb, self._norm, self._layers, self._head, self._stream, self._kind,
