@@ -17,6 +17,7 @@ gRPC keeps receiving the next messages, which then form the next batch (the SEED
 from __future__ import annotations
 
 import asyncio
+import bisect
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -107,6 +108,12 @@ class Batcher:
 
     async def step_rows(self, slots: list[int], states: np.ndarray, rtgs: np.ndarray) -> np.ndarray:
         """Queue one step of each of ``slots`` (never split over batches); their actions [n, act_dim]."""
+        n = len(slots)
+        if not self._pending and (n >= self.max_batch or n >= self._sessions):
+            # Nothing queued and nothing to wait for (a lone session, or a block that fills a batch):
+            # step it at once, with no queue entry and no future.
+            self._observe(0.0, n)
+            return self.runner.step(slots, states, rtgs)
         future = asyncio.get_running_loop().create_future()
         self._pending.append(_Pending(slots, states, rtgs, future))
         self._pending_rows += len(slots)
@@ -166,11 +173,16 @@ class Batcher:
             self._wakeup.set()
         return batch
 
+    def _observe(self, waited_s: float, steps: int, batch: int | None = None) -> None:
+        """Count ``steps`` steps that waited ``waited_s`` in the queue (each step, whether it came alone
+        or in a vector stream's block) and, once per batch, the batch's size (default ``steps``)."""
+        _observe_many(self._queue_wait, waited_s, steps)
+        self._batch_size.observe(steps if batch is None else batch)
+
     def _forward(self, batch: list[_Pending]) -> None:
         start = time.perf_counter()
         for p in batch:
-            for _ in p.slots:  # per step, whether it came alone or in a vector stream's block
-                self._queue_wait.observe(start - p.arrived)
+            _observe_many(self._queue_wait, start - p.arrived, len(p.slots))
         slots = [slot for p in batch for slot in p.slots]
         self._batch_size.observe(len(slots))
         try:
@@ -189,3 +201,17 @@ class Batcher:
             if not p.future.done():
                 p.future.set_result(actions[start : start + len(p.slots)])
             start += len(p.slots)
+
+
+def _observe_many(histogram: Histogram, value: float, n: int) -> None:
+    """``histogram.observe(value)`` ``n`` times, in one update where the client library's histogram
+    exposes its buckets (a vector stream's block counts each of its rows)."""
+    buckets = getattr(histogram, "_buckets", None)
+    bounds = getattr(histogram, "_upper_bounds", None)
+    total = getattr(histogram, "_sum", None)
+    if n == 1 or buckets is None or bounds is None or total is None:
+        for _ in range(n):
+            histogram.observe(value)
+        return
+    total.inc(value * n)
+    buckets[bisect.bisect_left(bounds, value)].inc(n)
