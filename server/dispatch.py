@@ -62,11 +62,12 @@ class Dispatcher:
         try:
             while (request := await self._read(context, session)) is not grpc.aio.EOF:
                 arrived = time.perf_counter()
+                started = session is None
                 session, reply = await self._message(stream, request, session)
                 if reply is None:
                     break  # the client's end
                 await context.write(reply)
-                if reply.WhichOneof("kind") != "started":
+                if not started:
                     session.lease.latency.observe(time.perf_counter() - arrived)
         except Abort as abort:
             reason = abort.reason
@@ -137,14 +138,20 @@ class Dispatcher:
         run its rows as one block, and answer with their actions."""
         if step.rewards is not None:
             ended = step.restart
-            self._record(session, step.rows[ended], step.rewards[ended])
             if ended.any():
+                self._record(session, step.rows[ended], step.rewards[ended])
                 session.restart(step.rows[ended])
-            session.rtg.reward(step.rows[~ended], step.rewards[~ended])
+                session.rtg.reward(step.rows[~ended], step.rewards[~ended])
+            else:
+                session.rtg.reward(step.rows, step.rewards)
         elif step.rtgs is not None:
             session.rtg.give(step.rows, step.rtgs, first=session.row_steps[step.rows] == 0)
         lease = session.lease
-        slots = [lease.slots[r] for r in step.rows.tolist()]
+        slots = (
+            lease.slots
+            if step.rows.size == len(lease.slots) == 1
+            else [lease.slots[r] for r in step.rows.tolist()]
+        )
         try:
             actions = await lease.batcher.step_rows(slots, step.states, session.rtg.values[step.rows])
         except asyncio.CancelledError:

@@ -32,6 +32,14 @@ class Session:
 
     # The client can resume its episodes elsewhere: a drain ends the session at once (Start.resumable).
     resumable: bool = False
+    # The model's state_dim and its state normalization (mean, std) as arrays, read once per session.
+    state_dim: int = field(init=False)
+    norm: tuple[np.ndarray, np.ndarray] = field(init=False)
+
+    def __post_init__(self) -> None:
+        policy = self.lease.policy
+        self.state_dim = policy.config.state_dim
+        self.norm = (np.asarray(policy.meta.state_mean), np.asarray(policy.meta.state_std))
 
     @classmethod
     def open(

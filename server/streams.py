@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from dmm.server.checks import Abort, check_float32, check_states, invalid
+from dmm.server.checks import FLOAT32_MAX, Abort, check_float32, check_states, invalid
 from dmm.server.sessions import Session
 from dmm.v1 import policy_pb2
 from dmm.v1.modes import MODE_ENUM
@@ -87,8 +87,18 @@ def session_started(session: Session) -> policy_pb2.SessionStarted:
 
 
 def _check_states(session: Session, states: np.ndarray, where: Callable[[int], str]) -> None:
-    meta = session.lease.policy.meta
-    check_states(states, np.asarray(meta.state_mean), np.asarray(meta.state_std), where)
+    """:func:`check_states` against the session's normalization; the common case (every value and its
+    normalized value within float32) is two reductions, and only a bad state takes the full check,
+    which names it."""
+    mean, std = session.norm
+    fine = np.abs(states).max() <= FLOAT32_MAX and np.abs((states - mean) / std).max() <= FLOAT32_MAX
+    if not fine:  # NaN compares False, so non-finite values land here too
+        check_states(states, mean, std, where)
+
+
+def _fits(value: float) -> bool:
+    """A value the model's float32 holds (finite, |value| <= its largest)."""
+    return -FLOAT32_MAX <= value <= FLOAT32_MAX
 
 
 def _non_finite(what: str, ended: str) -> str:
@@ -117,13 +127,13 @@ class ActFormat(StreamFormat):
         return start, None, [start.resume] if start.HasField("resume") else []
 
     def read_step(self, session: Session, step: policy_pb2.Step) -> StepInput:
-        n, expected = session.steps, session.lease.policy.config.state_dim
-        if len(step.state) != expected:
+        n, expected, state = session.steps, session.state_dim, step.state
+        if len(state) != expected:
             raise invalid(
-                f"state has {len(step.state)} values; model {session.model} version {session.version} "
+                f"state has {len(state)} values; model {session.model} version {session.version} "
                 f"expects state_dim={expected}"
             )
-        states = np.array(step.state, dtype=np.float64)[None]
+        states = np.fromiter(state, np.float64, expected).reshape(1, expected)
 
         def where(_: int) -> str:
             return f" (step {n})"
@@ -140,8 +150,10 @@ class ActFormat(StreamFormat):
                     "step 0 carries a reward, but there is no previous action: send only the state "
                     "(or an explicit rtg)"
                 )
-            rewards = np.array([step.reward])
-            session.rtg.check_rewards(self._ROW, rewards, self._NO_RESTART, where)
+            reward = step.reward
+            rewards = np.array([reward])
+            if not (_fits(reward) and _fits(float(session.rtg.values[0]) - reward)):
+                session.rtg.check_rewards(self._ROW, rewards, self._NO_RESTART, where)  # names what
             return StepInput(self._ROW, states, rewards, self._NO_RESTART)
         if n > 0:
             raise invalid(f"step {n} has neither the reward of the last action nor an explicit rtg")
@@ -164,7 +176,7 @@ class ActFormat(StreamFormat):
             step=int(steps[0]),
             model=session.model,
             version=session.version,
-            rtg=float(session.rtg.values[0]),
+            rtg=session.rtg.values[0].item(),
         )
         return policy_pb2.ActResponse(action=action)
 
