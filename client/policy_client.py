@@ -7,6 +7,7 @@ the actors that ask the server for the actions.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -14,7 +15,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -130,14 +131,23 @@ class _Stream:
         while (item := self._requests.get()) is not self._END:
             yield item
 
-    def send(self, request: Any) -> Any:
+    def post(self, request: Any) -> None:
+        """Queue ``request`` without waiting for its reply (a resume sends its start and its step
+        together: no round trip between them)."""
         self._requests.put(request)
+
+    def receive(self) -> Any:
+        """The next reply."""
         try:
             return next(self._call)
         except grpc.RpcError as err:
             raise PolicyServiceError.from_rpc(err) from None
         except StopIteration:
             raise PolicyServiceError(grpc.StatusCode.UNKNOWN, "the server ended the stream early") from None
+
+    def send(self, request: Any) -> Any:
+        self.post(request)
+        return self.receive()
 
     def finish(self, end: Any = None) -> None:
         """Half-close the stream and wait for the server's OK (the session ends as completed); an
@@ -167,9 +177,11 @@ def _moves(err: PolicyServiceError) -> bool:
 
 class _Servers:
     """The servers a client's streams run on: one stub per address given (each a channel, which for a
-    multi-address target balances round-robin itself); each new stream takes the next, so a stream
-    that fails over moves to another server. ``retries`` bounds the failovers of one request, each
-    after a backoff that doubles from ``backoff_s`` (at most 2 s)."""
+    multi-address target balances round-robin itself). Each new stream takes the next server in turn
+    that is not known to be down: one whose stream failed and that has not been seen READY (its
+    channel's connectivity, :meth:`connectivity`) or starting a stream since. ``retries`` bounds how
+    often one request goes round the servers again after a try on every one failed, each time after a
+    backoff that doubles from ``backoff_s`` (at most 2 s)."""
 
     MAX_BACKOFF_S = 2.0
 
@@ -178,78 +190,140 @@ class _Servers:
     ) -> None:
         self.stubs, self.retries, self.backoff_s = stubs, retries, backoff_s
         self._next = 0
+        self._down = [False] * len(stubs)
         self._lock = threading.Lock()
 
-    def next_stub(self) -> policy_pb2_grpc.PolicyServiceStub:
-        with self._lock:
-            stub = self.stubs[self._next % len(self.stubs)]
-            self._next += 1
-        return stub
+    def __len__(self) -> int:
+        return len(self.stubs)
 
-    def backoff(self, failures: int) -> float:
-        return min(self.MAX_BACKOFF_S, self.backoff_s * 2 ** (failures - 1))
+    def pick(self, exclude: Collection[int] = ()) -> int:
+        """The index of the server a new stream goes to: the next in turn that is neither in
+        ``exclude`` (tried already) nor down; else the next not in ``exclude``; else the next."""
+        with self._lock:
+            order = [(self._next + k) % len(self.stubs) for k in range(len(self.stubs))]
+            untried = [i for i in order if i not in exclude] or order
+            index = next((i for i in untried if not self._down[i]), untried[0])
+            self._next = index + 1
+        return index
+
+    def failed(self, index: int) -> None:
+        """A stream on server ``index`` failed: new streams go elsewhere until it is seen serving."""
+        self._down[index] = True
+
+    def serving(self, index: int) -> None:
+        self._down[index] = False
+
+    def connectivity(self, index: int, state: grpc.ChannelConnectivity) -> None:
+        """Channel ``index`` changed ``state`` (a ``grpc.Channel.subscribe`` callback)."""
+        if state == grpc.ChannelConnectivity.READY:
+            self.serving(index)
+        elif state in (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN):
+            self.failed(index)
+
+    def backoff(self, rounds: int) -> float:
+        """The wait before going round the servers again after ``rounds`` failed rounds."""
+        return min(self.MAX_BACKOFF_S, self.backoff_s * 2 ** (rounds - 1))
 
 
 class _ResumableStream:
     """An Act or ActVector stream (``rpc``, a stub method's name) that outlives its server: when a
-    request fails because the server died, drained or reset the stream, it opens a stream on the next
+    request fails because the server died, drained or reset the stream, it opens a stream on another
     server with the start ``start_request()`` builds (carrying the episodes so far) and sends the
-    request again, up to ``servers.retries`` times per request. Each move is logged and counted in
-    :attr:`failovers`; :attr:`resume_seconds` holds how long each took."""
+    request right behind it. The first move goes at once to a server not known to be down; a try that
+    fails on a new stream moves on at once to a server not yet tried; only once a try on every server
+    has failed does it back off (:meth:`_Servers.backoff`) and go round again, at most
+    ``servers.retries`` times. Each move is logged and counted in :attr:`failovers`;
+    :attr:`resume_seconds` holds how long each resumed request took from the failure to its answer."""
 
     def __init__(self, servers: _Servers, rpc: str, start_request: Callable[[], Any]) -> None:
         self.servers, self.rpc, self.start_request = servers, rpc, start_request
         self.stream: _Stream | None = None
+        self.server = -1  # the index of the stream's server
         self.failovers = 0
         self.resume_seconds: list[float] = []
+        self.sleep = time.sleep  # how backoffs wait (tests replace it)
 
     def start(self) -> Any:
         """Open the stream; the reply to its start."""
         return self._call(None)
 
     def send(self, request: Any) -> Any:
-        return self._call(lambda stream: stream.send(request))
+        return self._call(request)
 
     def finish(self, end: Any) -> None:
-        self._call(lambda stream: stream.finish(end))
+        self._call(end, finishing=True)
 
     def cancel(self) -> None:
         if self.stream is not None:
             self.stream.cancel()
 
-    def _call(self, action: Callable[[_Stream], Any] | None) -> Any:
-        failures, failed_at = 0, 0.0
+    def _call(self, request: Any, finishing: bool = False) -> Any:
+        """``request`` (None: the start) answered, on another server if its server goes."""
+        tried: set[int] = set()  # servers whose new stream failed in this round
+        rounds, failed_at = 0, 0.0
         while True:
+            fresh = self.stream is None
             try:
-                if self.stream is None:
-                    stream = _Stream(getattr(self.servers.next_stub(), self.rpc), timeout=None)
-                    self.stream = stream
-                    started = stream.send(self.start_request())
-                    if action is None:
-                        return started
-                result = action(self.stream)
-                if failures:
+                if fresh:
+                    self._open(tried)
+                result = self._exchange(request, fresh, finishing)
+                if failed_at and request is not None:
                     self.resume_seconds.append(time.perf_counter() - failed_at)
                 return result
             except PolicyServiceError as err:
-                if not _moves(err) or failures >= self.servers.retries:
+                if not _moves(err):
                     raise
-                failures += 1
                 failed_at = failed_at or time.perf_counter()
-                self.failovers += 1
-                delay = self.servers.backoff(failures)
-                log.warning(
-                    "%s stream failed (%s); resuming on another server in %.2f s (try %d of %d)",
-                    self.rpc,
-                    err,
-                    delay,
-                    failures,
-                    self.servers.retries,
-                )
-                if self.stream is not None:
-                    self.stream.cancel()
-                    self.stream = None
-                time.sleep(delay)
+                self.servers.failed(self.server)
+                if fresh:  # a stream that died under a request moves at once; a failed new one counts
+                    tried.add(self.server)
+                delay = 0.0
+                if len(tried) >= len(self.servers):  # every server failed a try: back off, go round again
+                    rounds += 1
+                    tried.clear()
+                    if rounds > self.servers.retries:
+                        raise
+                    delay = self.servers.backoff(rounds)
+                self._moved(err, delay, rounds)
+                if delay:
+                    self.sleep(delay)
+
+    def _open(self, tried: set[int]) -> None:
+        self.server = self.servers.pick(exclude=tried)
+        self.stream = _Stream(getattr(self.servers.stubs[self.server], self.rpc), timeout=None)
+        self.stream.post(self.start_request())
+
+    def _exchange(self, request: Any, fresh: bool, finishing: bool) -> Any:
+        """Send ``request`` on the stream and return its answer; on a ``fresh`` stream (whose start is
+        queued) the start's reply comes first: it is the answer to a start (``request`` None), and
+        read past otherwise."""
+        stream = self.stream
+        assert stream is not None
+        if request is None:
+            reply = stream.receive()
+        elif finishing:
+            stream.finish(request)  # reads every reply the stream still has, the start's too
+            reply = None
+        else:
+            stream.post(request)
+            if fresh:
+                stream.receive()
+            reply = stream.receive()
+        if fresh:
+            self.servers.serving(self.server)
+        return reply
+
+    def _moved(self, err: PolicyServiceError, delay: float, rounds: int) -> None:
+        self.failovers += 1
+        log.warning(
+            "%s stream failed (%s); resuming on another server%s",
+            self.rpc,
+            err,
+            f" in {delay:.2f} s (round {rounds} of {self.servers.retries})" if delay else "",
+        )
+        if self.stream is not None:
+            self.stream.cancel()
+            self.stream = None
 
 
 class PolicyClient:
@@ -257,9 +331,10 @@ class PolicyClient:
 
     ``target`` is one gRPC target, which may name several servers (``ipv4:10.0.0.1:5001,10.0.0.2:5001``,
     a DNS name with several records: balanced round-robin), or a list of targets. A rollout's streams
-    survive a server that dies or drains: they resume their episodes on another server (at most
-    ``failover_retries`` tries per request, backing off from ``failover_backoff_s``), and the moves are
-    counted in :attr:`RolloutResult.failovers`.
+    survive a server that dies or drains: they resume their episodes on another server, at once on the
+    first live one; only when a try on every server has failed do they back off (from
+    ``failover_backoff_s``, doubling) and go round again, at most ``failover_retries`` times per
+    request. The moves are counted in :attr:`RolloutResult.failovers`.
 
     ``tls_ca`` (the CA of the server's certificate) makes the channels TLS, ``tls_cert``/``tls_key``
     add the client's certificate for a server that wants mutual TLS, and ``token`` is sent as
@@ -295,9 +370,15 @@ class PolicyClient:
         stubs = [policy_pb2_grpc.PolicyServiceStub(channel) for channel in self._channels]
         self._stub = stubs[0]
         self._servers = _Servers(stubs, failover_retries, failover_backoff_s)
+        # Every channel connects now and follows its server (round_robin reconnects on its own), so a
+        # failover finds the other servers' connections up and skips a server whose channel is down.
+        self._watchers = [functools.partial(self._servers.connectivity, i) for i in range(len(stubs))]
+        for channel, watcher in zip(self._channels, self._watchers, strict=True):
+            channel.subscribe(watcher, try_to_connect=True)
 
     def close(self) -> None:
-        for channel in self._channels:
+        for channel, watcher in zip(self._channels, self._watchers, strict=True):
+            channel.unsubscribe(watcher)
             channel.close()
 
     def __enter__(self) -> PolicyClient:
@@ -466,27 +547,26 @@ def _resume_start(start: policy_pb2.Start, started: Any) -> policy_pb2.Start:
 
 
 class _EpisodeSoFar:
-    """What a resume needs of one episode: its states, the actions it got and the rewards so far."""
+    """What a resume needs of one episode: its states, the actions it got and the rewards so far, kept
+    as the message a resume sends (built step by step, so a failover does not build it)."""
 
     def __init__(self) -> None:
-        self.states: list[np.ndarray] = []
-        self.actions: list[np.ndarray] = []
-        self.rewards: list[float] = []
+        self._message = policy_pb2.EpisodeSoFar()
+
+    @property
+    def steps(self) -> int:
+        return self._message.steps
 
     def took(self, state: np.ndarray, action: np.ndarray, reward: float | None) -> None:
         """The server answered ``state`` (which came with the last action's ``reward``) with ``action``."""
         if reward is not None:
-            self.rewards.append(reward)
-        self.states.append(state)
-        self.actions.append(action)
+            self._message.rewards.append(reward)
+        self._message.states.extend(state.tolist())
+        self._message.actions.extend(action.tolist())
+        self._message.steps += 1
 
     def message(self) -> policy_pb2.EpisodeSoFar:
-        return policy_pb2.EpisodeSoFar(
-            steps=len(self.actions),
-            states=np.concatenate(self.states).tolist(),
-            actions=np.concatenate(self.actions).tolist(),
-            rewards=self.rewards,
-        )
+        return self._message
 
 
 class _VectorActor(Actor):
@@ -504,7 +584,7 @@ class _VectorActor(Actor):
 
     def _start_request(self) -> policy_pb2.VectorRequest:
         start = policy_pb2.VectorStart(start=self.start_message, episodes=self.rows)
-        if self.so_far and self.so_far[0].actions:  # after the first step every row has taken one
+        if self.so_far and self.so_far[0].steps:  # after the first step every row has taken one
             start.resume.extend(episode.message() for episode in self.so_far)
         return policy_pb2.VectorRequest(start=start)
 
@@ -558,7 +638,7 @@ class _ActActor(Actor):
     def _start_request(self) -> policy_pb2.ActRequest:
         start = policy_pb2.Start()
         start.CopyFrom(self.start_message)
-        if self.so_far.actions:
+        if self.so_far.steps:
             start.resume.CopyFrom(self.so_far.message())
         return policy_pb2.ActRequest(start=start)
 

@@ -226,3 +226,155 @@ def test_rollout_cli_fails_over_between_its_targets(servers, capsys: pytest.Capt
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert "4 episodes" in line
     assert int(line.rsplit("failovers ", 1)[1]) >= 1
+
+
+# ---------------------------------------------------------------- how a stream picks its next server
+
+
+class _Unavailable(grpc.RpcError):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "Socket closed"
+
+
+class _FakeServer:
+    """A stub whose Act streams answer each request with (server, kind) until it is down: a stream
+    open when it goes down fails at its next reply, as do new ones. ``replies``: it goes down after
+    that many replies (None: never)."""
+
+    def __init__(self, name: str, tries: list[str], up: bool = True, replies: int | None = None) -> None:
+        self.name, self.tries, self.up, self.replies = name, tries, up, replies
+        self.received: list[policy_pb2.ActRequest] = []
+
+    def Act(self, requests: Iterator[policy_pb2.ActRequest], timeout: float | None = None) -> _FakeCall:
+        self.tries.append(self.name)
+        return _FakeCall(self, requests)
+
+
+class _FakeCall:
+    def __init__(self, server: _FakeServer, requests: Iterator[policy_pb2.ActRequest]) -> None:
+        self.server, self.requests = server, requests
+
+    def __iter__(self) -> _FakeCall:
+        return self
+
+    def __next__(self) -> tuple[str, str]:
+        server = self.server
+        if server.replies == 0:
+            server.up = False
+        if not server.up:
+            raise _Unavailable()
+        request = next(self.requests)
+        server.received.append(request)
+        if server.replies is not None:
+            server.replies -= 1
+        return server.name, request.WhichOneof("kind")
+
+    def cancel(self) -> None:
+        pass
+
+
+def _stream(servers: list[_FakeServer], retries: int = 6, backoff_s: float = 0.05):
+    """A resumable Act stream over ``servers`` whose backoffs are recorded instead of slept (the
+    ``sleeps`` list; ``on_sleep`` runs at each)."""
+    from dmm.client.policy_client import _ResumableStream, _Servers
+
+    def start_request() -> policy_pb2.ActRequest:
+        return policy_pb2.ActRequest(start=policy_pb2.Start(model=ENV, resumable=True))
+
+    stream = _ResumableStream(_Servers(servers, retries, backoff_s), "Act", start_request)
+    stream.sleeps, stream.on_sleep = [], lambda: None
+
+    def sleep(seconds: float) -> None:
+        stream.sleeps.append(seconds)
+        stream.on_sleep()
+
+    stream.sleep = sleep
+    return stream
+
+
+STEP = policy_pb2.ActRequest(step=policy_pb2.Step(state=[0.0] * STATE_DIM))
+
+
+def test_a_stream_whose_server_died_moves_at_once_and_sends_start_and_step_together() -> None:
+    tries: list[str] = []
+    a, b = _FakeServer("a", tries, replies=2), _FakeServer("b", tries)
+    stream = _stream([a, b])
+    assert stream.start() == ("a", "start")
+    assert stream.send(STEP) == ("a", "step")
+    assert stream.send(STEP) == ("b", "step")  # a died: b answers the start, then the step
+    assert tries == ["a", "b"] and stream.sleeps == []
+    assert [r.WhichOneof("kind") for r in b.received] == ["start", "step"]
+    assert stream.failovers == 1 and len(stream.resume_seconds) == 1
+    assert stream.send(STEP) == ("b", "step")  # and stays there
+    assert tries == ["a", "b"]
+
+
+def test_backoff_only_after_a_try_on_every_server_failed() -> None:
+    """a dies mid-episode; b and c are down too: b, c and a are each tried once at once, and only then
+    does the stream back off (once) before going round again, when b is back."""
+    tries: list[str] = []
+    a = _FakeServer("a", tries, replies=1)
+    b, c = _FakeServer("b", tries, up=False), _FakeServer("c", tries, up=False)
+    stream = _stream([a, b, c], backoff_s=0.05)
+    stream.start()
+
+    def b_back() -> None:
+        b.up = True
+
+    stream.on_sleep = b_back
+    assert stream.send(STEP) == ("b", "step")
+    assert tries == ["a", "b", "c", "a", "b"]
+    assert stream.sleeps == [0.05]
+    assert stream.failovers == 4
+
+
+def test_failover_backs_off_doubling_and_gives_up_when_every_server_stays_down() -> None:
+    from dmm.client.policy_client import _Servers
+
+    tries: list[str] = []
+    a, b = _FakeServer("a", tries, replies=1), _FakeServer("b", tries, up=False)
+    stream = _stream([a, b], retries=2, backoff_s=0.01)
+    stream.start()
+    with pytest.raises(PolicyServiceError) as info:
+        stream.send(STEP)
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    assert stream.sleeps == [0.01, 0.02]  # between rounds only; three rounds of two tries
+    assert tries == ["a"] + ["b", "a"] * 3
+    assert _Servers([], 0, 1.0).backoff(10) == _Servers.MAX_BACKOFF_S
+
+
+def test_new_streams_skip_a_server_known_down_until_it_is_seen_ready() -> None:
+    from dmm.client.policy_client import _Servers
+
+    servers = _Servers([object(), object(), object()], retries=6, backoff_s=0.05)
+    assert [servers.pick() for _ in range(4)] == [0, 1, 2, 0]  # in turn
+    servers.failed(2)
+    assert [servers.pick() for _ in range(3)] == [1, 0, 1]
+    servers.connectivity(2, grpc.ChannelConnectivity.READY)
+    assert [servers.pick() for _ in range(3)] == [2, 0, 1]
+    servers.connectivity(0, grpc.ChannelConnectivity.TRANSIENT_FAILURE)
+    assert [servers.pick() for _ in range(2)] == [2, 1]
+    servers.failed(1)
+    servers.failed(2)
+    assert servers.pick() == 2  # every server down: still in turn
+    assert servers.pick(exclude={0}) == 1  # but not one this round tried
+
+
+def test_the_client_connects_to_every_server_before_its_first_call() -> None:
+    """A failover finds the other servers' connections up: the client connects at once, RPC or not."""
+    import socket
+
+    listeners = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
+    try:
+        targets = [f"127.0.0.1:{s.getsockname()[1]}" for s in listeners]
+        with PolicyClient(targets):
+            for listener in listeners:
+                listener.settimeout(30)
+                connection, _ = listener.accept()
+                connection.close()
+    finally:
+        for listener in listeners:
+            listener.close()
