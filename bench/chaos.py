@@ -18,6 +18,7 @@ servers run ``--max-batch 1`` by default, so no forward depends on which session
     python -m bench.chaos                               # 16 lanes, 2 servers, a kill every 20 s, 3 min
     python -m bench.chaos --rolling --duration 60       # a rolling restart of both servers
     python -m bench.chaos --quick
+    python -m bench.chaos --mode recurrent --resume-after 999 --sessions 1   # resume latency only
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import argparse
 import itertools
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -66,6 +68,8 @@ SETTINGS = (
     "max_batch",
     "failover_backoff",
     "max_reconnect_backoff_ms",
+    "resume_after",
+    "rounds",
 )
 
 
@@ -226,6 +230,98 @@ def _rolling(fleet: _Fleet, args: argparse.Namespace, started: float) -> list[di
     end = max(started + args.duration, time.monotonic() + args.kill_every)
     time.sleep(max(0.0, end - time.monotonic()))
     return events
+
+
+# ------------------------------------------------------------------------- resume latency
+
+
+def _resume_session(spec: dict[str, Any], index: int, barrier: threading.Barrier) -> dict[str, Any]:
+    """One Act stream on ``spec["targets"][0]``: ``--resume-after`` steps of random states, then (once
+    the benchmark killed that server, past ``barrier``) one more step, which resumes elsewhere."""
+    from dmm.client import PolicyClient
+    from dmm.client.policy_client import _ActActor
+    from dmm.envs import env_spec
+    from dmm.episodes import Step
+    from dmm.v1 import policy_pb2
+    from dmm.v1.modes import MODE_ENUM
+
+    dims = env_spec(spec["env"])
+    start = policy_pb2.Start(model=spec["model"], mode=MODE_ENUM[spec["mode"]], state_dim=dims.obs_dim)
+    rng = np.random.default_rng(spec["seed"] + index)
+    one, no = np.zeros(1, dtype=np.int64), np.zeros(1, dtype=bool)
+    with PolicyClient(spec["targets"], failover_backoff_s=spec["failover_backoff_s"]) as client:
+        actor = _ActActor(client._servers, start)
+        actor.start(1)
+        for t in range(spec["resume_after"] + 1):
+            if t == spec["resume_after"]:
+                barrier.wait()  # every session has played its steps; the benchmark kills the server
+                barrier.wait()
+            states = rng.normal(size=(1, dims.obs_dim)).astype(np.float32)
+            rewards = None if t == 0 else rng.normal(size=1)
+            actor.act(Step(one, states, np.zeros(1), rewards, no))
+        actor.cancel()
+    stream = actor.resumable
+    return {"resume_s": stream.resume_seconds, "failovers": stream.failovers}
+
+
+def resume_latency(args: argparse.Namespace, store: Path, model: str) -> dict[str, Any]:
+    """``--rounds`` rounds: ``--sessions`` Act streams play ``--resume-after`` steps on one server,
+    which is SIGKILLed; each stream's next step resumes on another server. The killed server is
+    restarted after the round (its start does not share the CPU with the resumes), the next round kills
+    the next server."""
+    fleet = _Fleet(store, args, args.servers)
+    rounds = []
+    try:
+        for r in range(args.rounds):
+            k = r % args.servers
+            targets = fleet.targets[k:] + fleet.targets[:k]  # every session starts on server k
+            spec = _spec(args, model, targets, resume_after=args.resume_after)
+            barrier = threading.Barrier(args.sessions + 1, timeout=_timeout(args))
+            with ThreadPoolExecutor(args.sessions, thread_name_prefix="resume") as pool:
+                futures = [pool.submit(_resume_session, spec, i, barrier) for i in range(args.sessions)]
+                barrier.wait()
+                fleet.servers[k].kill()
+                barrier.wait()
+                sessions = [f.result() for f in futures]
+            fleet.kill(k)  # already dead: restarted on its port
+            resumes = [t for s in sessions for t in s["resume_s"]]
+            rounds.append({"server": k, "sessions": sessions, "resume_s": resumes})
+            print(f"round {r}: server {k} killed, {len(resumes)} resumes", file=sys.stderr, flush=True)
+    finally:
+        fleet.close()
+    return {"rounds": rounds}
+
+
+def _report_resume_latency(
+    args: argparse.Namespace, argv: Sequence[str], run: dict[str, Any], source: str
+) -> int:
+    resumes = np.asarray([t for r in run["rounds"] for t in r["resume_s"]])
+    summary = {
+        "mode": args.mode,
+        "history_steps": args.resume_after,
+        "sessions": args.sessions,
+        "rounds": args.rounds,
+        "resumes": int(resumes.size),
+        "resume_p50_ms": _ms(resumes, 50),
+        "resume_p99_ms": _ms(resumes, 99),
+        "resume_max_ms": _ms(resumes, 100),
+    }
+    table = markdown_table(list(summary), [[_cell(v) for v in summary.values()]])
+    fig, axes = new_figure()
+    axes[0][0].hist(resumes * 1e3 if resumes.size else [0.0], bins=30)
+    axes[0][0].set(xlabel="resume latency (ms)", ylabel="resumed requests", title="resume after a SIGKILL")
+    payload = {**header(SCRIPT, argv), "model": source, "settings": {k: getattr(args, k) for k in SETTINGS}}
+    payload |= {"summary": summary, "rounds": run["rounds"]}
+    notes = [
+        f"model: {source}; {args.servers} servers (`--mode {args.mode} --max-batch {args.max_batch}`, one "
+        f"torch thread each); per round {args.sessions} Act streams (PolicyClient given every server, "
+        f"each its own client) play {args.resume_after} steps of random states on one server, which is "
+        "then SIGKILLed; each stream's next step resumes on another server with the episode so far",
+        "resume latency: from the client seeing its stream fail to the answer to that step on another "
+        "server (`RolloutResult.resume_seconds`); the killed server restarts after the round",
+    ]
+    write_report(args.out, SCRIPT, "Resume latency after a SIGKILL", table, payload, fig, notes)
+    return 0 if resumes.size == args.sessions * args.rounds else 1
 
 
 # ----------------------------------------------------------------------------------------- run
@@ -397,6 +493,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         type=int,
         help="the client channels' reconnect backoff (default: PolicyClient's, 500 ms)",
     )
+    p.add_argument(
+        "--resume-after",
+        type=int,
+        help="instead of the chaos run, measure resume latency: --sessions streams play this many steps "
+        "on one server, which is SIGKILLed, --rounds times (at most the model's max episode length - 1)",
+    )
+    p.add_argument("--rounds", type=int, default=10, help="rounds of --resume-after (default 10)")
     defaults = {"sessions": (16, 4), "duration": (180.0, 8.0), "kill_every": (20.0, 4.0)}
     defaults["max_episode_steps"] = (None, 200)
     positive = (
@@ -406,6 +509,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "max_episode_steps",
         "max_batch",
         "max_reconnect_backoff_ms",
+        "resume_after",
+        "rounds",
     )
     args = parse(p, argv, defaults, positive=positive, non_negative=("failover_backoff", "grace"))
     if args.servers < 2:
@@ -436,6 +541,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="dmm-bench-chaos-") as tmp:
         store, model, source = prepare_store(args, Path(tmp))
+        if args.resume_after is not None:
+            return _report_resume_latency(args, argv, resume_latency(args, store, model), source)
         run = chaos(args, store, model, Path(tmp))
         done = [r["episode"] for r in run["records"] if "error" not in r]
         ref = reference(args, store, model, done)
