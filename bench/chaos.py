@@ -235,9 +235,12 @@ def _rolling(fleet: _Fleet, args: argparse.Namespace, started: float) -> list[di
 # ------------------------------------------------------------------------- resume latency
 
 
-def _resume_session(spec: dict[str, Any], index: int, barrier: threading.Barrier) -> dict[str, Any]:
-    """One Act stream on ``spec["targets"][0]``: ``--resume-after`` steps of random states, then (once
-    the benchmark killed that server, past ``barrier``) one more step, which resumes elsewhere."""
+def _session(
+    spec: dict[str, Any], index: int, steps: int, barrier: threading.Barrier | None = None
+) -> dict[str, Any]:
+    """One Act stream on ``spec["targets"][0]``: ``steps`` steps of random states; with a ``barrier``,
+    then (once the benchmark killed that server, past ``barrier``) one more step, which resumes on
+    another server."""
     from dmm.client import PolicyClient
     from dmm.client.policy_client import _ActActor
     from dmm.envs import env_spec
@@ -252,8 +255,8 @@ def _resume_session(spec: dict[str, Any], index: int, barrier: threading.Barrier
     with PolicyClient(spec["targets"], failover_backoff_s=spec["failover_backoff_s"]) as client:
         actor = _ActActor(client._servers, start)
         actor.start(1)
-        for t in range(spec["resume_after"] + 1):
-            if t == spec["resume_after"]:
+        for t in range(steps + (barrier is not None)):
+            if t == steps and barrier is not None:
                 barrier.wait()  # every session has played its steps; the benchmark kills the server
                 barrier.wait()
             states = rng.normal(size=(1, dims.obs_dim)).astype(np.float32)
@@ -267,8 +270,8 @@ def _resume_session(spec: dict[str, Any], index: int, barrier: threading.Barrier
 def resume_latency(args: argparse.Namespace, store: Path, model: str) -> dict[str, Any]:
     """``--rounds`` rounds: ``--sessions`` Act streams play ``--resume-after`` steps on one server,
     which is SIGKILLed; each stream's next step resumes on another server. The killed server is
-    restarted after the round (its start does not share the CPU with the resumes), the next round kills
-    the next server."""
+    restarted after the round (its start does not share the CPU with the resumes) and has served a
+    session before the next round, which kills the next server."""
     fleet = _Fleet(store, args, args.servers)
     rounds = []
     try:
@@ -278,12 +281,17 @@ def resume_latency(args: argparse.Namespace, store: Path, model: str) -> dict[st
             spec = _spec(args, model, targets, resume_after=args.resume_after)
             barrier = threading.Barrier(args.sessions + 1, timeout=_timeout(args))
             with ThreadPoolExecutor(args.sessions, thread_name_prefix="resume") as pool:
-                futures = [pool.submit(_resume_session, spec, i, barrier) for i in range(args.sessions)]
+                futures = [
+                    pool.submit(_session, spec, i, args.resume_after, barrier) for i in range(args.sessions)
+                ]
                 barrier.wait()
                 fleet.servers[k].kill()
                 barrier.wait()
                 sessions = [f.result() for f in futures]
             fleet.kill(k)  # already dead: restarted on its port
+            # A server loads the model at its first session: one that has served for a while (as in the
+            # chaos run) did that long ago.
+            _session({**spec, "targets": [fleet.targets[k]]}, 0, 2)
             resumes = [t for s in sessions for t in s["resume_s"]]
             rounds.append({"server": k, "sessions": sessions, "resume_s": resumes})
             print(f"round {r}: server {k} killed, {len(resumes)} resumes", file=sys.stderr, flush=True)
@@ -318,7 +326,8 @@ def _report_resume_latency(
         f"each its own client) play {args.resume_after} steps of random states on one server, which is "
         "then SIGKILLed; each stream's next step resumes on another server with the episode so far",
         "resume latency: from the client seeing its stream fail to the answer to that step on another "
-        "server (`RolloutResult.resume_seconds`); the killed server restarts after the round",
+        "server (`RolloutResult.resume_seconds`); the killed server restarts after the round and serves "
+        "one short session (it loads the model) before the next",
     ]
     write_report(args.out, SCRIPT, "Resume latency after a SIGKILL", table, payload, fig, notes)
     return 0 if resumes.size == args.sessions * args.rounds else 1
