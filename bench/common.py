@@ -31,6 +31,7 @@ class Variant:
     train: dict[str, Any] = field(default_factory=dict)
 
 
+COSINE_EMA = {"lr_schedule": "cosine", "ema_decay": 0.999}
 VARIANTS: dict[str, Variant] = {
     v.key: v
     for v in (
@@ -49,23 +50,14 @@ VARIANTS: dict[str, Variant] = {
         # Against a final checkpoint that swings from one evaluation to the next (issue: stable finals)
         Variant("dmm-cosine", "DMM, cosine learning rate", train={"lr_schedule": "cosine"}),
         Variant("dmm-ema", "DMM, weight average (EMA 0.999)", train={"ema_decay": 0.999}),
-        Variant(
-            "dmm-cosine-ema",
-            "DMM, cosine learning rate + EMA 0.999",
-            train={"lr_schedule": "cosine", "ema_decay": 0.999},
-        ),
+        Variant("dmm-cosine-ema", "DMM, cosine learning rate + EMA 0.999", train=COSINE_EMA),
         # Against a recurrent mode that trails the window (issue: recurrent as good as the window)
         Variant(
             "dmm-cosine-ema-rows",
             "DMM, cosine + EMA 0.999, half the rows walk whole episodes",
-            train={"lr_schedule": "cosine", "ema_decay": 0.999, "episode_fraction": 0.5},
+            train={**COSINE_EMA, "episode_fraction": 0.5},
         ),
-        Variant(
-            "dt-cosine-ema",
-            "DT (K=20), cosine learning rate + EMA 0.999",
-            "dt",
-            train={"lr_schedule": "cosine", "ema_decay": 0.999},
-        ),
+        Variant("dt-cosine-ema", "DT (K=20), cosine learning rate + EMA 0.999", "dt", train=COSINE_EMA),
         Variant(
             "dmm-stream",
             "DMM, residual stream, no timestep embedding",

@@ -70,16 +70,13 @@ def sequential(
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = parser(__doc__, SCRIPT, device=True, threads=None, store=True)
     p.add_argument("--variant", choices=("dmm", "dt"), default="dmm", help="architecture of a fresh policy")
-    p.add_argument(
-        "--env", help=f"environment / dataset (default: the policy's; {FRESH_POLICY_ENV} if fresh)"
-    )
+    p.add_argument("--env", help=f"environment / dataset (default: the policy's; {FRESH_POLICY_ENV} fresh)")
     p.add_argument("--episodes", type=int, help="default 100; 4 with --quick")
     p.add_argument("--num-envs", type=int, help="vector envs of the batched run (default: --episodes)")
     p.add_argument("--mode", choices=("window", "recurrent"), default="window")
     p.add_argument("--target-return", type=float, help="default: the policy's")
     p.add_argument("--seed", type=int, default=0)
-    scans = ("auto", "torch", "numba", "cuda")
-    p.add_argument("--scan-backend", default="auto", choices=scans, help="default: auto")
+    p.add_argument("--scan-backend", default="auto", choices=("auto", "torch", "numba", "cuda"))
     args = parse(p, argv, {"episodes": (100, 4)}, positive=("episodes", "num_envs", "threads"))
     args.num_envs = args.num_envs or args.episodes
     return args
@@ -118,23 +115,13 @@ def run_all(args: argparse.Namespace, policy: Any, env: str, target: float) -> d
         if key == "sequential":
             returns, lengths = sequential(policy, env, args.episodes, target, args.mode, args.seed)
         else:
-            run = evaluate(
-                policy, args.episodes, target, env, args.mode, args.num_envs, args.seed, progress=False
-            )
+            run = evaluate(policy, args.episodes, target, env, args.mode, args.num_envs, args.seed, False)
             returns, lengths = run.returns, run.lengths
-        wall = time.perf_counter() - t0
-        results[key] = {
-            "scan_backend": scan,
-            "wall_seconds": wall,
-            "episodes_per_second": len(returns) / wall,
-            "env_steps": int(lengths.sum()),
-            "env_steps_per_second": float(lengths.sum()) / wall,
-            "mean_return": float(returns.mean()),
-            "std_return": float(returns.std()),
-            "normalized_mean": float(np.mean(normalized_score(env, returns))),
-            "returns": returns,
-            "lengths": lengths,
-        }
+        wall, steps = time.perf_counter() - t0, int(lengths.sum())
+        r = {"scan_backend": scan, "wall_seconds": wall, "episodes_per_second": len(returns) / wall}
+        r |= {"env_steps": steps, "env_steps_per_second": steps / wall, "mean_return": float(returns.mean())}
+        r |= {"std_return": float(returns.std()), "normalized_mean": np.mean(normalized_score(env, returns))}
+        results[key] = r | {"returns": returns, "lengths": lengths}
     return results
 
 
@@ -182,27 +169,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     speedup_vs_torch = results.get("batched-torch", results["batched"])["wall_seconds"] / batched_s
     paired = min(args.num_envs, args.episodes)  # episodes with the same reset seed in both runs
     agree = agreement(results, paired)
-    rows = [
-        {"key": k, "batch": args.num_envs if k.startswith("batched") else 1, **r} for k, r in results.items()
-    ]
+    rows = [{"key": k, "batch": args.num_envs if k != "sequential" else 1, **r} for k, r in results.items()]
     table = format_table(COLUMNS, rows) + (
         f"\n\nspeed-up of the {backend} scan (batched, torch-scan wall / {backend}-scan wall, same run): "
         f"**{speedup_vs_torch:.2f}x**; batched over sequential (same run): **{speedup:.2f}x**; returns "
         f"identical in {agree['identical_returns']} of {paired} paired episodes (max |difference| "
         f"{agree['max_abs_return_difference']:.3g})"
     )
-    payload = {
-        **header(SCRIPT, argv, args.device),
-        **{
-            "policy": source,
-            "num_parameters": policy.network.num_parameters(),
-            "env": env,
-            "mode": args.mode,
-        },
-        **{"target_return": target, "episodes": args.episodes, "num_envs": args.num_envs, "seed": args.seed},
-        **{"torch_threads": torch.get_num_threads(), "speedup": speedup, "scan_backend": backend},
-        **{"speedup_vs_torch_scan": speedup_vs_torch, "agreement": agree, "results": results},
-    }
+    payload = {**header(SCRIPT, argv, args.device), "policy": source}
+    payload |= {"num_parameters": policy.network.num_parameters(), "env": env, "mode": args.mode}
+    payload |= {"target_return": target, **{k: getattr(args, k) for k in ("episodes", "num_envs", "seed")}}
+    payload |= {"torch_threads": torch.get_num_threads(), "speedup": speedup, "scan_backend": backend}
+    payload |= {"speedup_vs_torch_scan": speedup_vs_torch, "agreement": agree, "results": results}
     notes = [
         f"policy: {source}, {args.mode} mode, target return {target:g}, env {env}, torch threads "
         f"{torch.get_num_threads()}",

@@ -190,6 +190,13 @@ def header(script: str, argv: Sequence[str], device: str = "cpu") -> dict[str, A
     }
 
 
+def mean_std(values: Sequence[float]) -> str:
+    """Mean ± std over seeds; one seed has no spread to show, so it is the value alone."""
+    if len(values) < 2:
+        return f"{values[0]:.1f}" if len(values) else "-"
+    return f"{np.mean(values):.1f} ± {np.std(values):.1f}"
+
+
 def header_lines(title: str, info: dict[str, Any], command: str, date: str) -> list[str]:
     where = f"{info['cpu']}, {info['usable_cores']} of {info['logical_cores']} cores usable"
     if "gpu" in info:

@@ -27,6 +27,7 @@ command runs again; ``--report`` only tabulates what exists.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import tempfile
@@ -38,21 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from bench import harness
 from bench.common import ABLATIONS, SHARED_HOPPER, VARIANTS, data_label, train_config
-from bench.harness import (
-    command_line,
-    default_out,
-    forward_stop_signals,
-    header,
-    markdown_table,
-    median,
-    new_figure,
-    parse,
-    parser,
-    run_worker,
-    serve_worker,
-    write_report,
-)
 
 SCRIPT = "scores"
 MODULE = f"bench.{SCRIPT}"
@@ -78,9 +66,8 @@ def train_and_evaluate(spec: dict[str, Any]) -> dict[str, Any]:
 
     if spec.get("study"):
         return study_run(spec)
-    run = (
-        RunDir(Path(spec["run_root"]) / spec["name"], spec["checkpoint_every"]) if spec["run_root"] else None
-    )
+    root = spec["run_root"]
+    run = RunDir(Path(root) / spec["name"], spec["checkpoint_every"]) if root else None
     if run is not None and (run.path / RESULT_FILE).is_file():
         print(f"{spec['name']}: finished before, reusing its result", file=sys.stderr)
         return json.loads((run.path / RESULT_FILE).read_text())
@@ -95,85 +82,54 @@ def train_and_evaluate(spec: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     log = lambda line: print(f"{spec['name']}: {line}", file=sys.stderr, flush=True)  # noqa: E731
     result = train(cfg, dataset, ModelStore(spec["store"]), spec["name"], progress=False, log=log, run=run)
-    metrics = result.metrics
-    final = metrics["final_eval"][0]  # the default target: the honest score
-    history = [
-        {"update": e["update"], "target_return": e["target_return"], "normalized": e["normalized_mean"]}
-        for e in metrics["evals"]
-    ]
-    row = {
-        **{
-            "version": result.version,
-            "target_return": targets[0],
-            "num_parameters": metrics["num_parameters"],
-        },
-        **{"train_seconds": metrics["train_seconds"], "eval_seconds": time.perf_counter() - start},
-        "updates_per_second": metrics["updates_per_second_median"],
-        "final_loss": metrics["final_loss"],
-        **{k: final[k] for k in ("episodes", "mean_return", "std_return", "mean_length")},
-        "normalized": final["normalized_mean"],
-        "normalized_std_over_episodes": final["normalized_std"],
-        "eval_history": history,
-        # the authors' protocol: the best evaluation over all updates and target returns
-        "paper_protocol": max(e["normalized"] for e in history),
-    }
-    row["eval_seconds"] -= row["train_seconds"]
+    m, keys = result.metrics, ("update", "target_return")
+    final = m["final_eval"][0]  # the default target: the honest score
+    history = [{**{k: e[k] for k in keys}, "normalized": e["normalized_mean"]} for e in m["evals"]]
+    row = {"version": result.version, "target_return": targets[0], "num_parameters": m["num_parameters"]}
+    seconds = m["train_seconds"]
+    row |= {"train_seconds": seconds, "eval_seconds": time.perf_counter() - start - seconds}
+    row |= {"updates_per_second": m["updates_per_second_median"], "final_loss": m["final_loss"]}
+    row |= {k: final[k] for k in ("episodes", "mean_return", "std_return", "mean_length")}
+    row |= {"normalized": final["normalized_mean"], "normalized_std_over_episodes": final["normalized_std"]}
+    # the authors' protocol: the best evaluation over all updates and target returns
+    row |= {"eval_history": history, "paper_protocol": max(e["normalized"] for e in history)}
     if run is not None:
         (run.path / RESULT_FILE).write_text(json.dumps(row))
     return row
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--dataset", default=str(SHARED_HOPPER), help=f"hdf5/pkl file or D4RL name ({SHARED_HOPPER})"
-    )
-    p.add_argument(
-        "--variants", nargs="+", choices=tuple(VARIANTS), help=f"default: {' '.join(DEFAULT_VARIANTS)}"
-    )
-    p.add_argument("--ablations", action="store_true", help=f"also {' and '.join(ABLATIONS)}")
-    p.add_argument(
-        "--updates", type=int, help="updates per run (default 100000, study 10000; 20 with --quick)"
-    )
-    p.add_argument("--seeds", type=int, nargs="+", help="default 0 1 2 (study 0 1); 0 with --quick")
-    p.add_argument(
-        "--episodes", type=int, help="evaluation episodes per run (default 100, study 50; 2 --quick)"
-    )
-    p.add_argument("--num-envs", type=int, help="vector envs of the evaluation (default: --episodes)")
-    p.add_argument("--mode", choices=("window", "recurrent"), default="window", help="evaluation inference")
-    p.add_argument(
+    add = p.add_argument
+    add("--dataset", default=str(SHARED_HOPPER), help=f"hdf5/pkl file or D4RL name ({SHARED_HOPPER})")
+    add("--variants", nargs="+", choices=tuple(VARIANTS), help=f"default: {' '.join(DEFAULT_VARIANTS)}")
+    add("--ablations", action="store_true", help=f"also {' and '.join(ABLATIONS)}")
+    add("--updates", type=int, help="updates per run (default 100000, study 10000; 20 with --quick)")
+    add("--seeds", type=int, nargs="+", help="default 0 1 2 (study 0 1); 0 with --quick")
+    add("--episodes", type=int, help="evaluation episodes per run (default 100, study 50; 2 --quick)")
+    add("--num-envs", type=int, help="vector envs of the evaluation (default: --episodes)")
+    add("--mode", choices=("window", "recurrent"), default="window", help="evaluation inference")
+    add(
         "--eval-every",
         type=int,
         help="updates between evaluations at every target return, for the paper-protocol column "
         "(default 10000; 10 with --quick; 0: final checkpoint only)",
     )
-    p.add_argument(
-        "--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on; off --quick)"
-    )
-    p.add_argument(
-        "--store", type=Path, help="keep the checkpoints here (default: RUN_ROOT/store, else temporary)"
-    )
-    p.add_argument(
-        "--run-root", type=Path, help="a resumable run folder per run here; running again resumes them"
-    )
-    p.add_argument(
-        "--checkpoint-every", type=int, default=5000, help="updates between saved states (--run-root)"
-    )
-    p.add_argument(
-        "--jobs", type=int, default=1, help="runs trained at once, each in its own process (default 1)"
-    )
-    p.add_argument("--run-timeout", type=float, default=24 * 3600.0, help="seconds per run at most")
-    p.add_argument("--study", action="store_true", help="the DMM-vs-DT study (see above)")
-    p.add_argument(
-        "--targets", nargs="+", type=float, help="study: target returns (1800 3600 7200; --quick 3600)"
-    )
-    p.add_argument("--report", action="store_true", help="study: only tabulate the finished runs")
+    add("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on; off --quick)")
+    add("--store", type=Path, help="keep the checkpoints here (default: RUN_ROOT/store, else temporary)")
+    add("--run-root", type=Path, help="a resumable run folder per run here; running again resumes them")
+    add("--checkpoint-every", type=int, default=5000, help="updates between saved states (--run-root)")
+    add("--jobs", type=int, default=1, help="runs trained at once, each in its own process (default 1)")
+    add("--run-timeout", type=float, default=24 * 3600.0, help="seconds per run at most")
+    add("--study", action="store_true", help="the DMM-vs-DT study (see above)")
+    add("--targets", nargs="+", type=float, help="study: target returns (1800 3600 7200; --quick 3600)")
+    add("--report", action="store_true", help="study: only tabulate the finished runs")
 
 
 def defaults(args: argparse.Namespace) -> dict[str, tuple[Any, Any]]:
     """(full, --quick) defaults, the study's where they differ."""
     s = args.study
     return {
-        "out": (default_out(STUDY_RESULTS if s else SCRIPT),) * 2,
+        "out": (harness.default_out(STUDY_RESULTS if s else SCRIPT),) * 2,
         "variants": (list(DEFAULT_VARIANTS),) * 2,
         "updates": (10_000 if s else 100_000, 20),
         "seeds": ([0, 1] if s else [0, 1, 2], [0]),
@@ -185,10 +141,10 @@ def defaults(args: argparse.Namespace) -> dict[str, tuple[Any, Any]]:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = parser(__doc__, SCRIPT, device=True, threads=None)
+    p = harness.parser(__doc__, SCRIPT, device=True, threads=None)
     p.set_defaults(out=None)
     add_flags(p)
-    args = parse(p, argv, defaults, positive=("updates", "episodes", "num_envs", "jobs", "threads"))
+    args = harness.parse(p, argv, defaults, positive=("updates", "episodes", "num_envs", "jobs", "threads"))
     args.variants = list(dict.fromkeys(args.variants + (list(ABLATIONS) if args.ablations else [])))
     args.num_envs = args.num_envs or args.episodes
     if len(set(args.seeds)) != len(args.seeds):
@@ -208,37 +164,26 @@ def run_all(args: argparse.Namespace, dataset_name: str) -> list[dict[str, Any]]
     workers too, each saving its run's state first."""
     with tempfile.TemporaryDirectory(prefix="dmm-bench-scores-") as tmp:
         store = args.store or (args.run_root / "store" if args.run_root else Path(tmp))
-        shared = {
-            k: getattr(args, k) for k in ("updates", "episodes", "num_envs", "mode", "device", "eval_every")
-        }
-        shared |= {
-            "dataset": args.dataset,
-            "store": str(store),
-            "compile": args.compile,
-            "threads": args.threads,
-        }
-        shared |= {"run_root": str(args.run_root) if args.run_root else None}
-        shared["checkpoint_every"] = args.checkpoint_every
-        specs = [
-            {**shared, "variant": key, "seed": seed, "name": f"{dataset_name}-{key}-seed{seed}"}
-            for key in args.variants
-            for seed in args.seeds
-        ]
+        keys = ("updates", "episodes", "num_envs", "mode", "device", "eval_every", "dataset", "compile")
+        shared = {k: getattr(args, k) for k in (*keys, "threads", "checkpoint_every")}
+        shared |= {"store": str(store), "run_root": str(args.run_root) if args.run_root else None}
 
-        def run(spec: dict[str, Any]) -> dict[str, Any]:
-            print(f"{VARIANTS[spec['variant']].label}, seed {spec['seed']}: training...", file=sys.stderr)
+        def run(variant: str, seed: int) -> dict[str, Any]:
+            print(f"{VARIANTS[variant].label}, seed {seed}: training...", file=sys.stderr)
+            key = {"variant": variant, "seed": seed}
+            spec = {**shared, **key, "name": f"{dataset_name}-{variant}-seed{seed}"}
             # runs take hours: their status and evaluation lines go straight to the log
-            result = run_worker(MODULE, spec, args.run_timeout, stream_stderr=True)
-            return {"variant": spec["variant"], "seed": spec["seed"], **result}
+            return {**key, **harness.run_worker(MODULE, spec, args.run_timeout, stream_stderr=True)}
 
-        with forward_stop_signals(), ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            return list(pool.map(run, specs))
+        with harness.forward_stop_signals(), ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            return list(pool.map(lambda p: run(*p), itertools.product(args.variants, args.seeds)))
 
 
 def model_summary(key: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     """A variant's scores over its seeds and what its failed seeds reported."""
     ok = [r for r in runs if r["variant"] == key and "error" not in r]
     scores, paper = np.array([r["normalized"] for r in ok]), np.array([r["paper_protocol"] for r in ok])
+    median = lambda k: harness.median([r[k] for r in ok]) if ok else None  # noqa: E731
     return {
         "variant": key,
         "label": VARIANTS[key].label,
@@ -249,8 +194,8 @@ def model_summary(key: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
         "paper_protocol_per_seed": paper.tolist(),
         "paper_protocol_mean": float(paper.mean()) if ok else None,
         "num_parameters": ok[0]["num_parameters"] if ok else None,
-        "train_seconds_median": median([r["train_seconds"] for r in ok]) if ok else None,
-        "updates_per_second_median": median([r["updates_per_second"] for r in ok]) if ok else None,
+        "train_seconds_median": median("train_seconds"),
+        "updates_per_second_median": median("updates_per_second"),
         "failed_seeds": {r["seed"]: r["error"] for r in runs if r["variant"] == key and "error" in r},
     }
 
@@ -258,31 +203,20 @@ def model_summary(key: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
 def table(models: list[dict[str, Any]], seeds: Sequence[int]) -> str:
     rows = []
     for m in models:
-        failures = "; ".join(f"seed {s}: {e}" for s, e in m["failed_seeds"].items())
         if m["normalized_mean"] is None:
-            rows.append(
-                [m["label"], *["-"] * 6, f"all seeds failed: {next(iter(m['failed_seeds'].values()))}"]
-            )
+            failure = next(iter(m["failed_seeds"].values()))
+            rows.append([m["label"], *["-"] * 6, f"all seeds failed: {failure}"])
             continue
         score = f"{m['normalized_mean']:.1f} ± {m['normalized_std']:.1f}"
-        per_seed = ", ".join(f"{s:.1f}" for s in m["normalized_per_seed"])
-        speed = (f"{m['train_seconds_median']:.0f}", f"{m['updates_per_second_median']:.1f}")
-        rows.append(
-            [
-                m["label"],
-                f"{m['num_parameters']:,}",
-                score,
-                per_seed,
-                f"{m['paper_protocol_mean']:.1f}",
-                *speed,
-            ]
-        )
-        rows[-1].append(failures)
-    return markdown_table([h.format(seeds=" ".join(map(str, seeds))) for h in HEADERS], rows)
+        row = [m["label"], f"{m['num_parameters']:,}", score]
+        row += [", ".join(f"{s:.1f}" for s in m["normalized_per_seed"]), f"{m['paper_protocol_mean']:.1f}"]
+        row += [f"{m['train_seconds_median']:.0f}", f"{m['updates_per_second_median']:.1f}"]
+        rows.append([*row, "; ".join(f"seed {s}: {e}" for s, e in m["failed_seeds"].items())])
+    return harness.markdown_table([h.format(seeds=" ".join(map(str, seeds))) for h in HEADERS], rows)
 
 
 def figure(models: list[dict[str, Any]], title: str) -> Any:
-    fig, axes = new_figure(width=max(5.0, 1.8 * len(models)))
+    fig, axes = harness.new_figure(width=max(5.0, 1.8 * len(models)))
     ax = axes[0][0]
     shown = [m for m in models if m["normalized_mean"] is not None]
     x = np.arange(len(shown))
@@ -296,7 +230,7 @@ def figure(models: list[dict[str, Any]], title: str) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if serve_worker(argv, train_and_evaluate):
+    if harness.serve_worker(argv, train_and_evaluate):
         return 0
     args = parse_args(argv)
     if args.study:
@@ -307,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     label, targets = data_label(dataset.name, dataset.spec.env_id), dataset.spec.target_returns
     runs = run_all(args, dataset.name)
     models = [model_summary(key, runs) for key in args.variants]
-    payload = {**header(SCRIPT, argv, args.device), "data": label, "dataset": args.dataset}
+    payload = {**harness.header(SCRIPT, argv, args.device), "data": label, "dataset": args.dataset}
     payload |= {"target_return": targets[0], "settings": {k: getattr(args, k) for k in SETTINGS}}
     payload |= {"models": models, "runs": runs}
     notes = [
@@ -318,10 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"paper protocol (the authors' reporting, for comparison only): evaluations every {args.eval_every} "
         f"updates at every target return ({', '.join(f'{t:g}' for t in targets)}), the best of them per seed",
     ]
-    fig = figure(models, f"{dataset.name}, {args.updates} updates")
-    write_report(
-        args.out, SCRIPT, f"Normalized scores: {label}", table(models, args.seeds), payload, fig, notes
-    )
+    fig, title = figure(models, f"{dataset.name}, {args.updates} updates"), f"Normalized scores: {label}"
+    harness.write_report(args.out, SCRIPT, title, table(models, args.seeds), payload, fig, notes)
     return 1 if any("error" in r for r in runs) else 0
 
 
@@ -334,14 +266,12 @@ def rtg_sensitivity(model: Any, sampler: Any, seed: int) -> dict[str, float]:
 
     rng = np.random.default_rng(seed)
     batch = sampler.windows(rng.integers(0, sampler.num_timesteps, size=SENSITIVITY_WINDOWS))
-    rtg, states, actions, mask, timesteps = (
-        torch.from_numpy(x) for x in (batch.rtg, batch.states, batch.actions, batch.mask, batch.timesteps)
-    )
+    tensors = (batch.rtg, batch.states, batch.actions, batch.mask, batch.timesteps)
+    rtg, states, actions, mask, timesteps = map(torch.from_numpy, tensors)
     ts = timesteps if model.config.timestep_embedding else None
-    shift = RTG_SHIFT / sampler.rtg_scale
     with torch.inference_mode():
         base = model(rtg, states, actions, mask, ts)[:, -1]
-        moved = model(rtg + shift, states, actions, mask, ts)[:, -1]
+        moved = model(rtg + RTG_SHIFT / sampler.rtg_scale, states, actions, mask, ts)[:, -1]
     change = (moved - base).abs().mean().item()
     return {
         "rtg_shift": RTG_SHIFT,
@@ -370,15 +300,13 @@ def study_train(spec: dict[str, Any], dataset: Any) -> tuple[Any, Any, Any, list
     model.train()
     sampler = WindowSampler(dataset, cfg.model.context, cfg.batch_size, meta.rtg_scale, seed=cfg.seed)
     step = TrainStep(model, cfg, torch.device("cpu"), log=lambda s: print(s, file=sys.stderr))
-    start, losses, curve = time.perf_counter(), [], []
+    start, losses, curve, name = time.perf_counter(), [], [], f"{spec['variant']} s{spec['seed']}"
     for update in range(1, cfg.updates + 1):
         losses.append(step(sampler.sample()))
         if update % 500 == 0 or update == cfg.updates:
             curve.append([update, float(np.mean(losses))])
             losses.clear()
-            print(
-                f"{spec['variant']} s{spec['seed']}: update {update} loss {curve[-1][1]:.4f}", file=sys.stderr
-            )
+            print(f"{name}: update {update} loss {curve[-1][1]:.4f}", file=sys.stderr)
     return model.eval(), meta, sampler, curve, time.perf_counter() - start
 
 
@@ -397,44 +325,31 @@ def study_run(spec: dict[str, Any]) -> dict[str, Any]:
     torch.save(model.state_dict(), Path(spec["weights"]))
     evals = []
     for target in spec["targets"]:
-        result = evaluate(
-            Policy(model, meta),
-            spec["episodes"],
-            target,
-            num_envs=spec["num_envs"],
-            seed=10_000,
-            progress=False,
-        )
+        policy = Policy(model, meta)
+        result = evaluate(policy, spec["episodes"], target, None, "window", spec["num_envs"], 10_000, False)
         row = result.summary()
         row["fell"] = float(np.mean(result.lengths < dataset.spec.max_episode_steps))
-        row["normalized_per_episode"] = result.normalized.tolist()
-        evals.append(row)
+        evals.append({**row, "normalized_per_episode": result.normalized.tolist()})
         print(f"{spec['variant']} s{spec['seed']} target {target:g}: {result.describe()}", file=sys.stderr)
-    return {
-        **{"variant": spec["variant"], "seed": spec["seed"], "updates": spec["updates"]},
-        **{"num_parameters": model.num_parameters(), "train_seconds": seconds, "loss_curve": curve},
-        "final_loss": curve[-1][1],
-        "sensitivity": rtg_sensitivity(model, sampler, seed=1234),
-        "evals": evals,
-    }
+    run = {k: spec[k] for k in ("variant", "seed", "updates")} | {"num_parameters": model.num_parameters()}
+    run |= {"train_seconds": seconds, "loss_curve": curve, "final_loss": curve[-1][1]}
+    return run | {"sensitivity": rtg_sensitivity(model, sampler, seed=1234), "evals": evals}
 
 
 def study_runs(args: argparse.Namespace, command: str) -> None:
     """Every (variant, seed) not finished before, one worker at a time, into ``--out/runs``."""
     runs = args.out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
-    shared = {
-        k: getattr(args, k) for k in ("updates", "targets", "episodes", "num_envs", "threads", "compile")
-    }
+    keys = ("updates", "targets", "episodes", "num_envs", "threads", "compile", "dataset")
+    shared = {k: getattr(args, k) for k in keys} | {"study": True}
     for variant in args.variants:
         for seed in args.seeds:
             path = runs / f"{variant}-s{seed}.json"
             if path.exists():
                 print(f"{path.name}: done, skipped")
                 continue
-            weights = str(runs / f"{variant}-s{seed}.pt")
-            spec = {**shared, "study": True, "variant": variant, "seed": seed, "dataset": args.dataset}
-            result = run_worker(MODULE, {**spec, "weights": weights}, 6 * 3600, stream_stderr=True)
+            spec = {**shared, "variant": variant, "seed": seed, "weights": str(path.with_suffix(".pt"))}
+            result = harness.run_worker(MODULE, spec, 6 * 3600, stream_stderr=True)
             if "error" in result:
                 print(f"{variant} seed {seed}: {result['error']}", file=sys.stderr)
                 continue
@@ -447,50 +362,34 @@ def study_summary(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     rates and mean episode lengths; final losses and RTG sensitivities."""
     out: dict[str, dict[str, Any]] = {}
     for run in sorted(runs, key=lambda r: (list(VARIANTS).index(r["variant"]), r["seed"])):
-        entry = out.setdefault(
-            run["variant"], {"seeds": [], "targets": {}, "loss": [], "sens": [], "fell": {}, "length": {}}
-        )
+        entry = out.setdefault(run["variant"], {"seeds": [], "loss": [], "sens": []})
         entry["seeds"].append(run["seed"])
         entry["loss"].append(run["final_loss"])
         entry["sens"].append(run["sensitivity"]["action_change_rel"])
         for ev in run["evals"]:
             for key, value in (("targets", "normalized_mean"), ("fell", "fell"), ("length", "mean_length")):
-                entry[key].setdefault(ev["target_return"], []).append(ev[value])
+                entry.setdefault(key, {}).setdefault(ev["target_return"], []).append(ev[value])
     return out
-
-
-def _over_seeds(values: list[float] | None) -> str:
-    if not values:
-        return "-"
-    return f"{values[0]:.1f}" if len(values) == 1 else f"{np.mean(values):.1f} ± {np.std(values):.1f}"
 
 
 def study_table(summary: dict[str, dict[str, Any]], targets: list[float]) -> str:
     rows = []
     for variant, s in summary.items():
         at_default, fell = s["targets"].get(STUDY_TARGET, []), s["fell"].get(STUDY_TARGET, [])
-        rows.append(
-            [VARIANTS[variant].label, ",".join(map(str, s["seeds"]))]
-            + [_over_seeds(s["targets"].get(t)) for t in targets]
-            + [
-                " / ".join(f"{v:.1f}" for v in at_default) or "-",
-                f"{100 * np.mean(fell):.0f}%" if fell else "-",
-            ]
-            + [f"{np.mean(s['length'].get(STUDY_TARGET, [np.nan])):.0f}", f"{np.mean(s['loss']):.4f}"]
-            + [f"{np.mean(s['sens']):.3f}"]
-        )
-    headers = [
-        "variant",
-        "seeds",
-        *(f"target {t:g}" for t in targets),
-        f"per seed ({STUDY_TARGET:g})",
-        "fell",
-    ]
-    return markdown_table([*headers, "mean length", "loss", "RTG sens."], rows)
+        row = [VARIANTS[variant].label, ",".join(map(str, s["seeds"]))]
+        row += [harness.mean_std(s["targets"].get(t, [])) for t in targets]
+        row += [
+            " / ".join(f"{v:.1f}" for v in at_default) or "-",
+            f"{100 * np.mean(fell):.0f}%" if fell else "-",
+        ]
+        row += [f"{np.mean(s['length'].get(STUDY_TARGET, [np.nan])):.0f}", f"{np.mean(s['loss']):.4f}"]
+        rows.append([*row, f"{np.mean(s['sens']):.3f}"])
+    headers = ["variant", "seeds", *(f"target {t:g}" for t in targets), f"per seed ({STUDY_TARGET:g})"]
+    return harness.markdown_table([*headers, "fell", "mean length", "loss", "RTG sens."], rows)
 
 
 def study_figure(summary: dict[str, dict[str, Any]]) -> Any:
-    fig, axes = new_figure()
+    fig, axes = harness.new_figure()
     for variant, s in summary.items():
         ts = sorted(s["targets"])
         means, stds = [np.mean(s["targets"][t]) for t in ts], [np.std(s["targets"][t]) for t in ts]
@@ -503,25 +402,17 @@ def study_figure(summary: dict[str, dict[str, Any]]) -> Any:
 def study(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Run the study's unfinished runs (unless ``--report``), then tabulate every finished one."""
     if not args.report:
-        with forward_stop_signals():  # `kill` of this process stops its worker too
-            study_runs(args, command_line(MODULE, argv))
+        with harness.forward_stop_signals():  # `kill` of this process stops its worker too
+            study_runs(args, harness.command_line(MODULE, argv))
     runs = [json.loads(p.read_text()) for p in sorted((args.out / "runs").glob("*.json"))]
     if not runs:
         raise SystemExit(f"no finished runs under {args.out / 'runs'}")
-    summary = study_summary(runs)
+    summary, updates = study_summary(runs), runs[0]["updates"]
     targets = sorted({t for s in summary.values() for t in s["targets"]})
     seeds = sorted({seed for s in summary.values() for seed in s["seeds"]})
-    reproduce = [
-        "--study",
-        "--variants",
-        *summary,
-        "--seeds",
-        *map(str, seeds),
-        "--updates",
-        str(runs[0]["updates"]),
-    ]
+    reproduce = ["--study", "--variants", *summary, "--seeds", *map(str, seeds), "--updates", str(updates)]
     notes = [
-        f"all runs of the table: `{command_line(MODULE, reproduce)}`",
+        f"all runs of the table: `{harness.command_line(MODULE, reproduce)}`",
         f"data: {data_label(Path(args.dataset).stem, 'Hopper-v4')}",
         "score: mean ± std over seeds of each seed's mean normalized return (final checkpoint, "
         f"{runs[0]['evals'][0]['episodes']} episodes per target, window mode)",
@@ -530,11 +421,9 @@ def study(args: argparse.Namespace, argv: Sequence[str]) -> int:
         f"RTG sens.: mean |Δaction| when the window's return-to-go rises by {RTG_SHIFT:g}, "
         "over the std of the dataset's actions (fixed dataset windows)",
     ]
-    title = f"DMM vs DT variants at {runs[0]['updates']:,} updates"
-    payload = {**header(SCRIPT, argv), "runs": runs}
-    write_report(
-        args.out, "dmm_vs_dt", title, study_table(summary, targets), payload, study_figure(summary), notes
-    )
+    title, report = f"DMM vs DT variants at {updates:,} updates", study_table(summary, targets)
+    payload = {**harness.header(SCRIPT, argv), "runs": runs}
+    harness.write_report(args.out, "dmm_vs_dt", title, report, payload, study_figure(summary), notes)
     return 0
 
 

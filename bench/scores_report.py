@@ -29,24 +29,16 @@ from typing import Any
 import numpy as np
 
 from bench.common import VARIANTS
-from bench.harness import default_out, header, markdown_table, new_figure, write_report
+from bench.harness import default_out, header, markdown_table, mean_std, new_figure, write_report
+from bench.scores import RESULT_FILE
 
 SCRIPT = "scores_report"
 RUN_NAME = re.compile(r"^(?P<stem>.+)-seed(?P<seed>\d+)$")  # <dataset>-<variant>-seed<N>
-RESULT_FILE = "result.json"
-FINAL_HEADERS = (
-    "model",
-    "finished seeds",
-    "final, window (mean ± std over seeds)",
-    "per seed",
-    "final, recurrent",
-)
-FINAL_HEADERS += (
-    "per seed",
-    "mean of the second half's evaluations",
-    "swing (std of the last {swing} evaluations)",
-)
-FINAL_HEADERS += ("paper protocol (best evaluation)", "unfinished")
+SWING_EVALS = 5
+FINAL_HEADERS = ("model", "finished seeds", "final, window (mean ± std over seeds)", "per seed")
+FINAL_HEADERS += ("final, recurrent", "per seed", "mean of the second half's evaluations")
+FINAL_HEADERS += (f"swing (std of the last {SWING_EVALS} evaluations)", "paper protocol (best evaluation)")
+SCORE_KEYS = ("episodes", "target_return", "normalized_mean", "normalized_std")
 
 
 def read_run(path: Path, where: str, recurrent: dict[str, dict]) -> dict[str, Any] | None:
@@ -58,40 +50,20 @@ def read_run(path: Path, where: str, recurrent: dict[str, dict]) -> dict[str, An
     if variant is None or not (path / "state.pt").is_file():
         return None
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-    history = [
-        {k: e[k] for k in ("update", "target_return", "mode", "normalized_mean", "normalized_std")}
-        for e in state["metrics"].get("evals", [])
-    ]
-    row: dict[str, Any] = {
-        "name": path.name,
-        "variant": variant,
-        "label": VARIANTS[variant].label,
-        "seed": int(match["seed"]),
-        "trained_on": where,
-        "updates": int(state["update"]),
-        "finished": (path / RESULT_FILE).is_file(),
-        "eval_history": history,
-        "paper_protocol": max((e["normalized_mean"] for e in history), default=None),
-        "final": {},
-    }
+    keys = ("update", "target_return", "mode", "normalized_mean", "normalized_std")
+    history = [{k: e[k] for k in keys} for e in state["metrics"].get("evals", [])]
+    row: dict[str, Any] = {"name": path.name, "variant": variant, "label": VARIANTS[variant].label}
+    row |= {"seed": int(match["seed"]), "trained_on": where, "updates": int(state["update"])}
+    row |= {"finished": (path / RESULT_FILE).is_file(), "eval_history": history}
+    row |= {"paper_protocol": max((e["normalized_mean"] for e in history), default=None), "final": {}}
     if row["finished"]:
-        result = json.loads((path / RESULT_FILE).read_text())
-        row["final"]["window"] = {
-            "episodes": result["episodes"],
-            "target_return": result["target_return"],
-            "normalized_mean": result["normalized"],
-            "normalized_std": result["normalized_std_over_episodes"],
-        }
-        row["second_half"] = second_half_mean(history, result["target_return"], row["updates"])
-        row["swing"] = swing(history, result["target_return"])
+        r = json.loads((path / RESULT_FILE).read_text())
+        scores = (r["episodes"], r["target_return"], r["normalized"], r["normalized_std_over_episodes"])
+        row["final"]["window"] = dict(zip(SCORE_KEYS, scores, strict=True))
+        row["second_half"] = second_half_mean(history, r["target_return"], row["updates"])
+        row["swing"] = swing(history, r["target_return"])
     if path.name in recurrent:
-        r = recurrent[path.name]
-        row["final"]["recurrent"] = {
-            "episodes": r["episodes"],
-            "target_return": r["target_return"],
-            "normalized_mean": r["normalized_mean"],
-            "normalized_std": r["normalized_std"],
-        }
+        row["final"]["recurrent"] = {k: recurrent[path.name][k] for k in SCORE_KEYS}
     return row
 
 
@@ -114,52 +86,42 @@ def read_previous(path: Path) -> list[dict]:
     return runs
 
 
+def at_target(history: list[dict], target: float) -> list[dict]:
+    """A run's evaluations at ``target``, in update order."""
+    return sorted((e for e in history if e["target_return"] == target), key=lambda e: e["update"])
+
+
 def second_half_mean(history: list[dict], target: float, updates: int) -> float:
     """The mean of a run's evaluations from half its budget on, final one included, at ``target``.
 
     One checkpoint's score swings from one evaluation to the next far more than its episodes spread;
     averaging the second half's checkpoints says where the run levelled off with less of that swing.
     """
-    late = [
-        e["normalized_mean"] for e in history if e["target_return"] == target and 2 * e["update"] >= updates
-    ]
+    late = [e["normalized_mean"] for e in at_target(history, target) if 2 * e["update"] >= updates]
     return float(np.mean(late))
-
-
-SWING_EVALS = 5
 
 
 def swing(history: list[dict], target: float) -> float:
     """The std of a run's last ``SWING_EVALS`` evaluations at ``target``: how much the score of the
     checkpoint that happens to be last depends on where training stopped."""
-    scores = [
-        e["normalized_mean"]
-        for e in sorted(history, key=lambda e: e["update"])
-        if e["target_return"] == target
-    ]
-    return float(np.std(scores[-SWING_EVALS:]))
+    return float(np.std([e["normalized_mean"] for e in at_target(history, target)][-SWING_EVALS:]))
 
 
 def collect(roots: Sequence[str], recurrent: dict[str, dict], previous: Sequence[dict] = ()) -> list[dict]:
     """Every run under the roots and in ``previous`` (rows of an earlier report); where a (variant,
     seed) appears twice, the one further on."""
-    best: dict[tuple[str, int], dict] = {}
-
-    def offer(row: dict) -> None:
-        key = (row["variant"], row["seed"])
-        if key not in best or row["updates"] > best[key]["updates"]:
-            best[key] = row
-
-    for row in previous:
-        offer(row)
+    rows = list(previous)
     for spec in roots:
         root, _, where = spec.partition(":")
         if not Path(root).is_dir():
             sys.exit(f"{root} is not a folder of runs")
-        for path in sorted(Path(root).iterdir()):
-            row = read_run(path, where or root, recurrent) if path.is_dir() else None
-            if row:
-                offer(row)
+        found = [read_run(p, where or root, recurrent) for p in sorted(Path(root).iterdir()) if p.is_dir()]
+        rows += [row for row in found if row]
+    best: dict[tuple[str, int], dict] = {}
+    for row in rows:
+        key = (row["variant"], row["seed"])
+        if key not in best or row["updates"] > best[key]["updates"]:
+            best[key] = row
     return list(best.values())
 
 
@@ -167,17 +129,9 @@ def curve(runs: list[dict], target: float) -> dict[int, list[float]]:
     """Normalized score at every evaluated update, one value per seed that got there."""
     points: dict[int, list[float]] = {}
     for r in runs:
-        for e in r["eval_history"]:
-            if e["target_return"] == target:
-                points.setdefault(e["update"], []).append(e["normalized_mean"])
+        for e in at_target(r["eval_history"], target):
+            points.setdefault(e["update"], []).append(e["normalized_mean"])
     return dict(sorted(points.items()))
-
-
-def mean_std(values: Sequence[float]) -> str:
-    """Mean ± std over seeds; one seed has no spread to show, so it is the value alone."""
-    if len(values) < 2:
-        return f"{values[0]:.1f}" if values else "-"
-    return f"{np.mean(values):.1f} ± {np.std(values):.1f}"
 
 
 def final_table(models: dict[str, list[dict]]) -> str:
@@ -187,30 +141,19 @@ def final_table(models: dict[str, list[dict]]) -> str:
         window = [r["final"]["window"]["normalized_mean"] for r in done]
         rec = [r["final"]["recurrent"]["normalized_mean"] for r in done if "recurrent" in r["final"]]
         unfinished = ", ".join(f"seed {r['seed']} at {r['updates']:,}" for r in runs if not r["finished"])
-        rows.append(
-            [
-                runs[0]["label"],
-                " ".join(str(r["seed"]) for r in done) or "-",
-                mean_std(window),
-                " / ".join(f"{v:.1f}" for v in window) or "-",
-                mean_std(rec),
-                " / ".join(f"{v:.1f}" for v in rec) or "-",
-                mean_std([r["second_half"] for r in done]),
-                mean_std([r["swing"] for r in done if "swing" in r]),
-                mean_std([r["paper_protocol"] for r in done]),
-                unfinished or "-",
-            ]
-        )
-    return markdown_table([h.format(swing=SWING_EVALS) for h in FINAL_HEADERS], rows)
+        row = [runs[0]["label"], " ".join(str(r["seed"]) for r in done) or "-"]
+        for scores in (window, rec):
+            row += [mean_std(scores), " / ".join(f"{v:.1f}" for v in scores) or "-"]
+        row += [mean_std([r[k] for r in done if k in r]) for k in ("second_half", "swing", "paper_protocol")]
+        rows.append([*row, unfinished or "-"])
+    return markdown_table([*FINAL_HEADERS, "unfinished"], rows)
 
 
 def curve_table(models: dict[str, list[dict]], target: float) -> str:
     curves = {k: curve(runs, target) for k, runs in models.items()}
     updates = sorted({u for c in curves.values() for u in c})
-    rows = [
-        [f"{u:,}", *(f"{mean_std(c[u])} ({len(c[u])})" if u in c else "-" for c in curves.values())]
-        for u in updates
-    ]
+    cell = lambda c, u: f"{mean_std(c[u])} ({len(c[u])})" if u in c else "-"  # noqa: E731
+    rows = [[f"{u:,}", *(cell(c, u) for c in curves.values())] for u in updates]
     labels = [f"{runs[0]['label']}: mean ± std (seeds)" for runs in models.values()]
     return markdown_table(["updates", *labels], rows)
 
@@ -221,11 +164,9 @@ def protocol_table(models: dict[str, list[dict]], budgets: Sequence[int]) -> str
     for runs in models.values():
         cells = []
         for budget in budgets:
-            best = [
-                max(e["normalized_mean"] for e in r["eval_history"] if e["update"] <= budget)
-                for r in runs
-                if any(e["update"] >= budget for e in r["eval_history"])
-            ]
+            histories = [r["eval_history"] for r in runs]
+            reached = [h for h in histories if any(e["update"] >= budget for e in h)]
+            best = [max(e["normalized_mean"] for e in h if e["update"] <= budget) for h in reached]
             cells.append(f"{mean_std(best)} ({len(best)})")
         rows.append([runs[0]["label"], *cells])
     return markdown_table(["model", *(f"best evaluation up to {b:,} (seeds)" for b in budgets)], rows)
@@ -237,8 +178,7 @@ def plot(models: dict[str, list[dict]], targets: Sequence[float]) -> Any:
     for ax, target in zip(axes[0], targets, strict=True):
         for i, runs in enumerate(models.values()):
             c = curve(runs, target)
-            x = np.array(list(c))
-            m = np.array([np.mean(v) for v in c.values()])
+            x, m = np.array(list(c)), np.array([np.mean(v) for v in c.values()])
             s = np.array([np.std(v) for v in c.values()])
             ax.plot(x, m, color=f"C{i}", marker=".", label=runs[0]["label"])
             ax.fill_between(x, m - s, m + s, color=f"C{i}", alpha=0.15)
@@ -266,36 +206,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    recurrent = {(d := json.loads(p.read_text()))["name"]: d for p in args.recurrent}
-    previous = read_previous(args.previous) if args.previous else []
-    runs = collect(args.roots, recurrent, previous)
-    if not runs:
-        sys.exit(f"no run folders under {', '.join(args.roots) or '(no roots given)'} and no --previous runs")
-    models: dict[str, list[dict]] = {}
-    for r in sorted(runs, key=lambda r: (list(VARIANTS).index(r["variant"]), r["seed"])):
-        models.setdefault(r["variant"], []).append(r)
-    targets = sorted({e["target_return"] for r in runs for e in r["eval_history"]}, reverse=True)
-    common = min(max(e["update"] for e in r["eval_history"]) for r in runs if r["eval_history"])
-    full = max(r["updates"] for r in runs)
-    tables = [
-        "### Final checkpoint (finished runs)",
-        final_table(models),
-        *(f"### Learning curves at target {t:g} (window)\n\n{curve_table(models, t)}" for t in targets),
-        "### The paper's protocol at the budget every run reached and at the full budget",
-        protocol_table(models, sorted({common, full})),
-    ]
-    payload = {
-        **header(SCRIPT, argv),
-        "roots": args.roots,
-        "previous": str(args.previous) if args.previous else None,
-        "target_returns": targets,
-        "runs": runs,
-    }
+def notes(runs: list[dict], targets: Sequence[float]) -> list[str]:
     trained = "; ".join(sorted({f"{r['label']} on {r['trained_on']}" for r in runs}))
-    notes = [
+    return [
         f"runs: {trained}",
         "final: the last checkpoint on 100 episodes at the first target return; a seed's score is its mean "
         "normalized return; mean ± std over seeds",
@@ -306,9 +219,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         "paper protocol (the authors' reporting, for comparison only): the best of the evaluations every "
         f"10k updates at every target return ({', '.join(f'{t:g}' for t in targets)}), per seed",
     ]
-    fig = plot(models, targets)
-    title = "Normalized scores at the paper's budget"
-    write_report(args.out, "scores", title, "\n\n".join(tables), payload, fig, notes)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    recurrent = {(d := json.loads(p.read_text()))["name"]: d for p in args.recurrent}
+    runs = collect(args.roots, recurrent, read_previous(args.previous) if args.previous else [])
+    if not runs:
+        sys.exit(f"no run folders under {', '.join(args.roots) or '(no roots given)'} and no --previous runs")
+    models: dict[str, list[dict]] = {}
+    for r in sorted(runs, key=lambda r: (list(VARIANTS).index(r["variant"]), r["seed"])):
+        models.setdefault(r["variant"], []).append(r)
+    targets = sorted({e["target_return"] for r in runs for e in r["eval_history"]}, reverse=True)
+    common = min(max(e["update"] for e in r["eval_history"]) for r in runs if r["eval_history"])
+    tables = [
+        "### Final checkpoint (finished runs)",
+        final_table(models),
+        *(f"### Learning curves at target {t:g} (window)\n\n{curve_table(models, t)}" for t in targets),
+        "### The paper's protocol at the budget every run reached and at the full budget",
+        protocol_table(models, sorted({common, max(r["updates"] for r in runs)})),
+    ]
+    previous = str(args.previous) if args.previous else None
+    payload = {**header(SCRIPT, argv), "roots": args.roots, "previous": previous, "target_returns": targets}
+    payload["runs"] = runs
+    title, fig = "Normalized scores at the paper's budget", plot(models, targets)
+    write_report(args.out, "scores", title, "\n\n".join(tables), payload, fig, notes(runs, targets))
     return 0
 
 

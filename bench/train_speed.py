@@ -27,18 +27,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from bench import harness
 from bench.common import SHARED_HOPPER, VARIANTS, synthetic_dataset, train_config
-from bench.harness import (
-    header,
-    markdown_table,
-    median,
-    new_figure,
-    parse,
-    parser,
-    run_worker,
-    serve_worker,
-    write_report,
-)
 
 SCRIPT = "train_speed"
 MODULE = f"bench.{SCRIPT}"
@@ -84,11 +74,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     variant = VARIANTS[spec["variant"]]
     dataset = load_dataset(spec["dataset"]) if spec["dataset"] else synthetic_dataset()
     device = torch.device(spec["device"])
-    overrides = {
-        "batch_size": spec["batch_size"],
-        "device": spec["device"],
-        "compile": spec["compile"] is not None,
-    }
+    overrides = {k: spec[k] for k in ("batch_size", "device")} | {"compile": spec["compile"] is not None}
     cfg = train_config(variant, dataset.env or dataset.name, overrides)
     model, meta = build_policy(cfg, dataset)
     model.to(device).train()
@@ -107,69 +93,55 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     warmup_s, rates, loss = time_updates(lambda: step(sampler.sample()), spec)
-    result = {
-        "num_parameters": model.num_parameters(),
-        "context": cfg.model.context,
-        "d_model": cfg.model.d_model,
-        "batch_size": cfg.batch_size,
-        "warmup_seconds": warmup_s,
-        "chunk_rates": rates,
-        "updates_per_second": median(rates),
-        "final_loss": loss,
-        "torch_threads": torch.get_num_threads(),
-        "peak_rss_mib": _rss_mib(),
-        "rss_growth_mib": max(0.0, _rss_mib() - rss_before),
-    }
+    result = {"num_parameters": model.num_parameters(), "context": cfg.model.context}
+    result |= {"d_model": cfg.model.d_model, "batch_size": cfg.batch_size, "warmup_seconds": warmup_s}
+    result |= {"chunk_rates": rates, "updates_per_second": harness.median(rates), "final_loss": loss}
+    result["torch_threads"] = torch.get_num_threads()
+    result |= {"peak_rss_mib": _rss_mib(), "rss_growth_mib": max(0.0, _rss_mib() - rss_before)}
     if device.type == "cuda":
         result["peak_cuda_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return result
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = parser(__doc__, SCRIPT, device=True)
-    p.add_argument(
-        "--variants", nargs="+", choices=tuple(VARIANTS), help=f"default: {' '.join(DEFAULT_VARIANTS)}"
-    )
-    p.add_argument(
+    p = harness.parser(__doc__, SCRIPT, device=True)
+    add = p.add_argument
+    add("--variants", nargs="+", choices=tuple(VARIANTS), help=f"default: {' '.join(DEFAULT_VARIANTS)}")
+    add(
         "--modes",
         nargs="+",
         choices=tuple(COMPILE_MODES),
         help="default: eager compile (+cudagraphs on cuda)",
     )
-    p.add_argument(
+    add(
         "--backends",
         nargs="+",
         choices=("torch", "numba", "cuda", "floor"),
         help="scan backends of DMM rows; floor: no scan (default: torch numba floor; on cuda torch cuda "
         "floor, cuda where mamba_ssm is installed)",
     )
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--warmup", type=int, help="untimed updates first (default 50; 5 with --quick)")
-    p.add_argument("--chunk", type=int, help="updates per timed chunk (default 100; 5 with --quick)")
-    p.add_argument("--chunks", type=int, help="timed chunks; the median is reported (default 10; 3 --quick)")
-    p.add_argument(
+    add("--batch-size", type=int, default=64)
+    add("--warmup", type=int, help="untimed updates first (default 50; 5 with --quick)")
+    add("--chunk", type=int, help="updates per timed chunk (default 100; 5 with --quick)")
+    add("--chunks", type=int, help="timed chunks; the median is reported (default 10; 3 --quick)")
+    add(
         "--dataset",
         help="hdf5/pkl file or D4RL name; 'synthetic' for random data "
         "(default: the shared hopper-medium-sim-v4 file if present, else synthetic; synthetic with --quick)",
     )
-    p.add_argument(
+    add(
         "--threads",
         type=int,
         nargs="+",
         help="torch threads per row, one row per value (default: torch's own choice; 1 with --quick, "
         "where the cores are shared and oversubscribed threads only spin)",
     )
-    p.add_argument("--row-timeout", type=float, default=3600.0, help="seconds per row at most")
+    add("--row-timeout", type=float, default=3600.0, help="seconds per row at most")
     shared = str(SHARED_HOPPER) if SHARED_HOPPER.is_file() else "synthetic"
-    defaults = {
-        "variants": (list(DEFAULT_VARIANTS),) * 2,
-        "threads": ([None], [1]),
-        "dataset": (shared, "synthetic"),
-    }
-    defaults |= {"warmup": (50, 5), "chunk": (100, 5), "chunks": (10, 3)}
-    args = parse(
-        p, argv, defaults, positive=("threads", "batch_size", "chunk", "chunks"), non_negative=("warmup",)
-    )
+    defaults = {"variants": (list(DEFAULT_VARIANTS),) * 2, "threads": ([None], [1])}
+    defaults |= {"dataset": (shared, "synthetic"), "warmup": (50, 5), "chunk": (100, 5), "chunks": (10, 3)}
+    positive = ("threads", "batch_size", "chunk", "chunks")
+    args = harness.parse(p, argv, defaults, positive=positive, non_negative=("warmup",))
     cudagraphs = ["cudagraphs"] if args.device == "cuda" and not args.quick else []
     args.modes = args.modes or (["eager"] if args.quick else ["eager", "compile"]) + cudagraphs
     args.backends = args.backends or _default_backends(args.device)
@@ -201,7 +173,7 @@ def run_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
             row = {"variant": key, "label": VARIANTS[key].label, "mode": mode, "backend": backend}
             print(f"{row['label']}, {mode}, scan {backend}, threads {threads}: running...", file=sys.stderr)
             spec = {**shared, "variant": key, "compile": COMPILE_MODES[mode], "backend": backend}
-            rows.append({**row, **run_worker(MODULE, {**spec, "threads": threads}, args.row_timeout)})
+            rows.append({**row, **harness.run_worker(MODULE, {**spec, "threads": threads}, args.row_timeout)})
     return rows
 
 
@@ -232,27 +204,19 @@ def table(rows: list[dict[str, Any]], device: str) -> str:
         r.update(zip(("x_dmm_torch", "x_own_eager", "x_torch_scan", "time_vs_floor"), ratios, strict=True))
         mem = f"{r[mem_key]:.0f}" + ("" if device == "cuda" else f" (+{r['rss_growth_mib']:.0f})")
         ups, chunks = r["updates_per_second"], r["chunk_rates"]
-        head = (
-            r["label"],
-            r["mode"],
-            r["backend"],
-            r["torch_threads"],
-            r["context"],
-            f"{r['num_parameters']:,}",
-        )
-        speed = (f"{ups:.1f}", f"{1e3 / ups:.0f}", f"{min(chunks):.1f}-{max(chunks):.1f}")
-        cells.append(
-            [*head, *speed, *(f"{x:.2f}" if x else "-" for x in ratios), mem, f"{r['warmup_seconds']:.1f}"]
-        )
+        row = [r[k] for k in ("label", "mode", "backend", "torch_threads", "context")]
+        row += [f"{r['num_parameters']:,}", f"{ups:.1f}", f"{1e3 / ups:.0f}"]
+        row += [f"{min(chunks):.1f}-{max(chunks):.1f}", *(f"{x:.2f}" if x else "-" for x in ratios)]
+        cells.append([*row, mem, f"{r['warmup_seconds']:.1f}"])
     mem_header = "peak CUDA MiB" if device == "cuda" else "peak RSS MiB (+training)"
     headers = ["model", "mode", "scan", "threads", "K", "params", "updates/s (median)", "ms/update"]
     headers += ["chunk range", "x DMM torch-scan", "x own eager", "x torch scan", "time / floor"]
-    return markdown_table([*headers, mem_header, "warm-up s"], cells)
+    return harness.markdown_table([*headers, mem_header, "warm-up s"], cells)
 
 
 def figure(rows: list[dict[str, Any]], args: argparse.Namespace, cores: int) -> Any:
     """Updates/s per row (bars), each timed chunk a dot."""
-    fig, axes = new_figure(width=max(6.0, 1.3 * len(rows)))
+    fig, axes = harness.new_figure(width=max(6.0, 1.3 * len(rows)))
     ax = axes[0][0]
     ok = [r for r in rows if "error" not in r]
     ax.bar(
@@ -270,14 +234,14 @@ def figure(rows: list[dict[str, Any]], args: argparse.Namespace, cores: int) -> 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if serve_worker(argv, measure):
+    if harness.serve_worker(argv, measure):
         return 0
     args = parse_args(argv)
     rows = run_rows(args)
     report = table(rows, args.device)
     settings = ("device", "batch_size", "warmup", "chunk", "chunks", "dataset", "threads", "backends")
-    payload = {**header(SCRIPT, argv, args.device), "settings": {k: getattr(args, k) for k in settings}}
-    payload["rows"] = rows
+    payload = harness.header(SCRIPT, argv, args.device)
+    payload |= {"settings": {k: getattr(args, k) for k in settings}, "rows": rows}
     notes = [
         f"data: {args.dataset}; batch {args.batch_size}; {args.warmup} warm-up updates, then the median "
         f"of {args.chunks} chunks of {args.chunk} updates; every row in its own process",
@@ -286,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "torch scan in the same mode; time / floor: this row's update time over the scan-free floor's",
     ]
     fig = figure(rows, args, payload["machine"]["usable_cores"])
-    write_report(args.out, SCRIPT, "Training speed (updates/s)", report, payload, fig, notes)
+    harness.write_report(args.out, SCRIPT, "Training speed (updates/s)", report, payload, fig, notes)
     return 1 if any("error" in r for r in rows) else 0
 
 
