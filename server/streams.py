@@ -11,7 +11,7 @@ partial answer a client could use) and turns it into a :class:`StepInput`, which
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -211,13 +211,13 @@ class VectorFormat(StreamFormat):
 
     def read_step(self, session: Session, step: policy_pb2.VectorStep) -> StepInput:
         first = session.steps == 0
-        rows = _rows("rows", list(step.rows), session.episodes) if step.rows else np.arange(session.episodes)
+        rows = _rows("rows", step.rows, session.episodes) if step.rows else np.arange(session.episodes)
         if first and rows.size != session.episodes:
             raise invalid(
                 f"the first step steps {rows.size} of {session.episodes} rows: it must step every row"
             )
-        restart = _rows("restart", list(step.restart), session.episodes)
-        if not np.isin(restart, rows).all():
+        restart = _rows("restart", step.restart, session.episodes)
+        if restart.size and not np.isin(restart, rows).all():
             raise invalid(
                 f"restart: row {int(restart[~np.isin(restart, rows)][0])} is not stepped by this message"
             )
@@ -235,14 +235,14 @@ class VectorFormat(StreamFormat):
                     "the first step has no previous actions: send states only (no rewards, no restart)"
                 )
             return StepInput(rows, states, None, np.zeros(rows.size, dtype=bool))
-        rewards = _rewards(rows, list(step.rewards))
-        restart_mask = np.isin(rows, restart)
+        rewards = _rewards(rows, step.rewards)
+        restart_mask = np.isin(rows, restart) if restart.size else np.zeros(rows.size, dtype=bool)
         session.rtg.check_rewards(rows, rewards, restart_mask, _where(session, rows))
         return StepInput(rows, states, rewards, restart_mask)
 
     def read_end(self, session: Session, end: policy_pb2.VectorEnd) -> tuple[np.ndarray, np.ndarray]:
-        rows = _rows("end.rows", list(end.rows), session.episodes)
-        rewards = _rewards(rows, list(end.rewards))
+        rows = _rows("end.rows", end.rows, session.episodes)
+        rewards = _rewards(rows, end.rewards)
         session.rtg.check_rewards(rows, rewards, np.ones(rows.size, dtype=bool), _where(session, rows))
         for row in rows.tolist():
             if session.row_steps[row] == 0:
@@ -274,7 +274,7 @@ class VectorFormat(StreamFormat):
         return {"episodes": session.episodes, "episodes_recorded": session.episodes_recorded}
 
 
-def _rows(field: str, values: list[int], episodes: int) -> np.ndarray:
+def _rows(field: str, values: Sequence[int], episodes: int) -> np.ndarray:
     rows = np.asarray(values, dtype=np.int64)
     if rows.size and rows.max() >= episodes:
         raise invalid(f"{field}: row {int(rows.max())} is out of range for a stream of {episodes} episodes")
@@ -284,7 +284,7 @@ def _rows(field: str, values: list[int], episodes: int) -> np.ndarray:
     return rows
 
 
-def _rewards(rows: np.ndarray, values: list[float]) -> np.ndarray:
+def _rewards(rows: np.ndarray, values: Sequence[float]) -> np.ndarray:
     rewards = np.asarray(values, dtype=np.float64)
     if rewards.size != rows.size:
         raise invalid(f"rewards has {rewards.size} values for {rows.size} stepped rows: one per row")
