@@ -26,6 +26,7 @@ from types import ModuleType
 from typing import Literal, get_args
 
 import torch
+from torch import Tensor
 
 from dmm.errors import ConfigError
 
@@ -41,14 +42,8 @@ STEPWISE_FROM_ELEMENTS = 1 << 18
 
 
 def selective_scan_torch(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor,
-    h0: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, h0: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Pure-PyTorch scan.
 
     Shapes: u, delta [b, L, d]; A [d, n]; B, C [b, L, n]; D [d]; h0 [b, d, n] or None.
@@ -212,14 +207,8 @@ def resolve_backend(backend: Backend | None, device: torch.device) -> Resolved:
 
 
 def selective_scan_cuda(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor,
-    h0: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, h0: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """The same scan through mamba_ssm. Same shapes and results as :func:`selective_scan_torch`.
 
     A single token with a carried state goes through ``selective_state_update`` (the decoding
@@ -250,16 +239,7 @@ def selective_scan_cuda(
     return torch.stack(ys, dim=1), h
 
 
-def selective_scan(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor,
-    h0: torch.Tensor | None = None,
-    backend: Backend | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def selective_scan(u, delta, A, B, C, D, h0=None, backend: Backend | None = None) -> tuple[Tensor, Tensor]:
     """Dispatch to the backend (None: the process default); see :func:`selective_scan_torch` for shapes."""
     resolved = resolve_backend(backend, u.device)
     if resolved == "numba":
@@ -271,17 +251,7 @@ def selective_scan(
     return selective_scan_torch(u, delta, A, B, C, D, h0)
 
 
-def selective_scan_slots_(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor,
-    state: torch.Tensor,
-    slots: torch.Tensor,
-    backend: Backend | None = None,
-) -> torch.Tensor:
+def selective_scan_slots_(u, delta, A, B, C, D, state, slots, backend: Backend | None = None) -> Tensor:
     """The scan continuing from ``state[slots]``, written back in place; returns y [b, L, d].
 
     ``state`` [S, d, n] is a buffer of S sequences (a server's slot table), ``slots`` [b] the

@@ -29,6 +29,7 @@ import math
 import numba
 import numpy as np
 import torch
+from torch import Tensor
 
 from dmm.model import scan_op
 
@@ -164,20 +165,13 @@ def _check_dtype(dtype: torch.dtype) -> None:
         raise TypeError(f"the numba scan runs in float32 or float64, not {dtype}")
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
+def _np(t: Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
 def forward_into(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor,
-    state: torch.Tensor,
-    slots: torch.Tensor,
-) -> torch.Tensor:
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, state: Tensor, slots: Tensor
+) -> Tensor:
     """The scan from the states ``state[slots]``, which it overwrites with the last states.
 
     u, delta [b, L, d]; A [d, n]; B, C [b, L, n]; D [d]; state [S, d, n] (contiguous; S >= b);
@@ -192,13 +186,13 @@ def forward_into(
     return y
 
 
-def _scan_from(u, delta, A, B, C, D, h0) -> tuple[torch.Tensor, torch.Tensor]:
+def _scan_from(u, delta, A, B, C, D, h0) -> tuple[Tensor, Tensor]:
     """The scan of a batch from its own initial states: a fresh copy of h0 becomes the last state."""
     state = h0.detach().clone(memory_format=torch.contiguous_format)
     return forward_into(u, delta, A, B, C, D, state, torch.arange(u.shape[0])), state
 
 
-def _gradients(u, delta, A, B, C, D, h0, grad_y, grad_last) -> tuple[torch.Tensor, ...]:
+def _gradients(u, delta, A, B, C, D, h0, grad_y, grad_last) -> tuple[Tensor, ...]:
     """Gradients of (u, delta, A, B, C, D, h0), recomputing the states."""
     _check_dtype(u.dtype)
     b, L, d = u.shape

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch import Tensor
 
 # u, delta [b, L, d]; A [d, n]; B, C [b, L, n]; D [d]; h0 [b, d, n] -> y [b, L, d], the last state [b, d, n]
 FORWARD_SCHEMA = (
@@ -26,7 +27,7 @@ BACKWARD_SCHEMA = (
     "Tensor grad_last) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
-Pair = tuple[torch.Tensor, torch.Tensor]
+Pair = tuple[Tensor, Tensor]
 ScanFn = Callable[..., Pair]
 
 
@@ -37,7 +38,7 @@ def _fake_forward(u, delta, A, B, C, D, h0) -> Pair:
     )
 
 
-def _fake_backward(u, delta, A, B, C, D, h0, grad_y, grad_last) -> tuple[torch.Tensor, ...]:
+def _fake_backward(u, delta, A, B, C, D, h0, grad_y, grad_last) -> tuple[Tensor, ...]:
     b, L, _ = u.shape
     gBC = u.new_empty(b, L, A.shape[1])
     return (
@@ -58,7 +59,7 @@ def _save_inputs(ctx, inputs, output) -> None:
 def define(
     name: str,
     forward: Callable[..., Pair],
-    backward: Callable[..., tuple[torch.Tensor, ...]],
+    backward: Callable[..., tuple[Tensor, ...]],
     device_types: str | None = None,
 ) -> tuple[torch.library.CustomOpDef, torch.library.CustomOpDef]:
     """The ops ``dmm::<name>`` (running ``forward``) and ``dmm::<name>_backward`` (running ``backward``),
@@ -91,13 +92,7 @@ def entry_point(forward_op, direct: Callable[..., Pair], name: str) -> ScanFn:
     feel). ``h0`` None starts from a zero state."""
 
     def selective_scan(
-        u: torch.Tensor,
-        delta: torch.Tensor,
-        A: torch.Tensor,
-        B: torch.Tensor,
-        C: torch.Tensor,
-        D: torch.Tensor,
-        h0: torch.Tensor | None = None,
+        u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, h0: Tensor | None = None
     ) -> Pair:
         if h0 is None:
             h0 = u.new_zeros(u.shape[0], u.shape[2], A.shape[1])

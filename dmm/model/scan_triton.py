@@ -61,24 +61,43 @@ def _load_step(u_ptr, dt_ptr, B_ptr, row, t, L, d, n, offs_d, offs_n, mask_d, ma
 
 
 @triton.jit
+def _advance(h, A, u_ptr, dt_ptr, B_ptr, row, t, L, d, n, offs_d, offs_n, mask_d, mask_n):
+    """The state after position t, h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t, and u_t (past L
+    delta_t is 0, so h passes unchanged)."""
+    ut, dt, Bt = _load_step(u_ptr, dt_ptr, B_ptr, row, t, L, d, n, offs_d, offs_n, mask_d, mask_n)
+    return tl.exp(dt[:, None] * A) * h + (dt * ut)[:, None] * Bt[None, :], ut
+
+
+@triton.jit
+def _tile(offs_d, offs_n, mask_d, mask_n, n):
+    """The [BLOCK_D, BLOCK_N] tile of a [d, n] state: its mask and its offsets."""
+    return mask_d[:, None] & mask_n[None, :], offs_d[:, None] * n + offs_n[None, :]
+
+
+@triton.jit
+def _block(A_ptr, D_ptr, blk, d, n, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Channel block ``blk``: its lanes' offsets and masks, the tile of a state, and its A and D."""
+    offs_d = blk * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d, mask_n = offs_d < d, offs_n < n
+    mask_dn, dn = _tile(offs_d, offs_n, mask_d, mask_n, n)
+    A = tl.load(A_ptr + dn, mask=mask_dn, other=0.0)
+    Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0)
+    return offs_d, offs_n, mask_d, mask_n, mask_dn, dn, A, Dv
+
+
+@triton.jit
 def _forward_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, h0_ptr, y_ptr, hT_ptr, L, d, n,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """y [b, L, d] and hT [b, d, n] for batch row program_id(0), channel block program_id(1)."""
-    row = tl.program_id(0).to(tl.int64)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d, mask_n = offs_d < d, offs_n < n
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    dn = offs_d[:, None] * n + offs_n[None, :]
-    A = tl.load(A_ptr + dn, mask=mask_dn, other=0.0)
-    Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0)
+    row, blk = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    offs_d, offs_n, mask_d, mask_n, mask_dn, dn, A, Dv = _block(A_ptr, D_ptr, blk, d, n, BLOCK_D, BLOCK_N)
     h = tl.load(h0_ptr + row * d * n + dn, mask=mask_dn, other=0.0)
     for t in range(L):
-        ut, dt, Bt = _load_step(u_ptr, dt_ptr, B_ptr, row, t, L, d, n, offs_d, offs_n, mask_d, mask_n)
+        h, ut = _advance(h, A, u_ptr, dt_ptr, B_ptr, row, t, L, d, n, offs_d, offs_n, mask_d, mask_n)
         Ct = tl.load(C_ptr + (row * L + t) * n + offs_n, mask=mask_n, other=0.0)
-        h = tl.exp(dt[:, None] * A) * h + (dt * ut)[:, None] * Bt[None, :]
         y = _sum(h * Ct[None, :], axis=1) + Dv * ut
         tl.store(y_ptr + (row * L + t) * d + offs_d, y, mask=mask_d)
     tl.store(hT_ptr + row * d * n + dn, h, mask=mask_dn)
@@ -86,32 +105,26 @@ def _forward_kernel(
 
 @triton.jit
 def _checkpoints(
-    u_ptr, dt_ptr, A, B_ptr, h, ck_ptr, row, L, d, n, n_chunks, offs_d, offs_n, mask_d, mask_n,
-    chunk,
+    u_ptr, dt_ptr, A, B_ptr, h, ck_ptr, row, L, d, n, n_chunks, offs_d, offs_n, mask_d, mask_n, chunk,
 ):  # fmt: skip
     """ck [b, n_chunks, d, n]: the state before positions 0, chunk, 2 * chunk, ... (h is h0)."""
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    dn = offs_d[:, None] * n + offs_n[None, :]
+    mask_dn, dn = _tile(offs_d, offs_n, mask_d, mask_n, n)
     tl.store(ck_ptr + row * n_chunks * d * n + dn, h, mask=mask_dn)
     for t in range((n_chunks - 1) * chunk):
-        ut, dt, Bt = _load_step(u_ptr, dt_ptr, B_ptr, row, t, L, d, n, offs_d, offs_n, mask_d, mask_n)
-        h = tl.exp(dt[:, None] * A) * h + (dt * ut)[:, None] * Bt[None, :]
-        k = (t + 1) // chunk
+        h, _ = _advance(h, A, u_ptr, dt_ptr, B_ptr, row, t, L, d, n, offs_d, offs_n, mask_d, mask_n)
         at_start = (t + 1) % chunk == 0
-        tl.store(ck_ptr + (row * n_chunks + k) * d * n + dn, h, mask=mask_dn & at_start)
+        tl.store(ck_ptr + (row * n_chunks + (t + 1) // chunk) * d * n + dn, h, mask=mask_dn & at_start)
 
 
 @triton.jit
 def _chunk_states(
-    u_ptr, dt_ptr, A, B_ptr, h, w_ptr, row, start, L, d, n, offs_d, offs_n, mask_d, mask_n,
-    chunk,
+    u_ptr, dt_ptr, A, B_ptr, h, w_ptr, row, start, L, d, n, offs_d, offs_n, mask_d, mask_n, chunk,
 ):  # fmt: skip
     """w [b, chunk, d, n]: the states after positions start .. start + chunk - 1 (h: before start)."""
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    dn = offs_d[:, None] * n + offs_n[None, :]
+    mask_dn, dn = _tile(offs_d, offs_n, mask_d, mask_n, n)
     for s in range(chunk):
-        ut, dt, Bt = _load_step(u_ptr, dt_ptr, B_ptr, row, start + s, L, d, n, offs_d, offs_n, mask_d, mask_n)
-        h = tl.exp(dt[:, None] * A) * h + (dt * ut)[:, None] * Bt[None, :]
+        t = start + s
+        h, _ = _advance(h, A, u_ptr, dt_ptr, B_ptr, row, t, L, d, n, offs_d, offs_n, mask_d, mask_n)
         tl.store(w_ptr + (row * chunk + s) * d * n + dn, h, mask=mask_dn)
 
 
@@ -126,8 +139,7 @@ def _chunk_backward(
     g is dLoss/dh after the chunk on entry and before it on return; gA [BLOCK_D, BLOCK_N] and gD
     [BLOCK_D] accumulate this row's share. gB, gC [b, n_blk, L, n] get this channel block's share.
     """
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    dn = offs_d[:, None] * n + offs_n[None, :]
+    mask_dn, dn = _tile(offs_d, offs_n, mask_d, mask_n, n)
     for i in range(chunk):
         s = chunk - 1 - i
         t = start + s
@@ -163,13 +175,7 @@ def _backward_kernel(
     """All gradients for one batch row and channel block; gA [b, d, n] and gD [b, d] per row."""
     row = tl.program_id(0).to(tl.int64)
     blk, n_blk = tl.program_id(1), tl.num_programs(1)
-    offs_d = blk * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d, mask_n = offs_d < d, offs_n < n
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    dn = offs_d[:, None] * n + offs_n[None, :]
-    A = tl.load(A_ptr + dn, mask=mask_dn, other=0.0)
-    Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0)
+    offs_d, offs_n, mask_d, mask_n, mask_dn, dn, A, Dv = _block(A_ptr, D_ptr, blk, d, n, BLOCK_D, BLOCK_N)
     h0 = tl.load(h0_ptr + row * d * n + dn, mask=mask_dn, other=0.0)
     _checkpoints(
         u_ptr, dt_ptr, A, B_ptr, h0, ck_ptr, row, L, d, n, n_chunks, offs_d, offs_n, mask_d, mask_n, chunk
