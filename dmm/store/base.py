@@ -23,6 +23,10 @@ from dmm.store.inputs import json_bytes, prepare_files, prepare_tensors
 from dmm.store.layout import TRAINING_HEARTBEAT_S, TrainingMarker, parse_version, validate_name
 
 logger = logging.getLogger(__name__)
+Tensors = dict[str, torch.Tensor]  # a version's weights by name
+Files = (
+    dict[str, bytes | os.PathLike[str]] | None
+)  # a version's extra files: their bytes, or the file to copy
 
 
 @dataclass(frozen=True)
@@ -49,12 +53,7 @@ class PreparedVersion:
 
     @classmethod
     def of(
-        cls,
-        name: str,
-        tensors: dict[str, torch.Tensor],
-        config: dict,
-        metrics: dict | None = None,
-        files: dict[str, bytes | os.PathLike[str]] | None = None,
+        cls, name: str, tensors: Tensors, config: dict, metrics: dict | None = None, files: Files = None
     ) -> PreparedVersion:
         """Check every input (StoreError) before anything is written, so a bad one leaves no trace."""
         return cls(
@@ -88,12 +87,7 @@ class Store(Protocol):
     def read_config(self, name: str, version: int | str | None = None) -> dict: ...
 
     def publish(
-        self,
-        name: str,
-        tensors: dict[str, torch.Tensor],
-        config: dict,
-        metrics: dict | None = None,
-        files: dict[str, bytes | os.PathLike[str]] | None = None,
+        self, name: str, tensors: Tensors, config: dict, metrics: dict | None = None, files: Files = None
     ) -> int: ...
 
     def training(self, name: str) -> TrainingMarker | None: ...
@@ -115,12 +109,7 @@ class VersionResolver(ABC):
     root: Path | str
 
     def publish(
-        self,
-        name: str,
-        tensors: dict[str, torch.Tensor],
-        config: dict,
-        metrics: dict | None = None,
-        files: dict[str, bytes | os.PathLike[str]] | None = None,
+        self, name: str, tensors: Tensors, config: dict, metrics: dict | None = None, files: Files = None
     ) -> int:
         """Publish a new version of ``name`` and return its number."""
         return self.publish_prepared(PreparedVersion.of(name, tensors, config, metrics, files))
