@@ -29,7 +29,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ import numpy as np
 
 from bench.common import FRESH_POLICY_ENV, fresh_policy
 from bench.harness import header, markdown_table, new_figure, parse, parser, write_report
-from bench.serve_clients import Load, Outcome, process_tree, run_sessions
+from bench.serve_clients import EchoServer, Load, Outcome, process_tree, run_sessions
 
 SCRIPT = "serve"
 MODULE = f"bench.{SCRIPT}"
@@ -53,8 +53,9 @@ SETTINGS = (
     "episodes_per_stream",
     "workers",
 )
+KEY = ("scan", "batching", "workers", "mode", "sessions", "episodes_per_stream")  # a row's settings
 HEADERS = ("scan", "batching", "workers", "mode", "episodes", "per stream", "p50 us", "p95 us", "p99 us")
-HEADERS += ("actions/s", "x batching off", "x torch scan", "x 1 per stream", "x 1 worker")
+HEADERS += ("x echo p50", "actions/s", "x batching off", "x torch scan", "x 1 per stream", "x 1 worker")
 HEADERS += ("client cores busy", "server cores busy")
 RATIOS = (  # (key, the setting that differs, its value in the row compared against)
     ("throughput_vs_off", "batching", "off"),
@@ -116,8 +117,9 @@ def split_cores(client_cores: int) -> tuple[list[int], list[int]]:
     return cores[:-client_cores], cores[-client_cores:]
 
 
-def prepare_store(args: argparse.Namespace, tmp: Path) -> tuple[Path, str, int, str]:
-    """(store, model name, state_dim, description): the given model, or a fresh one published to ``tmp``."""
+def prepare_store(args: argparse.Namespace, tmp: Path) -> tuple[Path, str, Any, str]:
+    """(store, model name, its DMMConfig, description): the given model, or a fresh one published to
+    ``tmp``."""
     from dmm.model import publish_policy
     from dmm.store import ModelStore
 
@@ -125,78 +127,96 @@ def prepare_store(args: argparse.Namespace, tmp: Path) -> tuple[Path, str, int, 
         from dmm.model.checkpoint import policy_from_config
 
         config, _ = policy_from_config(ModelStore(args.store).read_config(args.name))
-        return args.store, args.name, config.state_dim, f"{args.name} (latest) from {args.store}"
+        return args.store, args.name, config, f"{args.name} (latest) from {args.store}"
     policy = fresh_policy("dmm", FRESH_POLICY_ENV, 0, "cpu")
     publish_policy(ModelStore(tmp), FRESH_NAME, policy.network, policy.meta)
-    return tmp, FRESH_NAME, policy.config.state_dim, "freshly initialized paper-size DMM (d=64, K=8)"
+    return tmp, FRESH_NAME, policy.config, "freshly initialized paper-size DMM (d=64, K=8)"
 
 
-def start_server(
-    store: Path, server_args: list[str], args: argparse.Namespace, cores: tuple[list[int], list[int]]
-) -> Any:
-    """A started ``dmm serve`` pinned to the server cores (this process then to the client cores)."""
-    from dmm.server.testing import ServerProcess
-
-    # one torch thread per core it may use: more would spin against each other
-    env = {"OMP_NUM_THREADS": str(len(cores[0]))}
-    server = ServerProcess(store, server_args, startup_timeout_s=args.startup_timeout, env=env)
-    os.sched_setaffinity(0, cores[0])  # the server process inherits this
+def pinned(start: Callable[[], Any], cores: tuple[list[int], list[int]]) -> Any:
+    """``start()`` a server process pinned to the server cores (it inherits this process's affinity),
+    then pin this process to the client cores."""
+    os.sched_setaffinity(0, cores[0])
     try:
-        server.start()
+        return start()
     except RuntimeError as err:
         raise SystemExit(f"{MODULE}: {err}") from err
     finally:
         os.sched_setaffinity(0, cores[1])
-    return server
+
+
+def start_server(store: Path, server_args: list[str], args: argparse.Namespace, cores: Any) -> Any:
+    """A started ``dmm serve`` on the server cores, with one torch thread per core it may use (more
+    would spin against each other)."""
+    from dmm.server.testing import ServerProcess
+
+    env = {"OMP_NUM_THREADS": str(len(cores[0]))}
+    return pinned(
+        ServerProcess(store, server_args, startup_timeout_s=args.startup_timeout, env=env).start, cores
+    )
 
 
 def drive(
-    server: Any, model: str, state_dim: int, settings: tuple[str, str, int], args: argparse.Namespace
+    server: Any, model: str, state_dim: int, settings: dict[str, Any], args: argparse.Namespace
 ) -> list[Row]:
-    """Every (mode, sessions, episodes per stream) row against one server."""
-    scan, batching, workers = settings
+    """Every (mode, sessions, episodes per stream) row against one server (an echo server: one mode)."""
     rows = []
-    for mode, n, per in itertools.product(args.modes, args.sessions, args.episodes_per_stream):
+    modes = args.modes if settings["scan"] != "echo" else ["echo"]
+    for mode, n, per in itertools.product(modes, args.sessions, args.episodes_per_stream):
         if per > n:
             continue
-        settings = {"scan": scan, "batching": batching, "workers": workers, "mode": mode, "sessions": n}
-        print(", ".join(f"{k} {v}" for k, v in settings.items()) + f", {per} per stream...", file=sys.stderr)
+        row_settings = {**settings, "mode": mode, "sessions": n}
+        print(
+            ", ".join(f"{k} {v}" for k, v in row_settings.items()) + f", {per} per stream...", file=sys.stderr
+        )
         timing = (args.warmup, args.steps, args.startup_timeout, args.duration)
-        load = Load(server.target, model, mode, state_dim, *timing, per)
+        load = Load(server.target, model, "recurrent" if mode == "echo" else mode, state_dim, *timing, per)
         out = run_sessions(load, max(1, n // per), args.client_procs, server.proc.pid)
-        row = Row({**settings, "episodes_per_stream": per}, out)
-        if args.device == "cuda":
+        row = Row({**row_settings, "episodes_per_stream": per}, out)
+        if args.device == "cuda" and mode != "echo":
             row.server_gpu_mib = gpu_memory_mib(server.proc.pid)
         rows.append(row)
     return rows
 
 
+def drive_echo(model: str, config: Any, args: argparse.Namespace, cores: Any) -> list[Row]:
+    """The baseline rows: the same streams against a bare grpc.aio echo server on the server cores."""
+    echo = pinned(lambda: EchoServer(model, config.act_dim, args.startup_timeout), cores)
+    try:
+        return drive(echo, model, config.state_dim, {"scan": "echo", "batching": "-", "workers": 1}, args)
+    finally:
+        echo.terminate()
+
+
 def run_all(
     args: argparse.Namespace, cores: tuple[list[int], list[int]]
-) -> tuple[list[Row], dict[str, list[str]]]:
+) -> tuple[list[Row], list[Row], dict[str, list[str]]]:
     """Every row: one server per scan backend, batching setting and worker count, each driven through
-    all modes and session counts."""
+    all modes and session counts; then (unless --no-echo) the echo rows."""
     home = os.sched_getaffinity(0)
     rows: list[Row] = []
     server_args: dict[str, list[str]] = {}
     with tempfile.TemporaryDirectory(prefix="dmm-bench-serve-") as tmp:
-        store, model, state_dim, args.source = prepare_store(args, Path(tmp))
+        store, model, config, args.source = prepare_store(args, Path(tmp))
         common = ["--device", args.device, "--max-sessions", str(max(args.sessions) + 8)]
         common += ["--max-delay-ms", str(args.max_delay_ms)] if args.max_delay_ms is not None else []
         for scan, batching, workers in itertools.product(args.scan_backends, args.batching, args.workers):
-            config = f"{scan} scan, batching {batching}, {workers} worker(s)"
+            config_name = f"{scan} scan, batching {batching}, {workers} worker(s)"
             # one worker: dmm serve's own single process (a --workers count makes it a supervisor)
             several = ["--workers", str(workers)] if workers > 1 else []
-            server_args[config] = [*common, "--scan-backend", scan, *several]
+            server_args[config_name] = [*common, "--scan-backend", scan, *several]
             on = ["--max-batch", str(args.max_batch)] if args.max_batch else []
-            server_args[config] += on if batching == "on" else ["--max-batch", "1"]
-            server = start_server(store, server_args[config], args, cores)
+            server_args[config_name] += on if batching == "on" else ["--max-batch", "1"]
+            server = start_server(store, server_args[config_name], args, cores)
+            settings = {"scan": scan, "batching": batching, "workers": workers}
             try:
-                rows += drive(server, model, state_dim, (scan, batching, workers), args)
+                rows += drive(server, model, config.state_dim, settings, args)
             finally:
                 server.terminate()
                 os.sched_setaffinity(0, home)
-    return rows, server_args
+        echo = drive_echo(model, config, args, cores) if args.echo else []
+        os.sched_setaffinity(0, home)
+    return rows, echo, server_args
 
 
 def defaults(args: argparse.Namespace) -> dict[str, tuple[Any, Any]]:
@@ -217,12 +237,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument(
         "--workers", type=int, nargs="+", default=[1], help="one server per dmm serve --workers count"
     )
+    scans = "one server per scan backend; the others are compared to torch where it is one (default: auto)"
     p.add_argument(
-        "--scan-backends",
-        nargs="+",
-        choices=("auto", "torch", "numba", "cuda"),
-        default=["auto"],
-        help="one server per scan backend; the others are compared to torch where it is one (default: auto)",
+        "--scan-backends", nargs="+", choices=("auto", "torch", "numba", "cuda"), default=["auto"], help=scans
     )
     p.add_argument(
         "--max-batch", type=int, help="--max-batch of the batching server (default: dmm serve's own)"
@@ -235,6 +252,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--client-cores", type=int, default=1, help=cores)
     procs = "client processes the sessions are spread over (default: one per client core)"
     p.add_argument("--client-procs", type=int, help=procs)
+    echo = "also time a bare grpc.aio echo stream (same messages, same cores) as the baseline (default: on)"
+    p.add_argument("--echo", action=argparse.BooleanOptionalAction, default=True, help=echo)
     p.add_argument("--startup-timeout", type=float, default=120.0, help="seconds for server start / warm-up")
     positive = ("sessions", "steps", "episodes_per_stream", "workers", "max_batch")
     args = parse(p, argv, defaults, positive=positive, non_negative=("warmup",))
@@ -246,11 +265,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def add_ratios(s: dict[str, Any], summaries: list[dict[str, Any]]) -> list[str]:
     """Throughput of row ``s`` over the rows that differ from it in one setting only (batching off, the
     torch scan, one episode per stream, one worker): stored in ``s`` and returned as table cells."""
-    key = ("scan", "batching", "workers", "mode", "sessions", "episodes_per_stream")
-    by_key = {tuple(r[k] for k in key): r for r in summaries}
+    by_key = {tuple(r[k] for k in KEY): r for r in summaries}
     cells = []
     for name, setting, base in RATIOS:
-        other = by_key.get(tuple(base if k == setting else s[k] for k in key))
+        other = by_key.get(tuple(base if k == setting else s[k] for k in KEY))
         if s[setting] == base or not other or not other["actions_per_second"]:
             cells.append("-")
             continue
@@ -259,22 +277,32 @@ def add_ratios(s: dict[str, Any], summaries: list[dict[str, Any]]) -> list[str]:
     return cells
 
 
-def table(summaries: list[dict[str, Any]], on_gpu: bool) -> str:
-    def cell(value: float | None, spec: str) -> str:
-        return format(value, spec) if value else "-"
+def add_echo_ratio(s: dict[str, Any], echo: list[dict[str, Any]]) -> str:
+    """Row ``s``'s p50 over the echo stream's at the same episodes and episodes per stream: stored in
+    ``s`` and returned as a table cell."""
+    key = ("sessions", "episodes_per_stream")
+    base = next((e for e in echo if all(e[k] == s[k] for k in key)), None)
+    if not base or not base["p50_us"] or s["p50_us"] is None:
+        return "-"
+    s["p50_vs_echo"] = s["p50_us"] / base["p50_us"]
+    return f"{s['p50_vs_echo']:.2f}"
+
+
+def table(summaries: list[dict[str, Any]], echo: list[dict[str, Any]], on_gpu: bool) -> str:
+    def cells(s: dict[str, Any], keys: Sequence[str], spec: str) -> list[str]:
+        return [format(s[k], spec) if s[k] is not None else "-" for k in keys]
 
     rows = []
-    for s in summaries:
-        settings = [s[k] for k in ("scan", "batching", "workers", "mode", "sessions", "episodes_per_stream")]
-        pct = [f"{s[k]:.0f}" if s[k] is not None else "-" for k in ("p50_us", "p95_us", "p99_us")]
-        busy = [
-            f"{s[k]:.2f}" if s[k] is not None else "-" for k in ("client_cores_busy", "server_cores_busy")
-        ]
-        gpu = [cell(s["server_gpu_mib"], ".0f")] if on_gpu else []
+    for s in [*summaries, *echo]:
+        ratios = add_ratios(s, summaries) if s["scan"] != "echo" else ["-"] * len(RATIOS)
         rows.append(
-            [*settings, *pct, f"{s['actions_per_second']:.0f}", *add_ratios(s, summaries), *busy, *gpu]
+            [s[k] for k in KEY]
+            + [*cells(s, ("p50_us", "p95_us", "p99_us"), ".0f"), add_echo_ratio(s, echo)]
+            + [f"{s['actions_per_second']:.0f}", *ratios]
+            + cells(s, ("client_cores_busy", "server_cores_busy"), ".2f")
+            + (cells(s, ("server_gpu_mib",), ".0f") if on_gpu else [])
+            + [s["failed_sessions"]]
         )
-        rows[-1].append(s["failed_sessions"])
     return markdown_table([*HEADERS, *(["server GPU MiB"] if on_gpu else []), "failed"], rows)
 
 
@@ -320,6 +348,9 @@ def notes(
         f"{args.warmup} untimed steps per stream, then up to {args.duration:g} s or {args.steps} steps; "
         "percentiles over all timed steps of all streams; actions/s = timed steps x episodes per stream / "
         "wall time; 'per stream' 1 = one Act stream per episode, N = ActVector streams of N episodes",
+        "echo rows: the same client streams against a bare grpc.aio server (on the server cores) that "
+        "answers each message with a canned reply of the real reply's size; x echo p50 = the row's p50 "
+        "over the echo row's with the same episodes and episodes per stream",
     ]
     return lines + [
         f"{s['scan']} scan, batching {s['batching']}, {s['workers']} worker(s), {s['mode']}, "
@@ -336,27 +367,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     cores = split_cores(args.client_cores)
     args.client_procs = args.client_procs or (1 if cores[0] == cores[1] else len(cores[1]))
     payload = header(SCRIPT, argv, args.device)
-    rows, server_args = run_all(args, cores)
+    rows, echo_rows, server_args = run_all(args, cores)
     summaries = [r.summary() for r in rows]
-    report = table(summaries, args.device == "cuda")
-    payload |= {
-        "model": args.source,
-        "server_cores": cores[0],
-        "client_cores": cores[1],
-        "server_args": server_args,
-    }
-    payload |= {"settings": {k: getattr(args, k) for k in SETTINGS}, "rows": summaries}
+    echo = [r.summary() for r in echo_rows]
+    report = table(summaries, echo, args.device == "cuda")
+    payload |= {"model": args.source, "server_cores": cores[0], "client_cores": cores[1]}
+    payload |= {"server_args": server_args, "settings": {k: getattr(args, k) for k in SETTINGS}}
+    payload |= {"rows": summaries, "echo": echo}
+    lines = notes(args, cores, server_args, summaries)
     title = "Serving: Act latency and throughput"
-    write_report(
-        args.out,
-        SCRIPT,
-        title,
-        report,
-        payload,
-        figure(summaries, args),
-        notes(args, cores, server_args, summaries),
-    )
-    return 1 if any(r.out.failed for r in rows) else 0
+    write_report(args.out, SCRIPT, title, report, payload, figure(summaries, args), lines)
+    return 1 if any(r.out.failed for r in [*rows, *echo_rows]) else 0
 
 
 if __name__ == "__main__":

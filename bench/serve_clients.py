@@ -18,6 +18,7 @@ import os
 import queue
 import resource
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ SESSIONS_PER_CHANNEL = 64  # streams share an HTTP/2 connection; a few connectio
 # subchannel pool; own connections also spread over `dmm serve --workers` (balanced per connection)
 CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
 STATE_POOL = 32  # distinct random states each session cycles through (messages built in advance)
+SPAWN = mp.get_context("spawn")
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,24 @@ def describe_error(err: BaseException) -> str:
     if isinstance(err, grpc.aio.AioRpcError):
         return f"{err.code().name}: {err.details()}"
     return f"{type(err).__name__}: {err}"
+
+
+@contextlib.asynccontextmanager
+async def session_stubs(target: str, sessions: int) -> AsyncIterator[list[Any]]:
+    """A PolicyService stub for each of ``sessions`` streams, SESSIONS_PER_CHANNEL to a connection."""
+    import grpc
+
+    from dmm.v1 import policy_pb2_grpc
+
+    count = math.ceil(sessions / SESSIONS_PER_CHANNEL)
+    channels = [grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) for _ in range(count)]
+    try:
+        yield [
+            policy_pb2_grpc.PolicyServiceStub(channels[i // SESSIONS_PER_CHANNEL]) for i in range(sessions)
+        ]
+    finally:
+        for channel in channels:
+            await channel.close()
 
 
 def _requests(load: Load, seed: int) -> list[Any]:
@@ -165,25 +185,13 @@ async def _session(stub: Any, requests: list[Any], load: Load, phase: _Phase) ->
     return lat[:n], ended
 
 
-async def _drive(
-    load: Load, seeds: list[int], ready: Any, go: Any, deadline: Any, signalled: list[bool]
-) -> dict[str, Any]:
-    import grpc
-
-    from dmm.v1 import policy_pb2_grpc
-
-    channels = [
-        grpc.aio.insecure_channel(load.target, options=CHANNEL_OPTIONS)
-        for _ in range(math.ceil(len(seeds) / SESSIONS_PER_CHANNEL))
-    ]
+async def _drive(load: Load, seeds: list[int], sync: tuple[Any, Any, Any], signalled: list[bool]) -> dict:
+    ready, go, deadline = sync
     phase = _Phase(len(seeds))
-    try:
-        stubs = [policy_pb2_grpc.PolicyServiceStub(c) for c in channels]
+    async with session_stubs(load.target, len(seeds)) as stubs:
         tasks = [
-            asyncio.create_task(
-                _session(stubs[i // SESSIONS_PER_CHANNEL], _requests(load, seed), load, phase)
-            )
-            for i, seed in enumerate(seeds)
+            asyncio.create_task(_session(stub, _requests(load, seed), load, phase))
+            for stub, seed in zip(stubs, seeds, strict=True)
         ]
         await phase.all_ready.wait()
         ready.put(None)
@@ -196,9 +204,6 @@ async def _drive(
         phase.go.set()
         done = await asyncio.gather(*tasks, return_exceptions=True)
         cpu = _self_cpu_seconds() - cpu0
-    finally:
-        for c in channels:
-            await c.close()
     ok = [d for d in done if not isinstance(d, BaseException)]
     return {
         "latencies": np.concatenate([lat for lat, _ in ok]) if ok else np.empty(0),
@@ -208,69 +213,148 @@ async def _drive(
     }
 
 
-def _client_process(load: Load, seeds: list[int], ready: Any, go: Any, deadline: Any, results: Any) -> None:
+def _failed(message: str) -> dict[str, Any]:
+    return {"latencies": np.empty(0), "ended": None, "cpu_s": 0.0, "errors": [message]}
+
+
+def _client_process(load: Load, sync: tuple[Any, Any, Any], seeds: list[int], results: Any) -> None:
     """A client process's whole life: drive its sessions, report (or report why it could not)."""
     signalled: list[bool] = []
     try:
-        results.put(asyncio.run(_drive(load, seeds, ready, go, deadline, signalled)))
+        results.put(asyncio.run(_drive(load, seeds, sync, signalled)))
     except BaseException as err:
         if not signalled:
-            ready.put(None)  # never hold the others back
-        results.put({"latencies": np.empty(0), "ended": None, "cpu_s": 0.0, "errors": [describe_error(err)]})
+            sync[0].put(None)  # never hold the others back
+        results.put(_failed(describe_error(err)))
 
 
-def _report(results: Any, timeout_s: float) -> dict[str, Any]:
-    try:
-        return results.get(timeout=timeout_s)
-    except queue.Empty:
-        return {
-            "latencies": np.empty(0),
-            "ended": None,
-            "cpu_s": 0.0,
-            "errors": ["a client process never reported"],
-        }
-
-
-def run_sessions(load: Load, sessions: int, processes: int, server_pid: int) -> Outcome:
-    """Drive ``sessions`` concurrent streams (Act, or ActVector of ``load.episodes_per_stream``
-    episodes each) from ``processes`` client processes."""
-    ctx = mp.get_context("spawn")
-    ready, results, go, deadline = ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Value("d", math.inf)
+def spawn_clients(target: Callable[..., None], sessions: int, processes: int, *args: Any) -> tuple[list, Any]:
+    """Client processes, started: process k calls ``target(*args, its session numbers, results)`` and
+    puts its report on ``results`` (returned with them)."""
+    results = SPAWN.Queue()
     processes = max(1, min(processes, sessions))
-    shares = [list(range(k, sessions, processes)) for k in range(processes)]
     procs = [
-        ctx.Process(target=_client_process, args=(load, s, ready, go, deadline, results)) for s in shares
+        SPAWN.Process(target=target, args=(*args, list(range(k, sessions, processes)), results))
+        for k in range(processes)
     ]
     for proc in procs:
         proc.start()
-    started = True
+    return procs, results
+
+
+def collect(procs: list, results: Any, timeout_s: float, missing: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every client process's report (``missing`` for one that never reports); then the processes end."""
+    reports = []
     try:
-        try:
-            for _ in procs:
-                ready.get(timeout=load.startup_timeout_s)
-        except queue.Empty:
-            started = False  # released anyway: the processes cancel their sessions and report
-        server_cpu0 = process_cpu_seconds(server_pid)
-        t0 = time.perf_counter()
-        deadline.value = t0 + load.duration_s if started else t0
-        go.set()
-        reports = [_report(results, load.startup_timeout_s + load.duration_s + 120.0) for _ in procs]
-        server_cpu = process_cpu_seconds(server_pid) - server_cpu0
+        for _ in procs:
+            try:
+                reports.append(results.get(timeout=timeout_s))
+            except queue.Empty:
+                reports.append(missing)
     finally:
         for proc in procs:
             proc.join(timeout=30)
             if proc.is_alive():
                 proc.kill()
+    return reports
+
+
+def run_sessions(load: Load, sessions: int, processes: int, server_pid: int) -> Outcome:
+    """Drive ``sessions`` concurrent streams (Act, or ActVector of ``load.episodes_per_stream``
+    episodes each) from ``processes`` client processes."""
+    sync = (SPAWN.Queue(), SPAWN.Event(), SPAWN.Value("d", math.inf))
+    procs, results = spawn_clients(_client_process, sessions, processes, load, sync)
+    started = True
+    try:
+        for _ in procs:
+            sync[0].get(timeout=load.startup_timeout_s)
+    except queue.Empty:
+        started = False  # released anyway: the processes cancel their sessions and report
+    server_cpu0 = process_cpu_seconds(server_pid)
+    t0 = time.perf_counter()
+    sync[2].value = t0 + load.duration_s if started else t0
+    sync[1].set()
+    timeout_s = load.startup_timeout_s + load.duration_s + 120.0
+    reports = collect(procs, results, timeout_s, _failed("a client process never reported"))
+    server_cpu = process_cpu_seconds(server_pid) - server_cpu0
     if not started:
         message = f"sessions did not all start and warm up within {load.startup_timeout_s:g} s"
         return Outcome(np.empty(0), 0.0, 0.0, 0.0, sessions, [message])
     errors = [e for r in reports for e in r["errors"]]
     ended = [r["ended"] for r in reports if r["ended"] is not None]
-    return Outcome(
-        latencies_s=np.concatenate([r["latencies"] for r in reports]),
-        wall_s=max(ended, default=t0) - t0,
-        client_cpu_s=sum(r["cpu_s"] for r in reports),
-        server_cpu_s=server_cpu,
-        failed=len(errors),
-        errors=errors,
-    )
+    latencies = np.concatenate([r["latencies"] for r in reports])
+    client_cpu = sum(r["cpu_s"] for r in reports)
+    return Outcome(latencies, max(ended, default=t0) - t0, client_cpu, server_cpu, len(errors), errors)
+
+
+# ------------------------------------------------------------------------ the bare echo baseline
+
+
+def _echo_reply(model: str, act_dim: int, episodes: int | None) -> bytes:
+    """A reply of the size ``dmm serve`` sends: an ActResponse with one action, or (``episodes`` rows
+    of an ActVector stream) a VectorResponse with one per row."""
+    from dmm.v1 import policy_pb2
+
+    action = [0.123456] * act_dim
+    if episodes is None:
+        one = policy_pb2.Action(action=action, step=1234, model=model, version=1, rtg=3456.789)
+        return policy_pb2.ActResponse(action=one).SerializeToString()
+    rows, steps, rtgs = list(range(episodes)), [1234] * episodes, [3456.789] * episodes
+    vector = policy_pb2.VectorActions(rows=rows, actions=action * episodes, steps=steps, rtgs=rtgs)
+    return policy_pb2.VectorResponse(actions=vector).SerializeToString()
+
+
+async def _echo_serve(model: str, act_dim: int, port: Any) -> None:
+    """A grpc.aio server with PolicyService's two streaming methods, each answering every message with
+    one reply of the real size, built once (the bytes are not parsed, but for a VectorStart's
+    number of episodes)."""
+    import grpc
+
+    from dmm.v1 import policy_pb2
+
+    def handler(vector: bool) -> grpc.RpcMethodHandler:
+        async def echo(_: Any, context: Any) -> None:
+            message = await context.read()
+            if message is grpc.aio.EOF:
+                return
+            episodes = policy_pb2.VectorRequest.FromString(message).start.episodes if vector else None
+            reply = _echo_reply(model, act_dim, episodes)
+            while message is not grpc.aio.EOF:
+                await context.write(reply)
+                message = await context.read()
+
+        return grpc.stream_stream_rpc_method_handler(echo)
+
+    name = policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name
+    server = grpc.aio.server()
+    handlers = {"Act": handler(False), "ActVector": handler(True)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    bound = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    port.value = bound
+    await server.wait_for_termination()
+
+
+def _echo_process(model: str, act_dim: int, port: Any) -> None:
+    asyncio.run(_echo_serve(model, act_dim, port))
+
+
+class EchoServer:
+    """The bare grpc.aio baseline ``bench.serve`` compares the server with: a process serving echo
+    streams, started with this process's CPU affinity."""
+
+    def __init__(self, model: str, act_dim: int, startup_timeout_s: float) -> None:
+        port = SPAWN.Value("i", 0)
+        self.proc = SPAWN.Process(target=_echo_process, args=(model, act_dim, port), daemon=True)
+        self.proc.start()
+        deadline = time.monotonic() + startup_timeout_s
+        while not port.value and self.proc.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not port.value:
+            self.terminate()
+            raise RuntimeError("the echo server did not start")
+        self.target = f"127.0.0.1:{port.value}"
+
+    def terminate(self) -> None:
+        self.proc.terminate()
+        self.proc.join(timeout=10)

@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
-import multiprocessing as mp
-import queue
 import random
 import sys
 import tempfile
@@ -36,7 +33,7 @@ import numpy as np
 
 from bench.harness import header, markdown_table, new_figure, parse, parser, write_report
 from bench.serve import prepare_store
-from bench.serve_clients import SESSIONS_PER_CHANNEL, describe_error
+from bench.serve_clients import collect, describe_error, session_stubs, spawn_clients
 
 SCRIPT = "soak"
 MODULE = f"bench.{SCRIPT}"
@@ -136,27 +133,14 @@ async def _loop(
 
 
 async def _client(plan: Plan, seeds: list[int]) -> dict[str, Any]:
-    import grpc
-
-    from dmm.v1 import policy_pb2_grpc
-
-    channels = [
-        grpc.aio.insecure_channel(plan.target) for _ in range(math.ceil(len(seeds) / SESSIONS_PER_CHANNEL))
-    ]
-    stubs = [policy_pb2_grpc.PolicyServiceStub(c) for c in channels]
     tally: Counter = Counter()
     latencies = Latencies()
     deadline = time.monotonic() + plan.duration_s
-    try:
-        await asyncio.gather(
-            *(
-                _loop(stubs[i // SESSIONS_PER_CHANNEL], plan, s, deadline, tally, latencies)
-                for i, s in enumerate(seeds)
-            )
+    async with session_stubs(plan.target, len(seeds)) as stubs:
+        loops = (
+            _loop(stub, plan, s, deadline, tally, latencies) for stub, s in zip(stubs, seeds, strict=True)
         )
-    finally:
-        for c in channels:
-            await c.close()
+        await asyncio.gather(*loops)
     return {
         "tally": dict(tally),
         "latencies": np.asarray(latencies.step),
@@ -164,12 +148,15 @@ async def _client(plan: Plan, seeds: list[int]) -> dict[str, Any]:
     }
 
 
+def _failed(message: str) -> dict[str, Any]:
+    return {"tally": {f"unexpected: {message}": 1}, "latencies": np.empty(0), "starts": np.empty(0)}
+
+
 def _client_process(plan: Plan, seeds: list[int], results: Any) -> None:
     try:
         results.put(asyncio.run(_client(plan, seeds)))
     except BaseException as err:
-        failure = {f"unexpected client failure {describe_error(err)}": 1}
-        results.put({"tally": failure, "latencies": np.empty(0), "starts": np.empty(0)})
+        results.put(_failed(f"client failure {describe_error(err)}"))
 
 
 def _sample_rss(pid: int, stop: threading.Event, samples: list[tuple[float, float]]) -> None:
@@ -194,31 +181,15 @@ def soak(args: argparse.Namespace, store: Path, model: str, state_dim: int) -> d
             server.target, model, state_dim, args.duration, args.min_steps, args.max_steps,
             args.cancel, args.vanish, args.idle_timeout,
         )  # fmt: skip
-        ctx = mp.get_context("spawn")
-        results = ctx.Queue()
-        procs = [
-            ctx.Process(
-                target=_client_process, args=(plan, list(range(k, args.sessions, args.client_procs)), results)
-            )
-            for k in range(args.client_procs)
-        ]
         rss: list[tuple[float, float]] = []
         stop = threading.Event()
         sampler = threading.Thread(target=_sample_rss, args=(server.proc.pid, stop, rss), daemon=True)
         sampler.start()
         start = time.monotonic()
-        for p in procs:
-            p.start()
-        reports = []
-        for _ in procs:
-            try:
-                reports.append(results.get(timeout=args.duration + 3 * args.idle_timeout + 600))
-            except queue.Empty:
-                missing = {"unexpected: a client process never reported": 1}
-                reports.append({"tally": missing, "latencies": np.empty(0), "starts": np.empty(0)})
+        procs, results = spawn_clients(_client_process, args.sessions, args.client_procs, plan)
+        timeout_s = args.duration + 3 * args.idle_timeout + 600
+        reports = collect(procs, results, timeout_s, _failed("a client process never reported"))
         wall_s = time.monotonic() - start
-        for p in procs:
-            p.join(timeout=30)
         time.sleep(1.0)  # the last ends reach the metrics
         text = server.scrape()
         stop.set()
@@ -230,15 +201,9 @@ def soak(args: argparse.Namespace, store: Path, model: str, state_dim: int) -> d
     tally: Counter = Counter()
     for r in reports:
         tally.update(r["tally"])
-    return {
-        "tally": dict(tally),
-        "latencies": np.concatenate([r["latencies"] for r in reports]),
-        "starts": np.concatenate([r["starts"] for r in reports]),
-        "rss_mib": rss,
-        "wall_s": wall_s,
-        "active_sessions_after": active,
-        "server_sessions_ended": ended,
-    }
+    joined = {k: np.concatenate([r[k] for r in reports]) for k in ("latencies", "starts")}
+    counted = {"active_sessions_after": active, "server_sessions_ended": ended}
+    return {"tally": dict(tally), **joined, "rss_mib": rss, "wall_s": wall_s, **counted}
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -324,8 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="dmm-bench-soak-") as tmp:
-        store, model, state_dim, source = prepare_store(args, Path(tmp))
-        result = soak(args, store, model, state_dim)
+        store, model, config, source = prepare_store(args, Path(tmp))
+        result = soak(args, store, model, config.state_dim)
     return _report(args, argv, result, source)
 
 
