@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from dmm.model import DMMConfig
 from dmm.model.policy import TOKENS_PER_STEP
@@ -45,7 +45,7 @@ class AuthorsMamba(nn.Module):
         self.A_log = nn.Parameter(torch.log(A))
         self.D = nn.Parameter(torch.ones(self.d_inner))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
         u, z = self.in_proj(x).chunk(2, dim=-1)
         u = F.silu(u)
         dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
@@ -62,7 +62,7 @@ class AuthorsDSM(nn.Module):
         self.window = window
         self.lin = nn.Linear(window * d_model, d_model, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         padded = F.pad(x, (0, 0, self.window - 1, 0))
         return self.lin(padded.unfold(1, self.window, 1).transpose(2, 3).flatten(2))
 
@@ -93,14 +93,7 @@ class AuthorsDMM(nn.Module):
         if self.embed_timestep is not None:
             nn.init.normal_(self.embed_timestep.weight, std=0.02)  # as PolicyNetwork's
 
-    def forward(
-        self,
-        rtg: torch.Tensor,
-        states: torch.Tensor,
-        actions: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        timesteps: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, rtg: Tensor, states: Tensor, actions: Tensor, mask=None, timesteps=None) -> Tensor:
         """The interface of :meth:`PolicyNetwork.forward` (``timesteps`` only with ``timestep_embedding``)."""
         b, T = states.shape[:2]
         stacked = torch.stack(
@@ -118,14 +111,8 @@ class AuthorsDMM(nn.Module):
         return torch.tanh(self.predict_action(h[:, 1::TOKENS_PER_STEP]))
 
     def forward_carried(
-        self,
-        rtg: torch.Tensor,
-        states: torch.Tensor,
-        actions: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        timesteps: torch.Tensor | None = None,
-        carry: list | None = None,
-    ) -> tuple[torch.Tensor, list]:
+        self, rtg, states, actions, mask=None, timesteps=None, carry=None
+    ) -> tuple[Tensor, list]:
         """What the trainer's update step calls: the authors' class trains on independent windows
         only, so there is no state to continue from or to carry on."""
         if carry is not None:

@@ -13,7 +13,7 @@ tokens, timestep embedding, head, padding, training and serving with DMM.
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from dmm.model.block import BlockState, DMMBlock
 from dmm.model.config import DMMConfig
@@ -51,9 +51,7 @@ class PolicyNetwork(nn.Module):
             if isinstance(module, ModifiedMamba):
                 module.scan_backend = backend
 
-    def _tokens(
-        self, rtg: torch.Tensor, states: torch.Tensor, actions: torch.Tensor, timesteps: torch.Tensor | None
-    ) -> torch.Tensor:
+    def _tokens(self, rtg: Tensor, states: Tensor, actions: Tensor, timesteps: Tensor | None) -> Tensor:
         """Interleave (rtg_t, s_t, a_t) embeddings: [b, T, *] -> [b, 3T, d]."""
         b, T = states.shape[:2]
         stacked = torch.stack(
@@ -63,32 +61,32 @@ class PolicyNetwork(nn.Module):
             stacked = stacked + self._timestep_embedding(timesteps).unsqueeze(2)
         return self.embed_drop(self.embed_ln(stacked.reshape(b, TOKENS_PER_STEP * T, -1)))
 
-    def _timestep_embedding(self, timesteps: torch.Tensor | None) -> torch.Tensor:
+    def _timestep_embedding(self, timesteps: Tensor | None) -> Tensor:
         """Embeddings of episode steps (call only when ``embed_timestep`` exists)."""
         if timesteps is None:
             raise ValueError("this policy embeds the episode timestep: pass the timestep of every step")
         return self.embed_timestep(timesteps.clamp(0, self.config.max_ep_len - 1))
 
     def _blocks(
-        self, x: torch.Tensor, mask: torch.Tensor | None, state: list[BlockState] | None
-    ) -> tuple[torch.Tensor, list[BlockState | None]]:
+        self, x: Tensor, mask: Tensor | None, state: list[BlockState] | None
+    ) -> tuple[Tensor, list[BlockState | None]]:
         new_state = []
         for i, block in enumerate(self.blocks):
             x, s = block(x, mask, None if state is None else state[i])
             new_state.append(s)
         return x, new_state
 
-    def _action(self, h: torch.Tensor) -> torch.Tensor:
+    def _action(self, h: Tensor) -> Tensor:
         return torch.tanh(self.head(self.ln_f(h)))
 
     def forward(
         self,
-        rtg: torch.Tensor,
-        states: torch.Tensor,
-        actions: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        timesteps: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        rtg: Tensor,
+        states: Tensor,
+        actions: Tensor,
+        mask: Tensor | None = None,
+        timesteps: Tensor | None = None,
+    ) -> Tensor:
         """Predict a_t for every step of a (left-padded) window.
 
         rtg [b, T, 1] (scaled), states [b, T, S] (normalized), actions [b, T, A], mask [b, T] with
@@ -99,13 +97,13 @@ class PolicyNetwork(nn.Module):
 
     def forward_carried(
         self,
-        rtg: torch.Tensor,
-        states: torch.Tensor,
-        actions: torch.Tensor,
-        mask: torch.Tensor | None,
-        timesteps: torch.Tensor | None,
+        rtg: Tensor,
+        states: Tensor,
+        actions: Tensor,
+        mask: Tensor | None,
+        timesteps: Tensor | None,
         state: list[BlockState] | None,
-    ) -> tuple[torch.Tensor, list[BlockState | None]]:
+    ) -> tuple[Tensor, list[BlockState | None]]:
         """:meth:`forward` over a chunk that continues a sequence: ``state`` is the recurrent state
         after the steps before it (None: the chunk starts the sequence) and the state after the chunk
         is returned with the actions, so a long sequence runs chunk by chunk with the same result as in
@@ -117,12 +115,7 @@ class PolicyNetwork(nn.Module):
         return self._action(h[:, 1::TOKENS_PER_STEP]), new_state
 
     def state_before_last_action(
-        self,
-        rtg: torch.Tensor,
-        states: torch.Tensor,
-        actions: torch.Tensor,
-        mask: torch.Tensor | None,
-        timesteps: torch.Tensor | None,
+        self, rtg: Tensor, states: Tensor, actions: Tensor, mask: Tensor | None, timesteps: Tensor | None
     ) -> list[BlockState | None]:
         """The recurrent state :meth:`step` leaves after a (left-padded) sequence's last step: every
         token read from the initial state but the last action, which the next step feeds first. What
@@ -152,12 +145,12 @@ class PolicyNetwork(nn.Module):
     def step(
         self,
         state: list[BlockState],
-        rtg: torch.Tensor,
-        obs: torch.Tensor,
-        prev_action: torch.Tensor,
-        has_prev: torch.Tensor,
-        timesteps: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, list[BlockState]]:
+        rtg: Tensor,
+        obs: Tensor,
+        prev_action: Tensor,
+        has_prev: Tensor,
+        timesteps: Tensor | None = None,
+    ) -> tuple[Tensor, list[BlockState]]:
         """One recurrent step for a batch of sequences: O(1) in the episode length.
 
         Feeds the tokens (a_{t-1}, rtg_t, s_t); ``has_prev`` [b] is False for sequences at t = 0,
