@@ -115,7 +115,9 @@ def run_all(args: argparse.Namespace, policy: Any, env: str, target: float) -> d
         if key == "sequential":
             returns, lengths = sequential(policy, env, args.episodes, target, args.mode, args.seed)
         else:
-            run = evaluate(policy, args.episodes, target, env, args.mode, args.num_envs, args.seed, False)
+            run = evaluate(
+                policy, args.episodes, target, env, args.mode, args.num_envs, args.seed, progress=False
+            )
             returns, lengths = run.returns, run.lengths
         wall, steps = time.perf_counter() - t0, int(lengths.sum())
         r = {"scan_backend": scan, "wall_seconds": wall, "episodes_per_second": len(returns) / wall}

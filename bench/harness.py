@@ -134,11 +134,9 @@ def machine(device: str = "cpu") -> dict[str, Any]:
         "cpu": cpu_model(),
         "logical_cores": os.cpu_count(),
         "usable_cores": usable_cores(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "device": device,
     }
+    info |= {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    info |= {"python": platform.python_version(), "device": device}
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return info
@@ -182,12 +180,8 @@ def new_figure(
 
 def header(script: str, argv: Sequence[str], device: str = "cpu") -> dict[str, Any]:
     """What every results.json starts with (and :func:`write_report` needs)."""
-    return {
-        "script": script,
-        "machine": machine(device),
-        "date": now_utc(),
-        "command": command_line(f"bench.{script}", argv),
-    }
+    command = command_line(f"bench.{script}", argv)
+    return {"script": script, "machine": machine(device), "date": now_utc(), "command": command}
 
 
 def mean_std(values: Sequence[float]) -> str:
@@ -320,6 +314,13 @@ def forward_stop_signals() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def command_or_worker(argv: Sequence[str] | None, work: Callable[[dict], dict]) -> list[str] | None:
+    """A benchmark's command line (``sys.argv[1:]`` when ``argv`` is None), or None once it was a
+    ``--worker JSON`` call and :func:`serve_worker` ran ``work`` for it."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return None if serve_worker(argv, work) else argv
 
 
 def serve_worker(argv: Sequence[str], work: Callable[[dict[str, Any]], dict[str, Any]]) -> bool:

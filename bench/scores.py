@@ -229,8 +229,7 @@ def figure(models: list[dict[str, Any]], title: str) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if harness.serve_worker(argv, train_and_evaluate):
+    if (argv := harness.command_or_worker(argv, train_and_evaluate)) is None:
         return 0
     args = parse_args(argv)
     if args.study:
@@ -272,13 +271,10 @@ def rtg_sensitivity(model: Any, sampler: Any, seed: int) -> dict[str, float]:
     with torch.inference_mode():
         base = model(rtg, states, actions, mask, ts)[:, -1]
         moved = model(rtg + RTG_SHIFT / sampler.rtg_scale, states, actions, mask, ts)[:, -1]
-    change = (moved - base).abs().mean().item()
-    return {
-        "rtg_shift": RTG_SHIFT,
-        "action_change": change,
-        "action_change_rel": change / float(batch.actions[:, -1].std(axis=0).mean()),
-        "action_mse": float(((base.numpy() - batch.actions[:, -1]) ** 2).mean()),
-    }
+    change, last = (moved - base).abs().mean().item(), batch.actions[:, -1]
+    result = {"rtg_shift": RTG_SHIFT, "action_change": change}
+    result["action_change_rel"] = change / float(last.std(axis=0).mean())
+    return result | {"action_mse": float(((base.numpy() - last) ** 2).mean())}
 
 
 def study_train(spec: dict[str, Any], dataset: Any) -> tuple[Any, Any, Any, list[list[float]], float]:
@@ -323,10 +319,9 @@ def study_run(spec: dict[str, Any]) -> dict[str, Any]:
     dataset = load_dataset(spec["dataset"])
     model, meta, sampler, curve, seconds = study_train(spec, dataset)
     torch.save(model.state_dict(), Path(spec["weights"]))
-    evals = []
+    evals, policy, episodes, num_envs = [], Policy(model, meta), spec["episodes"], spec["num_envs"]
     for target in spec["targets"]:
-        policy = Policy(model, meta)
-        result = evaluate(policy, spec["episodes"], target, None, "window", spec["num_envs"], 10_000, False)
+        result = evaluate(policy, episodes, target, num_envs=num_envs, seed=10_000, progress=False)
         row = result.summary()
         row["fell"] = float(np.mean(result.lengths < dataset.spec.max_episode_steps))
         evals.append({**row, "normalized_per_episode": result.normalized.tolist()})
@@ -378,10 +373,8 @@ def study_table(summary: dict[str, dict[str, Any]], targets: list[float]) -> str
         at_default, fell = s["targets"].get(STUDY_TARGET, []), s["fell"].get(STUDY_TARGET, [])
         row = [VARIANTS[variant].label, ",".join(map(str, s["seeds"]))]
         row += [harness.mean_std(s["targets"].get(t, [])) for t in targets]
-        row += [
-            " / ".join(f"{v:.1f}" for v in at_default) or "-",
-            f"{100 * np.mean(fell):.0f}%" if fell else "-",
-        ]
+        fell_share = f"{100 * np.mean(fell):.0f}%" if fell else "-"
+        row += [" / ".join(f"{v:.1f}" for v in at_default) or "-", fell_share]
         row += [f"{np.mean(s['length'].get(STUDY_TARGET, [np.nan])):.0f}", f"{np.mean(s['loss']):.4f}"]
         rows.append([*row, f"{np.mean(s['sens']):.3f}"])
     headers = ["variant", "seeds", *(f"target {t:g}" for t in targets), f"per seed ({STUDY_TARGET:g})"]

@@ -107,12 +107,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = harness.parser(__doc__, SCRIPT, device=True)
     add = p.add_argument
     add("--variants", nargs="+", choices=tuple(VARIANTS), help=f"default: {' '.join(DEFAULT_VARIANTS)}")
-    add(
-        "--modes",
-        nargs="+",
-        choices=tuple(COMPILE_MODES),
-        help="default: eager compile (+cudagraphs on cuda)",
-    )
+    add("--modes", nargs="+", choices=COMPILE_MODES, help="default: eager compile (+cudagraphs on cuda)")
     add(
         "--backends",
         nargs="+",
@@ -233,8 +228,7 @@ def figure(rows: list[dict[str, Any]], args: argparse.Namespace, cores: int) -> 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if harness.serve_worker(argv, measure):
+    if (argv := harness.command_or_worker(argv, measure)) is None:
         return 0
     args = parse_args(argv)
     rows = run_rows(args)
