@@ -505,14 +505,9 @@ def _run_progress(root: Path) -> dict[str, Any]:
 
 
 def _scores_summary(payload: dict) -> str:
-    parts = []
-    for m in payload["models"]:
-        if m["normalized_mean"] is not None:
-            parts.append(
-                f"{m['label']}: {m['normalized_mean']:.1f} ± {m['normalized_std']:.1f} "
-                f"(paper protocol {m['paper_protocol_mean']:.1f})"
-            )
-    return "; ".join(parts) or "no finished runs"
+    models = [m for m in payload["models"] if m["normalized_mean"] is not None]
+    score = "{label}: {normalized_mean:.1f} ± {normalized_std:.1f} (paper protocol {paper_protocol_mean:.1f})"
+    return "; ".join(score.format(**m) for m in models) or "no finished runs"
 
 
 STEP_FUNCTIONS: dict[str, Callable[[Device, Step], None]] = {
