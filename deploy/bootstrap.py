@@ -40,50 +40,50 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(name, default)
 
 
+FALSE = ("0", "false", "no")  # what turns a switch off
+
+
+def _setting(key: str, default: str) -> str:
+    """``$DMM_BOOTSTRAP_<key>``, else ``default``."""
+    return _env(f"DMM_BOOTSTRAP_{key}", default)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--store", default=_env("DMM_STORE", "/models"), help="model store to fill")
-    parser.add_argument(
+    add = parser.add_argument
+    add("--store", default=_env("DMM_STORE", "/models"), help="model store to fill")
+    add(
         "--pretrained",
         type=Path,
-        default=Path(_env("DMM_BOOTSTRAP_PRETRAINED", str(DEFAULT_PRETRAINED))),
+        default=_setting("PRETRAINED", str(DEFAULT_PRETRAINED)),
         help="store folder of the pre-trained models published into an empty store",
     )
     fallback = parser.add_argument_group("fallback without pre-trained models: collect and train")
-    fallback.add_argument(
+    add = fallback.add_argument
+    add(
         "--name",
-        default=_env("DMM_BOOTSTRAP_NAME", "hopper-medium-sim-v4"),
+        default=_setting("NAME", "hopper-medium-sim-v4"),
         help="model name (a dataset name of --env)",
     )
-    fallback.add_argument(
-        "--env", default=_env("DMM_BOOTSTRAP_ENV", "Hopper-v4"), help="gymnasium env to collect in"
-    )
-    fallback.add_argument(
-        "--policy",
-        type=Path,
-        default=Path(_env("DMM_BOOTSTRAP_POLICY", str(DEFAULT_POLICY))),
-        help="D4RL reference policy (.npz) that collects the dataset",
-    )
-    fallback.add_argument(
-        "--steps", type=int, default=int(_env("DMM_BOOTSTRAP_STEPS", "20000")), help="transitions to collect"
-    )
-    fallback.add_argument(
-        "--updates", type=int, default=int(_env("DMM_BOOTSTRAP_UPDATES", "1000")), help="training updates"
-    )
-    fallback.add_argument(
+    add("--env", default=_setting("ENV", "Hopper-v4"), help="gymnasium env to collect in")
+    policy = _setting("POLICY", str(DEFAULT_POLICY))
+    add("--policy", type=Path, default=policy, help="D4RL reference policy (.npz) that collects the dataset")
+    add("--steps", type=int, default=int(_setting("STEPS", "20000")), help="transitions to collect")
+    add("--updates", type=int, default=int(_setting("UPDATES", "1000")), help="training updates")
+    add(
         "--eval-episodes",
         type=int,
-        default=int(_env("DMM_BOOTSTRAP_EVAL_EPISODES", "2")),
+        default=int(_setting("EVAL_EPISODES", "2")),
         help="evaluation episodes per target return after training (0: none)",
     )
-    fallback.add_argument(
+    add(
         "--compile",
         action=argparse.BooleanOptionalAction,
-        default=_env("DMM_BOOTSTRAP_COMPILE", "1") not in ("0", "false", "no"),
+        default=_setting("COMPILE", "1") not in FALSE,
         help="torch.compile the model for training (pays off from a few hundred updates)",
     )
-    fallback.add_argument("--seed", type=int, default=int(_env("DMM_BOOTSTRAP_SEED", "0")))
-    fallback.add_argument(
+    add("--seed", type=int, default=int(_setting("SEED", "0")))
+    add(
         "--workdir",
         type=Path,
         default=None,

@@ -30,6 +30,14 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(name, default)
 
 
+FALSE = ("0", "false", "no")  # what turns a switch off
+
+
+def _setting(key: str, default: str) -> str:
+    """``$DMM_TRAIN_ONLINE_<key>``, else ``default``."""
+    return _env(f"DMM_TRAIN_ONLINE_{key}", default)
+
+
 def _non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -39,41 +47,35 @@ def _non_negative(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--store", default=_env("DMM_STORE", "/models"), help="model store to publish into")
-    parser.add_argument(
-        "--dataset", default=_env("DMM_TRAIN_ONLINE_DATASET", "hopper-medium-v2"), help="D4RL dataset"
-    )
-    parser.add_argument(
-        "--name", default=_env("DMM_TRAIN_ONLINE_NAME", ""), help="model name (default: the dataset's name)"
-    )
-    parser.add_argument(
+    add = parser.add_argument
+    add("--store", default=_env("DMM_STORE", "/models"), help="model store to publish into")
+    add("--dataset", default=_setting("DATASET", "hopper-medium-v2"), help="D4RL dataset")
+    add("--name", default=_setting("NAME", ""), help="model name (default: the dataset's name)")
+    add(
         "--updates",
         type=_non_negative,
-        default=_env("DMM_TRAIN_ONLINE_UPDATES", "20000"),
+        default=_setting("UPDATES", "20000"),
         help="training updates (0: online training off)",
     )
-    parser.add_argument(
-        "--lr-schedule",
-        choices=("constant", "cosine"),
-        default=_env("DMM_TRAIN_ONLINE_LR_SCHEDULE", "cosine"),
-    )
-    parser.add_argument("--ema-decay", type=float, default=_env("DMM_TRAIN_ONLINE_EMA_DECAY", "0.999"))
-    parser.add_argument("--seed", type=int, default=_env("DMM_TRAIN_ONLINE_SEED", "0"))
-    parser.add_argument(
+    add("--lr-schedule", choices=("constant", "cosine"), default=_setting("LR_SCHEDULE", "cosine"))
+    add("--ema-decay", type=float, default=_setting("EMA_DECAY", "0.999"))
+    add("--seed", type=int, default=_setting("SEED", "0"))
+    add(
         "--eval-episodes",
         type=_non_negative,
-        default=_env("DMM_TRAIN_ONLINE_EVAL_EPISODES", "5"),
+        default=_setting("EVAL_EPISODES", "5"),
         help="evaluation episodes per target return at the end (0: none)",
     )
-    parser.add_argument(
+    compile_on = _setting("COMPILE", "1") not in FALSE
+    add(
         "--compile",
         action=argparse.BooleanOptionalAction,
-        default=_env("DMM_TRAIN_ONLINE_COMPILE", "1") not in ("0", "false", "no"),
+        default=compile_on,
         help="torch.compile the model for training",
     )
-    parser.add_argument(
+    add(
         "--log",
-        default=_env("DMM_TRAIN_ONLINE_LOG", "the output of train_online.py"),
+        default=_setting("LOG", "the output of train_online.py"),
         help="where the training's progress can be seen, recorded in the store's training marker",
     )
     return parser
