@@ -3,29 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from dmm.cli_common import add_scan_backend_option
 from dmm.server.logs import FORMATS, LEVELS
 from dmm.server.options import CPU_MAX_BATCH, GPU_MAX_BATCH, ServeOptions, default
 
+SERVE = """Serve the policies of a model store over gRPC (dmm.v1.PolicyService), with health, reflection \
+and Prometheus metrics. New versions in the store serve new sessions without a restart."""
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this application's subcommands to ``dmm``."""
-    p = subparsers.add_parser(
-        "serve",
-        help="serve policies from a model store over gRPC",
-        description="Serve the policies of a model store over gRPC (dmm.v1.PolicyService), with health, "
-        "reflection and Prometheus metrics. New versions in the store serve new sessions without a restart.",
-    )
-    _add_store_options(p)
-    _add_network_options(p)
-    _add_model_options(p)
-    add_scan_backend_option(p)
-    _add_session_options(p)
-    _add_security_options(p)
-    _add_log_options(p)
+    p = subparsers.add_parser("serve", help="serve policies from a model store over gRPC", description=SERVE)
+    store_and_models = (_add_store_options, _add_network_options, _add_model_options, add_scan_backend_option)
+    for add_options in (*store_and_models, _add_session_options, _add_security_options, _add_log_options):
+        add_options(p)
     p.set_defaults(handler=_serve)
+
+
+def _option(g: argparse._ArgumentGroup, flag: str, field: str, text: str, **kw) -> None:
+    """Add ``flag`` with the ``ServeOptions`` default of ``field``, shown at the end of its help ``text``."""
+    g.add_argument(flag, default=default(field), help=f"{text} (default: %(default)s)", **kw)
 
 
 def _add_store_options(p: argparse.ArgumentParser) -> None:
@@ -55,59 +55,28 @@ def _add_store_options(p: argparse.ArgumentParser) -> None:
 def _add_network_options(p: argparse.ArgumentParser) -> None:
     """Where the server listens and how many processes share the port."""
     g = p.add_argument_group("network")
-    g.add_argument("--host", default=default("host"), help="address to listen on (default: %(default)s)")
-    g.add_argument(
-        "--port",
-        type=int,
-        default=default("port"),
-        help="gRPC port; 0 picks a free one (default: %(default)s)",
-    )
-    g.add_argument(
-        "--metrics-port",
-        type=int,
-        default=default("metrics_port"),
-        help="Prometheus /metrics port (default: %(default)s)",
-    )
-    g.add_argument(
-        "--workers",
-        type=int,
-        default=default("workers"),
-        help="server processes sharing the gRPC port (SO_REUSEPORT, which balances per connection), each "
-        "with its own copy of the models; /metrics adds them up (default: %(default)s)",
+    _option(g, "--host", "host", "address to listen on")
+    _option(g, "--port", "port", "gRPC port; 0 picks a free one", type=int)
+    _option(g, "--metrics-port", "metrics_port", "Prometheus /metrics port", type=int)
+    text = "server processes sharing the gRPC port (SO_REUSEPORT, which balances per connection), each "
+    _option(
+        g, "--workers", "workers", text + "with its own copy of the models; /metrics adds them up", type=int
     )
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     """Where and how the models run."""
     g = p.add_argument_group("inference")
-    g.add_argument(
-        "--device",
-        default=default("device"),
-        help="auto (the GPU when there is one), cpu, cuda or cuda:N (default: %(default)s)",
-    )
-    g.add_argument(
-        "--mode",
-        choices=("window", "recurrent"),
-        default=default("mode"),
-        help="inference mode of sessions that do not ask for one (default: %(default)s)",
-    )
+    _option(g, "--device", "device", "auto (the GPU when there is one), cpu, cuda or cuda:N")
+    text = "inference mode of sessions that do not ask for one"
+    _option(g, "--mode", "mode", text, choices=("window", "recurrent"))
 
 
 def _add_session_options(p: argparse.ArgumentParser) -> None:
     """How many sessions are kept, and how their steps are batched."""
     g = p.add_argument_group("sessions and batching")
-    g.add_argument(
-        "--max-sessions",
-        type=int,
-        default=default("max_sessions"),
-        help="open sessions at most (default: %(default)s)",
-    )
-    g.add_argument(
-        "--idle-timeout",
-        type=float,
-        default=default("idle_timeout_s"),
-        help="seconds before an idle session is evicted (default: %(default)s)",
-    )
+    _option(g, "--max-sessions", "max_sessions", "open sessions at most", type=int)
+    _option(g, "--idle-timeout", "idle_timeout_s", "seconds before an idle session is evicted", type=float)
     g.add_argument(
         "--max-batch",
         type=int,
@@ -122,19 +91,9 @@ def _add_session_options(p: argparse.ArgumentParser) -> None:
         help="longest wait for a batch to fill, in ms (default: %(default)s; a batch that holds a step "
         "of every session runs at once)",
     )
-    g.add_argument(
-        "--max-message-bytes",
-        type=int,
-        default=default("max_message_bytes"),
-        help="largest request message in bytes: larger ones are RESOURCE_EXHAUSTED, and gRPC drops those "
-        "over 4x before reading them (default: %(default)s)",
-    )
-    g.add_argument(
-        "--grace",
-        type=float,
-        default=default("grace_s"),
-        help="seconds sessions get to finish on SIGTERM (default: %(default)s)",
-    )
+    text = "largest request message in bytes: larger ones are RESOURCE_EXHAUSTED, and gRPC drops those "
+    _option(g, "--max-message-bytes", "max_message_bytes", text + "over 4x before reading them", type=int)
+    _option(g, "--grace", "grace_s", "seconds sessions get to finish on SIGTERM", type=float)
 
 
 def _add_security_options(p: argparse.ArgumentParser) -> None:
@@ -158,39 +117,14 @@ def _add_log_options(p: argparse.ArgumentParser) -> None:
     """What the server logs, and in which format."""
     g = p.add_argument_group("logging")
     g.add_argument("--log-level", default=default("log_level"), choices=LEVELS, help="default: %(default)s")
-    g.add_argument(
-        "--log-format",
-        default=default("log_format"),
-        choices=FORMATS,
-        help="stderr log lines (default: %(default)s)",
-    )
+    _option(g, "--log-format", "log_format", "stderr log lines", choices=FORMATS)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    options = ServeOptions(
-        store=args.store,
-        store_refresh_s=args.store_refresh_s,
-        host=args.host,
-        port=args.port,
-        metrics_port=args.metrics_port,
-        device=args.device,
-        mode=args.mode,
-        max_sessions=args.max_sessions,
-        idle_timeout_s=args.idle_timeout,
-        max_batch=args.max_batch,
-        max_delay_ms=args.max_delay_ms,
-        max_message_bytes=args.max_message_bytes,
-        grace_s=args.grace,
-        scan_backend=args.scan_backend,
-        log_level=args.log_level,
-        log_format=args.log_format,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        tls_client_ca=args.tls_client_ca,
-        auth_token_file=args.auth_token_file,
-        routes=tuple(args.routes),
-        workers=args.workers,
-    )
+    # every ServeOptions field is the flag of the same name, but these three
+    renamed = {"idle_timeout_s": args.idle_timeout, "grace_s": args.grace, "routes": tuple(args.routes)}
+    same = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServeOptions) if f.name not in renamed}
+    options = ServeOptions(**same, **renamed)
     if options.workers > 1:
         from dmm.server.workers import supervise  # imports no torch: the workers do
 

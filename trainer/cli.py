@@ -18,15 +18,14 @@ from dmm.cli_common import (
 )
 from dmm.errors import ConfigError
 
+COLLECT = "roll out a behaviour policy and write a D4RL-layout hdf5 or a Minari dataset"
+COLLECT_DESCRIPTION = """Roll out a D4RL reference SAC policy (npz) in gymnasium and write exactly --steps \
+transitions in D4RL's hdf5 layout or as a Minari dataset."""
+
 
 def _register_collect(subparsers: argparse._SubParsersAction) -> None:
     """Add ``dmm collect``."""
-    parser = subparsers.add_parser(
-        "collect",
-        help="roll out a behaviour policy and write a D4RL-layout hdf5 or a Minari dataset",
-        description="Roll out a D4RL reference SAC policy (npz) in gymnasium and write exactly --steps "
-        "transitions in D4RL's hdf5 layout or as a Minari dataset.",
-    )
+    parser = subparsers.add_parser("collect", help=COLLECT, description=COLLECT_DESCRIPTION)
     parser.add_argument("--env", help="gymnasium id (Hopper-v4) or dataset name (hopper-medium-v2)")
     parser.add_argument(
         "--policy",
@@ -103,17 +102,10 @@ def _collect(args: argparse.Namespace) -> int:
     if missing:
         raise ConfigError(f"the following arguments are required: {', '.join(missing)} (or --recipe NAME)")
 
-    path = collect(
-        env=args.env,
-        policy_path=args.policy,
-        steps=args.steps,
-        out=args.out,
-        seed=args.seed,
-        num_envs=args.num_envs,
-        deterministic=args.deterministic,
-        data_format=args.data_format,
-        progress=not args.no_progress,
-    )
+    options = {
+        k: getattr(args, k) for k in ("steps", "out", "seed", "num_envs", "deterministic", "data_format")
+    }
+    path = collect(env=args.env, policy_path=args.policy, progress=not args.no_progress, **options)
     print(f"wrote {args.steps} transitions to {path}")
     if args.data_format == "minari":
         print(f"train on it with --dataset {MINARI_PREFIX}{args.out.removeprefix(MINARI_PREFIX)}")
@@ -127,13 +119,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_eval(subparsers)
 
 
+TRAIN = "train a policy on a D4RL-style dataset and publish it to the store"
+TRAIN_DESCRIPTION = """Train Decision MetaMamba with the paper's settings (overridable), evaluate it, and \
+publish a new version to the model store."""
+
+
 def _register_train(subparsers: argparse._SubParsersAction) -> None:
-    train = subparsers.add_parser(
-        "train",
-        help="train a policy on a D4RL-style dataset and publish it to the store",
-        description="Train Decision MetaMamba with the paper's settings (overridable), evaluate it, "
-        "and publish a new version to the model store.",
-    )
+    train = subparsers.add_parser("train", help=TRAIN, description=TRAIN_DESCRIPTION)
     train.add_argument(
         "--dataset",
         help="D4RL name (hopper-medium-v2), a .hdf5/.pkl path or minari:<dataset id> (required)",
@@ -144,12 +136,9 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--seed", type=int)
     train.add_argument("--config", type=Path, help="YAML with TrainConfig fields, over the paper's defaults")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _add_architecture_options(train)
-    _add_optimization_options(train)
-    _add_evaluation_options(train)
-    _add_hardware_options(train)
-    add_scan_backend_option(train)
-    _add_run_dir_options(train)
+    groups = (_add_architecture_options, _add_optimization_options, _add_evaluation_options)
+    for add_options in (*groups, _add_hardware_options, add_scan_backend_option, _add_run_dir_options):
+        add_options(train)
     train.set_defaults(handler=run_train)
 
 
@@ -179,11 +168,9 @@ def _add_architecture_options(train: argparse.ArgumentParser) -> None:
 def _add_optimization_options(train: argparse.ArgumentParser) -> None:
     """The learning-rate schedule and the weight average that is served."""
     g = train.add_argument_group("optimization")
-    g.add_argument(
-        "--lr-schedule",
-        choices=["constant", "cosine"],
-        help="after the warm-up: constant (the paper's) or a half cosine to 0 at the last update",
-    )
+    schedules = ["constant", "cosine"]
+    text = "after the warm-up: constant (the paper's) or a half cosine to 0 at the last update"
+    g.add_argument("--lr-schedule", choices=schedules, help=text)
     g.add_argument(
         "--ema-decay",
         type=float,
