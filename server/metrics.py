@@ -45,20 +45,17 @@ class ServerMetrics:
 
     def _add_step_metrics(self, r: CollectorRegistry) -> None:
         """Latency, actions and batching of steps, and how late the event loop runs."""
-        self.act_latency = Histogram(
-            "dmm_act_latency_seconds",
-            "Time from a step message's arrival to its reply being written.",
-            ("model", "mode"),
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+
+        def latency(name: str, text: str, labels: tuple[str, ...] = ("model", "mode")) -> Histogram:
+            return Histogram(name, text, labels, buckets=LATENCY_BUCKETS, registry=r)
+
+        self.act_latency = latency(
+            "dmm_act_latency_seconds", "Time from a step message's arrival to its reply being written."
         )
-        self.act_vector_latency = Histogram(
+        self.act_vector_latency = latency(
             "dmm_act_vector_latency_seconds",
             "Time from an ActVector step message's arrival to its reply (all its episodes' actions) being "
             "written.",
-            ("model", "mode"),
-            buckets=LATENCY_BUCKETS,
-            registry=r,
         )
         self.actions = Counter(
             "dmm_actions",
@@ -66,13 +63,8 @@ class ServerMetrics:
             ("model", "mode"),
             registry=r,
         )
-        self.queue_wait = Histogram(
-            "dmm_queue_wait_seconds",
-            "Time a step waits in the batcher before its forward starts.",
-            ("model",),
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
+        text = "Time a step waits in the batcher before its forward starts."
+        self.queue_wait = latency("dmm_queue_wait_seconds", text, ("model",))
         self.batch_size = Histogram(
             "dmm_batch_size", "Steps per batched forward.", ("model",), buckets=BATCH_BUCKETS, registry=r
         )
