@@ -72,18 +72,13 @@ def time_backends(args: argparse.Namespace, shape: str, direction: str) -> list[
             run()
             if rep >= args.warmup:
                 seconds[backend].append(time.perf_counter() - start)
-    ref = median(seconds[args.backends[0]])
-    elements = batch * tokens * args.d_inner * args.d_state
-    return [
-        {
-            **{"shape": shape, "batch": batch, "tokens": tokens, "direction": direction, "backend": b},
-            "median_ms": median(times) * 1e3,
-            "min_ms": min(times) * 1e3,
-            "x_reference": ref / median(times),
-            "ns_per_state_element": median(times) * 1e9 / elements,
-        }
-        for b, times in seconds.items()
-    ]
+    ref, elements, rows = median(seconds[args.backends[0]]), batch * tokens * args.d_inner * args.d_state, []
+    for backend, times in seconds.items():
+        t = median(times)
+        row = {"shape": shape, "batch": batch, "tokens": tokens, "direction": direction, "backend": backend}
+        row |= {"median_ms": t * 1e3, "min_ms": min(times) * 1e3, "x_reference": ref / t}
+        rows.append(row | {"ns_per_state_element": t * 1e9 / elements})
+    return rows
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
