@@ -32,69 +32,62 @@ class Variant:
 
 
 COSINE_EMA = {"lr_schedule": "cosine", "ema_decay": 0.999}
-VARIANTS: dict[str, Variant] = {
-    v.key: v
-    for v in (
-        Variant("dmm", "DMM (K=8)"),
-        Variant("dt", "DT (K=20)", "dt"),
-        Variant("dt-k8", "DT (K=8)", "dt", {"context": 8}),
-        Variant("conv-local", "DMM, conv local mixer (ablation)", model={"local_mixer": "conv"}),
-        Variant(
-            "attention-global", "DMM, attention global mixer (ablation)", model={"global_mixer": "attention"}
-        ),
-        Variant("dmm-k20", "DMM (K=20)", model={"context": 20}),
-        # DT's usual width gives it three times DMM's parameters (726k against 236k on hopper):
-        # each model at the other's width, for a comparison at equal size.
-        Variant("dmm-d128", "DMM (K=8), d=128 as DT", model={"d_model": 128}),
-        Variant("dt-d64", "DT (K=20), d=64 as DMM", "dt", {"d_model": 64}),
-        # Against a final checkpoint that swings from one evaluation to the next (issue: stable finals)
-        Variant("dmm-cosine", "DMM, cosine learning rate", train={"lr_schedule": "cosine"}),
-        Variant("dmm-ema", "DMM, weight average (EMA 0.999)", train={"ema_decay": 0.999}),
-        Variant("dmm-cosine-ema", "DMM, cosine learning rate + EMA 0.999", train=COSINE_EMA),
-        # Against a recurrent mode that trails the window (issue: recurrent as good as the window)
-        Variant(
-            "dmm-cosine-ema-rows",
-            "DMM, cosine + EMA 0.999, half the rows walk whole episodes",
-            train={**COSINE_EMA, "episode_fraction": 0.5},
-        ),
-        Variant("dt-cosine-ema", "DT (K=20), cosine learning rate + EMA 0.999", "dt", train=COSINE_EMA),
-        Variant(
-            "dmm-stream",
-            "DMM, residual stream, no timestep embedding",
-            model={"residual": "stream", "timestep_embedding": False},
-        ),
-        Variant(
-            "dmm-timestep",
-            "DMM (eq. 3 residual) + timestep embedding",
-            model={"residual": "normalized", "timestep_embedding": True},
-        ),
-        Variant(
-            "dmm-stream-timestep",
-            "DMM, residual stream + timestep embedding",
-            model={"residual": "stream", "timestep_embedding": True},
-        ),
-        Variant(
-            "dt-no-timestep", "DT (K=20) without timestep embedding", "dt", {"timestep_embedding": False}
-        ),
-        Variant(
-            "dmm-paper",
-            "DMM as printed (eq. 3 residual, no timestep embedding)",
-            model={"residual": "normalized", "timestep_embedding": False},
-        ),
-        Variant(
-            "authors",
-            "the authors' DMM class (bench/authors_dmm.py)",
-            "authors",
-            {"timestep_embedding": False},
-        ),
-        Variant(
-            "authors-timestep",
-            "the authors' DMM class + timestep embedding",
-            "authors",
-            {"timestep_embedding": True},
-        ),
-    )
-}
+_VARIANTS = (
+    Variant("dmm", "DMM (K=8)"),
+    Variant("dt", "DT (K=20)", "dt"),
+    Variant("dt-k8", "DT (K=8)", "dt", {"context": 8}),
+    Variant("conv-local", "DMM, conv local mixer (ablation)", model={"local_mixer": "conv"}),
+    Variant(
+        "attention-global", "DMM, attention global mixer (ablation)", model={"global_mixer": "attention"}
+    ),
+    Variant("dmm-k20", "DMM (K=20)", model={"context": 20}),
+    # DT's usual width gives it three times DMM's parameters (726k against 236k on hopper):
+    # each model at the other's width, for a comparison at equal size.
+    Variant("dmm-d128", "DMM (K=8), d=128 as DT", model={"d_model": 128}),
+    Variant("dt-d64", "DT (K=20), d=64 as DMM", "dt", {"d_model": 64}),
+    # Against a final checkpoint that swings from one evaluation to the next (issue: stable finals)
+    Variant("dmm-cosine", "DMM, cosine learning rate", train={"lr_schedule": "cosine"}),
+    Variant("dmm-ema", "DMM, weight average (EMA 0.999)", train={"ema_decay": 0.999}),
+    Variant("dmm-cosine-ema", "DMM, cosine learning rate + EMA 0.999", train=COSINE_EMA),
+    # Against a recurrent mode that trails the window (issue: recurrent as good as the window)
+    Variant(
+        "dmm-cosine-ema-rows",
+        "DMM, cosine + EMA 0.999, half the rows walk whole episodes",
+        train={**COSINE_EMA, "episode_fraction": 0.5},
+    ),
+    Variant("dt-cosine-ema", "DT (K=20), cosine learning rate + EMA 0.999", "dt", train=COSINE_EMA),
+    Variant(
+        "dmm-stream",
+        "DMM, residual stream, no timestep embedding",
+        model={"residual": "stream", "timestep_embedding": False},
+    ),
+    Variant(
+        "dmm-timestep",
+        "DMM (eq. 3 residual) + timestep embedding",
+        model={"residual": "normalized", "timestep_embedding": True},
+    ),
+    Variant(
+        "dmm-stream-timestep",
+        "DMM, residual stream + timestep embedding",
+        model={"residual": "stream", "timestep_embedding": True},
+    ),
+    Variant("dt-no-timestep", "DT (K=20) without timestep embedding", "dt", {"timestep_embedding": False}),
+    Variant(
+        "dmm-paper",
+        "DMM as printed (eq. 3 residual, no timestep embedding)",
+        model={"residual": "normalized", "timestep_embedding": False},
+    ),
+    Variant(
+        "authors", "the authors' DMM class (bench/authors_dmm.py)", "authors", {"timestep_embedding": False}
+    ),
+    Variant(
+        "authors-timestep",
+        "the authors' DMM class + timestep embedding",
+        "authors",
+        {"timestep_embedding": True},
+    ),
+)
+VARIANTS: dict[str, Variant] = {v.key: v for v in _VARIANTS}
 ABLATIONS = ("conv-local", "attention-global")
 
 
