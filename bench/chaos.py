@@ -68,6 +68,7 @@ SETTINGS = (
     "max_batch",
     "failover_backoff",
     "max_reconnect_backoff_ms",
+    "restart_delay",
     "resume_after",
     "rounds",
 )
@@ -180,10 +181,11 @@ class _Fleet:
         self.servers[i] = self._start(["--port", str(self.servers[i].port)])
         return time.monotonic() - t0
 
-    def kill(self, i: int) -> dict[str, Any]:
-        """SIGKILL server ``i`` and restart it."""
+    def kill(self, i: int, restart_delay: float = 0.0) -> dict[str, Any]:
+        """SIGKILL server ``i`` and restart it, ``restart_delay`` seconds later."""
         self.servers[i].kill()
-        return {"server": i, "signal": "SIGKILL", "restart_s": self._restart(i)}
+        time.sleep(restart_delay)
+        return {"server": i, "signal": "SIGKILL", "restart_s": restart_delay + self._restart(i)}
 
     def drain(self, i: int, grace_s: float) -> dict[str, Any]:
         """SIGTERM server ``i``, wait until its drain ends, and restart it."""
@@ -211,7 +213,7 @@ def _kills(fleet: _Fleet, args: argparse.Namespace, started: float) -> list[dict
     while next_at < started + args.duration:
         time.sleep(max(0.0, next_at - time.monotonic()))
         at = time.monotonic() - started
-        events.append({"at_s": at, **fleet.kill(len(events) % len(fleet.servers))})
+        events.append({"at_s": at, **fleet.kill(len(events) % len(fleet.servers), args.restart_delay)})
         print(f"{at:6.1f} s: killed and restarted server {events[-1]['server']}", file=sys.stderr, flush=True)
         next_at = max(next_at + args.kill_every, time.monotonic())
     time.sleep(max(0.0, started + args.duration - time.monotonic()))
@@ -427,6 +429,8 @@ def _report(
     columns += ("resume_p50_ms", "resume_p99_ms", "resume_max_ms", "compared", "equal_to_reference")
     cells = [_cell(summary[k]) for k in columns]
     schedule = "rolling restart (SIGTERM)" if args.rolling else f"SIGKILL every {args.kill_every:g} s"
+    if args.restart_delay and not args.rolling:
+        schedule += f", restart {args.restart_delay:g} s later"
     table = markdown_table(["schedule", *columns], [[schedule, *cells]])
     fig, axes = new_figure()
     resumes = [t * 1e3 for r in run["records"] for t in r.get("resume_s", [])]
@@ -487,6 +491,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--kill-every", type=float, help="seconds between kills (default 20; 4 --quick)")
     p.add_argument("--rolling", action="store_true", help="drain (SIGTERM) each server once in turn instead")
     p.add_argument("--grace", type=float, default=10.0, help="the servers' --grace (default 10)")
+    p.add_argument(
+        "--restart-delay",
+        type=float,
+        default=0.0,
+        help="seconds between a SIGKILL and the restart (default 0): a restart elsewhere (another node) "
+        "does not take the CPU from the resumes",
+    )
     p.add_argument("--mode", choices=("window", "recurrent"), default="window", help="default window")
     p.add_argument("--env", default=DEFAULT_ENV, help=f"episodes' env (default {DEFAULT_ENV})")
     p.add_argument("--seed", type=int, default=0, help="episode i resets with seed + i (default 0)")
@@ -521,7 +532,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "resume_after",
         "rounds",
     )
-    args = parse(p, argv, defaults, positive=positive, non_negative=("failover_backoff", "grace"))
+    non_negative = ("failover_backoff", "grace", "restart_delay")
+    args = parse(p, argv, defaults, positive=positive, non_negative=non_negative)
     if args.servers < 2:
         p.error("--servers must be at least 2: a killed server's episodes need another to go to")
     if not (args.duration > 0 and args.kill_every > 0):
