@@ -299,11 +299,8 @@ def forward_stop_signals() -> Iterator[None]:
     def stop(signum: int, _frame: Any) -> None:
         with _live_workers_lock:
             workers = list(_live_workers)
-        print(
-            f"{signal.Signals(signum).name}: stopping {len(workers)} worker(s), each saves its state first",
-            file=sys.stderr,
-            flush=True,
-        )
+        what = f"stopping {len(workers)} worker(s), each saves its state first"
+        print(f"{signal.Signals(signum).name}: {what}", file=sys.stderr, flush=True)
         for proc in workers:
             proc.terminate()
         raise SystemExit(128 + signum)

@@ -128,16 +128,11 @@ def add_flags(p: argparse.ArgumentParser) -> None:
 def defaults(args: argparse.Namespace) -> dict[str, tuple[Any, Any]]:
     """(full, --quick) defaults, the study's where they differ."""
     s = args.study
-    return {
-        "out": (harness.default_out(STUDY_RESULTS if s else SCRIPT),) * 2,
-        "variants": (list(DEFAULT_VARIANTS),) * 2,
-        "updates": (10_000 if s else 100_000, 20),
-        "seeds": ([0, 1] if s else [0, 1, 2], [0]),
-        "episodes": (50 if s else 100, 2),
-        "eval_every": (10_000, 10),
-        "threads": (1 if s else None, 1),
-        "compile": (True, False),
-    } | ({"targets": ([1800.0, 3600.0, 7200.0], [3600.0])} if s else {})
+    both = {"out": harness.default_out(STUDY_RESULTS if s else SCRIPT), "variants": list(DEFAULT_VARIANTS)}
+    defaults = {k: (v, v) for k, v in both.items()} | {"eval_every": (10_000, 10), "compile": (True, False)}
+    defaults |= {"updates": (10_000 if s else 100_000, 20), "seeds": ([0, 1] if s else [0, 1, 2], [0])}
+    defaults |= {"episodes": (50 if s else 100, 2), "threads": (1 if s else None, 1)}
+    return defaults | ({"targets": ([1800.0, 3600.0, 7200.0], [3600.0])} if s else {})
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
