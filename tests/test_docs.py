@@ -110,11 +110,20 @@ def test_quickstart_script_parses_and_runs_what_the_readme_says() -> None:
         "dmm collect ",
         "--steps 100000",
         "dmm train ",
-        "--updates 2000",
+        "--updates 4000",
+        "--config scripts/quickstart.yaml",
         "--mode window",
         "--mode recurrent",
     ):
         assert needle in commands, needle
+
+
+def test_quickstart_config_loads_over_the_paper_settings() -> None:
+    from dmm.trainer.config import load_train_config
+
+    cfg = load_train_config("hopper-medium-sim-v4", REPO / "scripts" / "quickstart.yaml")
+    assert (cfg.learning_rate, cfg.lr_schedule) == (1e-3, "cosine")
+    assert cfg.model == load_train_config("hopper-medium-sim-v4").model
 
 
 def test_readme_test_command_is_what_ci_runs() -> None:
