@@ -135,7 +135,9 @@ def publish_pretrained(checkpoints: Sequence[Checkpoint], target: Store) -> None
         extra = {f: ckpt.path / f for f in read_checksums(ckpt.path) if f not in RESERVED_FILES}
         version = target.publish(ckpt.name, ckpt.tensors, ckpt.config, ckpt.metrics, extra or None)
         print(f"bootstrap: published the pre-trained {ckpt.name} version {ckpt.version} as version {version}")
-    _print_rollout(str(target.root), sorted({ckpt.name for ckpt in checkpoints}))
+    # The shipped models are trained on whole episodes (--episode-fraction): recurrent mode, O(1) per
+    # action, plays them as well as the window (deploy/pretrained/README.md).
+    _print_rollout(str(target.root), sorted({ckpt.name for ckpt in checkpoints}), "recurrent")
 
 
 def collect_and_train(args: argparse.Namespace) -> int:
@@ -171,10 +173,12 @@ def collect_and_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_rollout(store: str, names: Sequence[str]) -> None:
+def _print_rollout(store: str, names: Sequence[str], mode: str | None = None) -> None:
+    """The rollout to try; ``mode`` where the model plays best in that one (else the server's)."""
+    flag, kwarg = (f" --mode {mode}", f', mode="{mode}"') if mode else ("", "")
     print(f"bootstrap: store {store} now serves {', '.join(names)}; try it with")
-    print(f"  dmm rollout --target localhost:50051 --env {names[0]}")
-    print(f'  or in Python: PolicyClient("localhost:50051").rollout(env="{names[0]}")')
+    print(f"  dmm rollout --target localhost:50051 --env {names[0]}{flag}")
+    print(f'  or in Python: PolicyClient("localhost:50051").rollout(env="{names[0]}"{kwarg})')
 
 
 def _refusal(args: argparse.Namespace) -> str | None:

@@ -101,7 +101,8 @@ def test_bootstrap_publishes_every_pretrained_version_into_an_empty_store(
     assert read_checksums(extra.parent)["learning_curve.png"] == hashlib.sha256(CURVE).hexdigest()
     out = capsys.readouterr().out
     assert f"published the pre-trained {SIM} version 2 as version 2" in out
-    assert "dmm rollout --target localhost:50051 --env hopper-expert-sim-v4" in out
+    assert "dmm rollout --target localhost:50051 --env hopper-expert-sim-v4 --mode recurrent" in out
+    assert 'rollout(env="hopper-expert-sim-v4", mode="recurrent")' in out
 
 
 def test_bootstrap_leaves_a_store_with_a_model_alone(
