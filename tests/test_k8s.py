@@ -255,8 +255,15 @@ def flags(args: list[str]) -> dict[str, str]:
 
 
 def serve_flags_of_the_cli() -> set[str]:
-    text = (ROOT / "server" / "cli.py").read_text()
-    return set(re.findall(r"add_argument\(\s*\"(--[a-z-]+)\"", text)) | {"--scan-backend"}
+    """Every long option ``dmm serve`` accepts, read from its parser."""
+    import argparse
+
+    from dmm.server.cli import register
+
+    subparsers = argparse.ArgumentParser().add_subparsers()
+    register(subparsers)
+    serve = subparsers.choices["serve"]
+    return {flag for action in serve._actions for flag in action.option_strings if flag.startswith("--")}
 
 
 def quantity(value: str | int) -> float:
