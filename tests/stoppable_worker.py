@@ -23,7 +23,9 @@ def wait_for_stop(spec: dict[str, Any]) -> dict[str, Any]:
         stopped = True
 
     signal.signal(signal.SIGTERM, stop)
-    (folder / "ready").write_text(str(os.getpid()))
+    # Written under another name and renamed, so that the test never reads it half-written.
+    (folder / "ready.tmp").write_text(str(os.getpid()))
+    (folder / "ready.tmp").replace(folder / "ready")
     deadline = time.monotonic() + spec["timeout_s"]
     while not stopped and time.monotonic() < deadline:
         time.sleep(0.05)
