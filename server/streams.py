@@ -86,16 +86,6 @@ def session_started(session: Session) -> policy_pb2.SessionStarted:
     )
 
 
-def _check_states(session: Session, states: np.ndarray, where: Callable[[int], str]) -> None:
-    """:func:`check_states` against the session's normalization; the common case (every value and its
-    normalized value within float32) is two reductions, and only a bad state takes the full check,
-    which names it."""
-    mean, std = session.norm
-    fine = np.abs(states).max() <= FLOAT32_MAX and np.abs((states - mean) / std).max() <= FLOAT32_MAX
-    if not fine:  # NaN compares False, so non-finite values land here too
-        check_states(states, mean, std, where)
-
-
 def _fits(value: float) -> bool:
     """A value the model's float32 holds (finite, |value| <= its largest)."""
     return -FLOAT32_MAX <= value <= FLOAT32_MAX
@@ -138,7 +128,7 @@ class ActFormat(StreamFormat):
         def where(_: int) -> str:
             return f" (step {n})"
 
-        _check_states(session, states, where)
+        check_states(states, *session.norm, where)
         which = step.WhichOneof("return_to_go")
         if which == "rtg":
             given = np.array([step.rtg])
@@ -228,7 +218,7 @@ class VectorFormat(StreamFormat):
                 f"(model {session.model} version {session.version}) expected"
             )
         states = np.asarray(step.states, dtype=np.float64).reshape(rows.size, dim)
-        _check_states(session, states, _where(session, rows))
+        check_states(states, *session.norm, _where(session, rows))
         if first:
             if step.rewards or step.restart:
                 raise invalid(
