@@ -134,7 +134,8 @@ def test_eval_plays_each_target_return_given(trained):
     assert result.returncode == 0, result.stderr
     summaries = [json.loads(line) for line in result.stdout.splitlines()]
     assert [s["target_return"] for s in summaries] == [1000.0, 3600.0]
-    assert {(s["version"], s["episodes"]) for s in summaries} == {(1, 1)}
+    # no --mode: the mode the policy was trained for (random windows only: window)
+    assert {(s["version"], s["episodes"], s["mode"]) for s in summaries} == {(1, 1, "window")}
 
 
 @pytest.mark.parametrize(

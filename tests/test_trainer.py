@@ -340,6 +340,8 @@ def test_episode_rows_carry_their_state_from_update_to_update_and_need_a_recurre
     monkeypatch.setattr(train_module.TrainStep, "_carried", recording)
     cfg = load_train_config(dataset.name, overrides={**overrides, "episode_fraction": 0.5})
     train(cfg, dataset, ModelStore(tmp_path / "a"), "m", progress=False, log=lambda _: None)
+    # trained for recurrent inference: served that way by default (dmm serve --mode auto, dmm eval)
+    assert load_policy(ModelStore(tmp_path / "a"), "m").meta.inference_mode == "recurrent"
     assert seen[0][1] is None and seen[0][0].all()
     fresh, state = seen[1]
     assert not fresh[:2].all() and fresh[2:].all()  # two episode rows, two random windows

@@ -242,7 +242,8 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
     add_version_option(ev)
     ev.add_argument("--episodes", type=positive_int, default=10, help="episodes per target return")
     add_target_return_option(ev, default="the one stored with the policy")
-    ev.add_argument("--mode", choices=["window", "recurrent"], default="window")
+    help_mode = "inference mode (default: the one the policy was trained for)"
+    ev.add_argument("--mode", choices=["window", "recurrent"], help=help_mode)
     ev.add_argument("--num-envs", type=positive_int, default=10, help="vector envs evaluated in parallel")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--env", help="environment / dataset name (default: the policy's)")
@@ -369,13 +370,14 @@ def run_eval(args: argparse.Namespace) -> int:
     store = open_store(args.store)  # before the scan backend's compilation: a bad store fails at once
     backend = use_scan_backend(args.scan_backend, args.device)
     policy = load_policy(store, args.name, args.version, device=args.device)
+    mode = args.mode or policy.meta.inference_mode
     for target in args.target_returns or [policy.meta.target_return]:
         result = evaluate(
             policy,
             args.episodes,
             target,
             env=args.env,
-            mode=args.mode,
+            mode=mode,
             num_envs=args.num_envs,
             seed=args.seed,
             progress=not args.no_progress,
@@ -391,6 +393,6 @@ def run_eval(args: argparse.Namespace) -> int:
             print(json.dumps(summary), flush=True)
         else:
             where = f"{policy.name} v{policy.version} on {result.env}, target {target:g}"
-            where += f", {args.mode}, {backend} scan"
+            where += f", {mode}, {backend} scan"
             print(f"{where}: {result.describe()}", flush=True)
     return 0

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from dmm.data import Dataset, EpisodeSampler, WindowBatch, WindowSampler
 from dmm.envs import EnvSpec
 from dmm.errors import ConfigError
-from dmm.model import Policy, PolicyMeta, PolicyNetwork, publish_policy
+from dmm.model import InferenceMode, Policy, PolicyMeta, PolicyNetwork, publish_policy
 from dmm.model.block import BlockState
 from dmm.model.scan import resolve_backend
 from dmm.store import Store
@@ -85,8 +85,16 @@ def new_policy(
         state_std=[float(x) for x in std],
         rtg_scale=cfg.rtg_scale or spec.rtg_scale,
         target_return=float(eval_targets(cfg, spec)[0]),
+        inference_mode=served_mode(cfg),
     )
     return model, meta
+
+
+def served_mode(cfg: TrainConfig) -> InferenceMode:
+    """Recurrent for a policy whose training walked whole episodes through its recurrent state: it has
+    seen what recurrent inference feeds it, and plays as well that way (docs/training.md) at O(1) per
+    step; window otherwise, the only context such a policy was trained on."""
+    return "recurrent" if cfg.episode_fraction > 0 else "window"
 
 
 def build_policy(cfg: TrainConfig, dataset: Dataset) -> tuple[PolicyNetwork, PolicyMeta]:

@@ -114,6 +114,12 @@ class PolicyMeta(BaseModel):
     state_std: list[float]
     rtg_scale: float = Field(gt=0)
     target_return: float
+    inference_mode: InferenceMode = Field(
+        "window",
+        description="the mode the policy was trained to be served in: recurrent when training walked "
+        "whole episodes through the recurrent state (--episode-fraction), else window; what a server "
+        "started with --mode auto gives sessions that ask for no mode",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> PolicyMeta:
