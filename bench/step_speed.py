@@ -1,8 +1,8 @@
 """Policy step speed: ``PolicyRunner.step`` per step backend, batch size and inference mode.
 
-Backends: ``torch`` (the torch step, torch scan), ``numba`` (the torch step, numba scan) and, in
-recurrent mode, ``fused`` (the whole step as one numba kernel, :mod:`dmm.model.step_numba`: the
-runner's default recurrent step on the CPU). For every mode and batch size B, each backend gets a
+Backends: ``torch`` (the torch step, torch scan), ``numba`` (the torch step, numba scan) and
+``fused`` (the whole step as one numba kernel, :mod:`dmm.model.step_numba`: the runner's default
+step on the CPU in both modes). For every mode and batch size B, each backend gets a
 fresh runner with B slots; the runners step in turn (backend 1, backend 2, backend 1, ...), so
 machine noise hits all backends alike. After ``--warmup`` untimed steps (past the context K, so
 window rows run full windows) come ``--steps`` timed ones; the median step time is reported. All
@@ -46,7 +46,7 @@ def time_steps(policy: Any, mode: str, batch: int, args: argparse.Namespace) -> 
     from dmm.model import PolicyRunner
 
     slots = list(range(batch))
-    backends = [b for b in args.backends if b != "fused" or mode == "recurrent"]
+    backends = list(args.backends)
     runners = {
         b: PolicyRunner(policy, mode, capacity=batch, recurrent_step="fused" if b == "fused" else "torch")
         for b in backends
@@ -92,8 +92,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         nargs="+",
         choices=("torch", "numba", "fused"),
         default=["torch", "numba", "fused"],
-        help="torch or numba: the torch step with that scan backend; fused: the fused numba step "
-        "(recurrent mode only); the first is the reference (default: torch numba fused)",
+        help="torch or numba: the torch step with that scan backend; fused: the fused numba step; "
+        "the first is the reference (default: torch numba fused)",
     )
     p.add_argument("--steps", type=int, help="timed steps per row (default 50; 5 with --quick)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 20; 10 with --quick)")
@@ -157,8 +157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"policy: {source}; torch threads {args.threads}; {args.warmup} untimed steps, then the median of "
         f"{args.steps} timed steps per row; a step = normalize, forward, read the actions back",
         f"x {reference}: its median step time over this row's, same mode and B, steps interleaved",
-        "step torch / numba: PolicyNetwork.step (eager torch) with that scan backend; fused: the whole "
-        "recurrent step as one numba kernel (dmm/model/step_numba.py), the runner's default on the CPU",
+        "step torch / numba: the eager torch step (PolicyNetwork.step, or in window mode the forward over "
+        "the last K steps) with that scan backend; fused: the whole step as one numba kernel "
+        "(dmm/model/step_numba.py), the runner's default on the CPU in both modes",
     ]
     table = format_table([(h.format(reference=reference), f) for h, f in COLUMNS], rows)
     write_report(args.out, SCRIPT, "Policy step speed (PolicyRunner.step)", table, payload, fig, notes)

@@ -186,13 +186,16 @@ def test_the_recurrent_step_is_chosen_by_option_or_environment(monkeypatch):
     monkeypatch.delenv("DMM_RECURRENT_STEP", raising=False)
     policy = policy_of(_model())
     assert PolicyRunner(policy, "recurrent").recurrent_step == "fused"
-    assert PolicyRunner(policy, "window").recurrent_step == "torch"
+    assert PolicyRunner(policy, "window").recurrent_step == "fused"
     policy.network.set_scan_backend("torch")
     assert PolicyRunner(policy, "recurrent").recurrent_step == "torch"
+    assert PolicyRunner(policy, "window").recurrent_step == "torch"
     assert PolicyRunner(policy, "recurrent", recurrent_step="fused").recurrent_step == "fused"
+    assert PolicyRunner(policy, "window", recurrent_step="fused").recurrent_step == "fused"
     policy.network.set_scan_backend(None)
     monkeypatch.setenv("DMM_RECURRENT_STEP", "torch")
     assert PolicyRunner(policy, "recurrent").recurrent_step == "torch"
+    assert PolicyRunner(policy, "window").recurrent_step == "torch"
     assert PolicyRunner(policy, "recurrent", recurrent_step="auto").recurrent_step == "fused"
     monkeypatch.setenv("DMM_RECURRENT_STEP", "fast")
     with pytest.raises(ValueError, match=r"unknown \$DMM_RECURRENT_STEP 'fast'"):
@@ -228,3 +231,86 @@ def test_auto_steps_large_batches_with_torch_on_the_same_slots(monkeypatch):
             atol=1e-5,
         )
     assert calls == [2, 1]  # the three-row batches took the torch step
+
+
+def _play(runner, slot_steps: list[list[int]], starts: dict[int, list[int]], seed: int) -> list[np.ndarray]:
+    """Step ``runner`` through ``slot_steps`` (the slots of each step, in the given order), starting
+    episodes in ``starts[t]`` before step t; raw states and returns-to-go from ``seed``."""
+    rng, out = np.random.default_rng(seed), []
+    for t, slots in enumerate(slot_steps):
+        if t in starts:
+            runner.reset(starts[t])
+        states = rng.normal(size=(len(slots), runner.state_dim))
+        out.append(runner.step(slots, states, rng.uniform(-5, 30, size=len(slots))))
+    return out
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"local_mixer": "conv"},
+        {"residual": "normalized"},
+        {"timestep_embedding": False},
+        {"dsm_window": 1},
+        {"dsm_window": 2, "context": 3},
+        {"dsm_window": 12, "n_layer": 1},
+    ],
+)
+def test_the_fused_window_step_equals_the_torch_window_step(overrides):
+    """Window mode: one slot from t = 0 through t = K and on to t >> K (past max_ep_len, which the
+    timestep embedding clamps), then slots at different steps (t < K next to t >> K: left padding,
+    masked) in orders that are not the slot order, a slot restarted amid the others, a slot resumed
+    from a history, and a batch of one slot whose window is shorter than the others'."""
+    from conftest import policy_of
+
+    from dmm.model import PolicyRunner
+
+    policy = policy_of(_model(seed=7, **{"context": 4, **overrides}))
+    K = policy.config.context
+    plan = [[0]] * (3 * K + 2) + [[4, 0, 1] if t % 2 else [1, 4, 0] for t in range(2 * K + 3)]
+    plan += [[1], [4, 1], [0, 1, 4]]
+    starts = {0: [0], 3 * K + 2: [4, 1], 4 * K + 2: [1]}
+    fused, eager = PolicyRunner(policy, "window", 2), PolicyRunner(policy, "window", 2, "torch")
+    assert (fused.recurrent_step, eager.recurrent_step) == ("fused", "torch")
+    for a, b in zip(_play(fused, plan, starts, 3), _play(eager, plan, starts, 3), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    history = [np.random.default_rng(5).normal(size=(n, 5)) for n in (K + 3, 2)]
+    actions = [np.random.default_rng(6).uniform(-1, 1, size=(len(h), 3)) for h in history]
+    rtgs = [np.linspace(20, 10, len(h)) for h in history]
+    for runner in (fused, eager):
+        runner.resume([2, 4], history, actions, rtgs)
+    later = [[2, 4, 0], [4, 2], [2, 4, 0]]
+    for a, b in zip(_play(fused, later, {}, 8), _play(eager, later, {}, 8), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    for name in ("rtg", "obs", "act"):
+        torch.testing.assert_close(fused._buffers[name], eager._buffers[name], rtol=1e-5, atol=1e-5)
+
+
+def test_the_window_step_takes_turns_with_the_torch_step_on_the_same_slots(monkeypatch):
+    """Over AUTO_FUSED_MAX_ROWS rows ``auto`` takes the torch window step on the same buffers."""
+    from conftest import policy_of
+
+    from dmm.model import PolicyRunner, inference
+
+    monkeypatch.setattr(inference, "AUTO_FUSED_MAX_ROWS", 2)
+    policy = policy_of(_model(seed=8, context=3))
+    auto, eager = PolicyRunner(policy, "window", 4), PolicyRunner(policy, "window", 4, "torch")
+    assert auto._fused_max_rows == 2
+    plan = [[0, 1, 2], [0, 1], [2], [0, 1, 2], [1, 2], [2, 0, 1], [0]]
+    starts = {0: [0, 1, 2], 3: [1]}
+    for a, b in zip(_play(auto, plan, starts, 2), _play(eager, plan, starts, 2), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_the_fused_window_step_refuses_bad_inputs():
+    pair = _Pair(_model(), capacity=2)
+    K = pair.model.config.context
+    views = pair.fused.window_views(torch.zeros(2, K, 1), torch.zeros(2, K, 5), torch.zeros(2, K, 3))
+    states, rtgs = np.zeros((1, 5), np.float32), np.zeros(1, np.float32)
+    with pytest.raises(IndexError, match="slots must lie in"):
+        pair.fused.window(views, np.array([2]), np.zeros(1, np.int64), states, rtgs)
+    with pytest.raises(ValueError, match="steps must be >= 0"):
+        pair.fused.window(views, np.array([1]), np.array([-1]), states, rtgs)
+    with pytest.raises(ValueError, match="state window has shape"):
+        pair.fused.window_views(torch.zeros(2, K, 1), torch.zeros(2, K, 4), torch.zeros(2, K, 3))

@@ -12,12 +12,16 @@ A slot is a row in preallocated device buffers; callers own slot numbering (e.g.
 table) and call :meth:`PolicyRunner.reset` when an episode starts in a slot, or
 :meth:`PolicyRunner.resume` to continue an episode other slots (or another process) played so far.
 
-On the CPU, the recurrent step runs as one fused numba kernel (:mod:`dmm.model.step_numba`) rather
-than :meth:`PolicyNetwork.step`'s ~90 torch ops; both read and write the same slot buffers and give the
-same actions (to 1e-5). It runs where the numba scan backend would, for batches of up to
-``AUTO_FUSED_MAX_ROWS`` rows (larger ones take the torch step); ``recurrent_step="torch"`` (or
-``DMM_RECURRENT_STEP=torch``) keeps the torch step, which is also what runs on a GPU. The fused
-step copies the weights when the runner is built: a runner serves the weights its policy had then.
+On the CPU, a step runs as one fused numba kernel (:mod:`dmm.model.step_numba`) rather than torch
+ops, in both modes: in recurrent mode instead of :meth:`PolicyNetwork.step`'s ~90 ops, in window mode
+instead of the forward over the window (the kernel runs the network from the initial state over the
+slot's last min(t + 1, K) steps, padding masked as the forward masks it). Both read and write the
+same slot buffers as the torch step and give the same actions (to 1e-5). The fused step runs where
+the numba scan backend would, for batches of up to ``AUTO_FUSED_MAX_ROWS`` rows (larger ones take
+the torch step); ``recurrent_step="torch"`` (or ``DMM_RECURRENT_STEP=torch``) keeps the torch step in
+either mode (one setting for both: the name is historical), which is also what runs on a GPU and for
+policies without Mamba mixers. The fused step copies the weights when the runner is built: a runner
+serves the weights its policy had then.
 """
 
 from __future__ import annotations
@@ -53,19 +57,21 @@ AUTO_FUSED_MAX_ROWS = 64
 
 def _fused_max_rows(policy: Policy, mode: InferenceMode, choice: str | None) -> int:
     """How many rows a runner steps at most with the fused CPU kernel (0: never), by ``choice`` (None:
-    ``$DMM_RECURRENT_STEP``, else ``auto``). ``auto`` takes it in recurrent mode for up to
+    ``$DMM_RECURRENT_STEP``, else ``auto``). ``auto`` takes it, in either mode, for up to
     :data:`AUTO_FUSED_MAX_ROWS` rows wherever the policy's scans would run the numba backend (on the
     CPU, unless the scan backend is pinned to torch: then the whole torch step runs); ``fused`` takes
-    it for every batch on the CPU whatever the scan backend."""
+    it for every batch on the CPU whatever the scan backend. Only a DMM with Mamba global mixers has
+    a fused step (others always take the torch step)."""
     source = "recurrent_step" if choice is not None else f"${RECURRENT_STEP_ENV}"
     choice = choice if choice is not None else (os.environ.get(RECURRENT_STEP_ENV, "").strip() or "auto")
     if choice not in get_args(RecurrentStep):
         raise ValueError(f"unknown {source} {choice!r}; expected auto, fused or torch")
-    if choice == "torch" or mode != "recurrent":
+    if choice == "torch":
         return 0
-    if policy.device.type != "cpu":
+    if policy.device.type != "cpu" or not policy.config.supports_recurrent:
         if choice == "fused":
-            raise ValueError(f"the fused recurrent step runs on the CPU, not on {policy.device}")
+            where = f"on {policy.device}" if policy.device.type != "cpu" else policy.label
+            raise ValueError(f"the fused step runs on the CPU for a DMM with Mamba mixers, not {where}")
         return 0
     if choice == "fused":
         return sys.maxsize
@@ -113,7 +119,8 @@ class PolicyRunner:
 
     @property
     def recurrent_step(self) -> RecurrentStep:
-        """Which recurrent step runs: ``fused`` (the CPU kernel) or ``torch`` (also in window mode)."""
+        """Which step runs (in either mode; the name is the setting's): ``fused`` (the CPU kernel) or
+        ``torch``."""
         return "fused" if self._fused is not None else "torch"
 
     def _allocate(self, capacity: int) -> dict[str, torch.Tensor]:
@@ -144,7 +151,9 @@ class PolicyRunner:
         self._buffers = fresh
         self._steps = np.concatenate([self._steps, np.zeros(capacity - self.capacity, dtype=np.int64)])
         self.capacity = capacity
-        if self._fused is not None:
+        if self._fused is not None and self.mode == "window":
+            self._views = self._fused.window_views(fresh["rtg"], fresh["obs"], fresh["act"])
+        elif self._fused is not None:
             stacks = self._layer_stacks
             self._views = self._fused.views(stacks["local"], stacks["ssm"], fresh["prev_action"])
 
@@ -258,7 +267,10 @@ class PolicyRunner:
         steps = self._steps[idx]
         if self._fused is not None and n <= self._fused_max_rows:
             # the fused CPU kernel: no torch (and no inference-mode switch) on this path
-            action = self._fused.run(self._views, idx, steps, states, rtgs)
+            if self.mode == "window":
+                action = self._fused.run_window(self._views, idx, steps, states, rtgs)
+            else:
+                action = self._fused.run(self._views, idx, steps, states, rtgs)
         else:
             action = self._torch_step(idx, states, rtgs, steps)
         self._steps[idx] = steps + 1

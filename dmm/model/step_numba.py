@@ -1,4 +1,4 @@
-"""The whole recurrent step of a DMM policy as one CPU kernel (numba), on a runner's slot buffers in place.
+"""The whole step of a DMM policy as one CPU kernel (numba), on a runner's slot buffers in place.
 
 :meth:`PolicyNetwork.step` in eager torch is ~90 small ops per step, and at one robot their dispatch,
 not the arithmetic, is the step's cost. :class:`FusedStep` does the same step in one call: it
@@ -10,22 +10,34 @@ scan states and the previous actions are the runner's torch buffers, read and wr
 numpy views (a CPU tensor shares its memory), so the torch step and this one can take turns on a
 slot and :meth:`PolicyRunner.resume` fills the same buffers for both.
 
-Layout: all ``3 B`` tokens of a call are the rows of ``[3B, *]`` matrices (slot i's tokens at rows
-3i..3i+2), and each layer runs over all of them at once, so a weight matrix is read once per layer
-per call; the products are row-blocked loops whose inner loop runs over the output features
-(contiguous, vectorized). Only the scan and the local mixer's window walk the three tokens in order.
+:meth:`FusedStep.window` is the window-mode step with the same kernels: it appends the step to each
+slot's window buffers and runs the network from the initial state (zero local-mixer cache and scan
+state) over the last min(t + 1, K) steps as the recurrent step's tokens (a_{c-1}, rtg_c, s_c), with
+padding masked as :meth:`PolicyNetwork.forward` masks it (zeros into the local mixer, no scan
+update); a masked token from the initial state changes nothing, so this is the forward's action at
+s_t, which does not read the last a_t token.
+
+Layout: all ``T B`` tokens of a call (T = 3 in recurrent mode, 3 x the longest window in window
+mode) are the rows of ``[T B, *]`` matrices (slot i's at rows T i .. T i + T - 1), and each layer
+runs over all of them at once, so a weight matrix is read once per layer per call; the products go
+to BLAS (sgemm through numba's ``np.dot``, on one thread) and only the smallest (a lone slot's
+three tokens through a small matrix) run as row-blocked loops. Only the scan and the local mixer's
+window walk the tokens in order.
 ``exp`` (SiLU, the scan's decay) is :mod:`dmm.model.scan_numba`'s vectorizable polynomial and
 softplus uses a vectorizable ``log1p``: libm's scalar calls would cost more than the products at
 large B. Weights are copied once, as float32, when a :class:`FusedStep` is built: a policy whose
 weights change afterwards needs a new one (a runner builds it with itself).
 
 The kernel runs on the calling thread and releases the GIL; it does not use numba's threading
-layers (see :mod:`dmm.model.scan_numba` on why threads did not pay on this kind of machine).
+layers, and scipy's OpenBLAS (what ``np.dot`` calls) is set to one thread (see
+:mod:`dmm.model.scan_numba` on why threads did not pay on this kind of machine).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 from typing import NamedTuple
 
 import numpy as np
@@ -58,6 +70,8 @@ _THIRD, _FIFTH, _SEVENTH = np.float32(1 / 3), np.float32(1 / 5), np.float32(1 / 
 _NINTH, _ELEVENTH = np.float32(1 / 9), np.float32(1 / 11)
 _SOFTPLUS_THRESHOLD = np.float32(20.0)  # torch's: softplus(x) = x above it
 _LOCAL_DSM, _LOCAL_CONV = 0, 1
+# Products of at least this many multiply-adds go to BLAS (see _matmul; bench/results/step_speed).
+_BLAS_MIN_MACS = 4096
 
 
 @_jit
@@ -110,7 +124,7 @@ def _silu_into(x, z, e, bits):
 
 @_jit
 def _rows(x, wt, out, m, rows):
-    """out[m : m + rows] = x[m : m + rows] @ wt for rows = 6 or 3 (a literal after inlining)."""
+    """out[m : m + rows] += x[m : m + rows] @ wt for rows = 6 or 3 (a literal after inlining)."""
     for k in range(x.shape[1]):
         x0, x1, x2 = x[m, k], x[m + 1, k], x[m + 2, k]
         if rows == 6:
@@ -127,19 +141,32 @@ def _rows(x, wt, out, m, rows):
 
 
 @_jit
-def _linear(x, wt, bias, out):
-    """out = x @ wt + bias: x [M, K] (M a multiple of 3), wt [K, N], bias [N], out [M, N].
+def _matmul(x, wt, out):
+    """out = x @ wt: x [M, K] (C-contiguous, M a multiple of 3), wt [K, N], out [M, N].
 
-    Six rows at a time (then three), so each weight row is loaded once for six tokens; the inner
-    loop runs over the N output features of a contiguous weight row.
+    BLAS (sgemm through numba's ``np.dot``) from ``_BLAS_MIN_MACS`` multiply-adds on; below it (a
+    lone slot's three tokens through a small matrix) the call costs more than the products, which
+    then run as row-blocked loops: six rows at a time (then three), so each weight row is loaded
+    once for six tokens, with the inner loop over the N output features of a contiguous weight row.
     """
     M = x.shape[0]
-    for m in range(M):
-        out[m] = bias
+    if M * x.shape[1] * wt.shape[1] >= _BLAS_MIN_MACS:
+        np.dot(x, wt, out)
+        return
+    out[:] = _ZERO
     for m in range(0, M - M % 6, 6):
         _rows(x, wt, out, m, 6)
     if M % 6:
         _rows(x, wt, out, M - 3, 3)
+
+
+@_jit
+def _linear(x, wt, bias, out):
+    """out = x @ wt + bias (see :func:`_matmul`); bias [N]."""
+    _matmul(x, wt, out)
+    for m in range(x.shape[0]):
+        for n in range(wt.shape[1]):
+            out[m, n] += bias[n]
 
 
 @_jit
@@ -191,22 +218,64 @@ def _embed(emb, mean, std, rtg_scale, prev_act, slots, steps, obs, rtgs, x):
 
 
 @_jit
+def _embed_window(emb, bufs, slots, steps, span, x, mask):
+    """x [3 span B, d]: each slot's last ``span`` steps from its window buffers as the recurrent step's
+    tokens (a_{c-1}, rtg_c, s_c) for c < span, embedded, before the LayerNorm; mask [3 span B]: False
+    at padding (columns before the slot's first step, and the a_{-1} of the window's first column)."""
+    w_act, b_act, w_rtg, b_rtg, w_state, b_state, table = emb
+    rtg_buf, obs_buf, act_buf = bufs
+    K, S, A = obs_buf.shape[1], obs_buf.shape[2], act_buf.shape[2]
+    t_max = table.shape[0] - 1
+    T = TOKENS_PER_STEP * span
+    for i in range(slots.shape[0]):
+        slot, first = slots[i], steps[i] + 1 - span  # the episode step of the window's column 0
+        real = span - min(steps[i] + 1, K)  # columns c >= real hold the slot's steps
+        for c in range(span):
+            col, row = K - span + c, T * i + TOKENS_PER_STEP * c
+            a, r, s = x[row], x[row + 1], x[row + 2]
+            mask[row], mask[row + 1], mask[row + 2] = c > real, c >= real, c >= real
+            a[:] = b_act
+            if c > 0:  # a_{-1} of column 0 is padding whatever it holds
+                for k in range(A):
+                    p = act_buf[slot, col - 1, k]
+                    for ch in range(a.shape[0]):
+                        a[ch] += p * w_act[k, ch]
+            rtg = rtg_buf[slot, col, 0]
+            for ch in range(r.shape[0]):
+                r[ch] = w_rtg[ch] * rtg + b_rtg[ch]
+            s[:] = b_state
+            for k in range(S):
+                v = obs_buf[slot, col, k]
+                for ch in range(s.shape[0]):
+                    s[ch] += v * w_state[k, ch]
+            if t_max >= 0:
+                t = min(max(first + c, 0), t_max)
+                t_prev = min(max(first + c - 1, 0), t_max)
+                for ch in range(a.shape[0]):
+                    a[ch] += table[t_prev, ch]
+                    r[ch] += table[t, ch]
+                    s[ch] += table[t, ch]
+
+
+@_jit
 def _local_mix(xt, cache, slots, kind, w, bias, windows, out):
-    """out = the local mixer of the normalized tokens xt [3B, d] over each slot's cache [S, k-1, d],
-    which then holds the slot's last k-1 tokens. windows [3B, k*d]: token j's k inputs, oldest first."""
+    """out = the local mixer of the normalized tokens xt [T B, d] (slot i's at rows T i .. T i + T - 1)
+    over each slot's cache [S, k-1, d], which then holds the slot's last k-1 tokens. windows
+    [T B, k*d]: token j's k inputs, oldest first."""
     d = xt.shape[1]
     k = windows.shape[1] // d
     held = k - 1
+    T = xt.shape[0] // slots.shape[0]
     for i in range(slots.shape[0]):
         c = cache[slots[i]]
-        for j in range(TOKENS_PER_STEP):
-            row = windows[3 * i + j]
+        for j in range(T):
+            row = windows[T * i + j]
             for p in range(j, j + k):  # position in (cache, tokens)
-                src = c[p] if p < held else xt[3 * i + p - held]
+                src = c[p] if p < held else xt[T * i + p - held]
                 row[(p - j) * d : (p - j + 1) * d] = src
-        for q in range(held):  # shift: the last k-1 of (cache, tokens); c[q + 3] is read before written
-            p = q + TOKENS_PER_STEP
-            c[q] = c[p] if p < held else xt[3 * i + p - held]
+        for q in range(held):  # shift: the last k-1 of (cache, tokens); c[q + T] is read before written
+            p = q + T
+            c[q] = c[p] if p < held else xt[T * i + p - held]
     if kind == _LOCAL_DSM:
         _linear(windows, w, bias, out)
         return
@@ -219,41 +288,46 @@ def _local_mix(xt, cache, slots, kind, w, bias, windows, out):
 
 @_jit
 def _mamba(zt, layer, li, mask, state, slots, out):
-    """out [3B, d] = ModifiedMamba(zt) of layer li; its scan (scan_numba's forward kernel, three tokens
+    """out [T B, d] = ModifiedMamba(zt) of layer li; its scan (scan_numba's forward kernel, T tokens
     per slot) updates the slots' rows of ``state`` [S, d_inner, d_state]."""
-    in_wt, x_wt, dt_wt, dt_b, out_wt, At, D = layer[6:]
-    M, di, R, N = zt.shape[0], dt_wt.shape[2], dt_wt.shape[1], At.shape[1]
-    xz = np.empty((M, 2 * di), np.float32)
-    _linear(zt, in_wt[li], np.zeros(2 * di, np.float32), xz)
+    in_x, in_z, x_dt, x_B, x_C, dt_wt, dt_b, out_wt, At, D = layer[6:]
+    M, di, N = zt.shape[0], dt_wt.shape[2], At.shape[1]
+    R = dt_wt.shape[1]
+    xz = np.empty((2, M, di), np.float32)  # u = silu(x) and the gate silu(z)
+    _matmul(zt, in_x[li], xz[0])
+    _matmul(zt, in_z[li], xz[1])
     z, e, bits = (
         np.empty(2 * M * di, np.float32),
         np.empty(2 * M * di, np.float32),
         np.empty(2 * M * di, np.int32),
     )
-    _silu_into(xz.reshape(2 * M * di), z, e, bits)  # u = silu(x) and the gate silu(z) at once
-    b3 = (slots.shape[0], TOKENS_PER_STEP)
-    u = np.ascontiguousarray(xz[:, :di]).reshape(*b3, di)
-    dbc = np.empty((M, R + 2 * N), np.float32)
-    _linear(xz[:, :di], x_wt[li], np.zeros(R + 2 * N, np.float32), dbc)
+    _silu_into(xz.reshape(2 * M * di), z, e, bits)
+    u, gate = xz[0], xz[1]
+    bt = (slots.shape[0], M // slots.shape[0])
+    dt, B, C = np.empty((M, R), np.float32), np.empty((M, N), np.float32), np.empty((M, N), np.float32)
+    _matmul(u, x_dt[li], dt)
+    _matmul(u, x_B[li], B)
+    _matmul(u, x_C[li], C)
     delta = np.empty((M, di), np.float32)
-    _linear(dbc[:, :R], dt_wt[li], dt_b[li], delta)
+    _linear(dt, dt_wt[li], dt_b[li], delta)
     _softplus_into(delta.reshape(M * di), z[: M * di], e[: M * di], bits[: M * di])
     for r in range(M):
         if not mask[r]:
             delta[r] = _ZERO  # padding: the scan leaves the state as it is
-    B = np.ascontiguousarray(dbc[:, R : R + N]).reshape(*b3, N)
-    C = np.ascontiguousarray(dbc[:, R + N :]).reshape(*b3, N)
     y = np.empty((M, di), np.float32)
-    _scan_forward(u, delta.reshape(*b3, di), At[li], B, C, D[li], state, slots, y.reshape(*b3, di))
+    _scan_forward(
+        u.reshape(*bt, di), delta.reshape(*bt, di), At[li], B.reshape(*bt, N), C.reshape(*bt, N), D[li],
+        state, slots, y.reshape(*bt, di),
+    )  # fmt: skip
     for r in range(M):
         for c in range(di):
-            y[r, c] *= xz[r, di + c]
-    _linear(y, out_wt[li], np.zeros(out.shape[1], np.float32), out)
+            y[r, c] *= gate[r, c]
+    _matmul(y, out_wt[li], out)
 
 
 @_jit
 def _block(x, layer, li, stream, kind, mask, cache, state, slots):
-    """x [3B, d] becomes block li's output: Z = X + DSM(LN1 X), Y = Z + Mamba(LN2 Z) ("stream"), or
+    """x [T B, d] becomes block li's output: Z = X + DSM(LN1 X), Y = Z + Mamba(LN2 Z) ("stream"), or
     each mixer added to its normalized input ("normalized")."""
     ln1_w, ln1_b, ln2_w, ln2_b, local_w, local_b = layer[:6]
     M, d = x.shape
@@ -278,24 +352,24 @@ def _block(x, layer, li, stream, kind, mask, cache, state, slots):
 
 
 @_jit
-def _head(x, head, slots, prev_act, out):
-    """out [B, act_dim] = tanh(head(LN_f(h))) at each slot's s_t token, also kept as its a_{t-1}."""
+def _head(x, head, B, out):
+    """out [B, act_dim] = tanh(head(LN_f(h))) at each slot's last token (its s_t)."""
     ln_w, ln_b, wt, b = head
     d = x.shape[1]
-    h = np.empty((3, d), np.float32)  # _layer_norm works on rows; only the first is used
-    for i in range(slots.shape[0]):
-        _layer_norm(x[3 * i + 2 : 3 * i + 3], ln_w, ln_b, h[:1])
+    T = x.shape[0] // B
+    h = np.empty((1, d), np.float32)
+    for i in range(B):
+        _layer_norm(x[T * i + T - 1 : T * i + T], ln_w, ln_b, h)
         for a in range(wt.shape[1]):
             acc = b[a]
             for c in range(d):
                 acc += h[0, c] * wt[c, a]
             out[i, a] = np.tanh(acc)
-            prev_act[slots[i], a] = out[i, a]
 
 
 @_jit
 def _step(emb, norm, layers, head, stream, kind, caches, states, prev_act, slots, steps, obs, rtgs, out):
-    """The whole step for slots [B]: see :class:`FusedStep`."""
+    """The whole recurrent step for slots [B]: see :class:`FusedStep`."""
     ln_w, ln_b = emb[7], emb[8]
     mean, std, rtg_scale = norm
     B, d = slots.shape[0], ln_w.shape[0]
@@ -307,7 +381,48 @@ def _step(emb, norm, layers, head, stream, kind, caches, states, prev_act, slots
         mask[3 * i] = steps[i] > 0  # at t = 0 the a_{t-1} token is padding
     for li in range(caches.shape[0]):
         _block(x, layers, li, stream, kind, mask, caches[li], states[li], slots)
-    _head(x, head, slots, prev_act, out)
+    _head(x, head, B, out)
+    for i in range(B):
+        prev_act[slots[i]] = out[i]  # the next step's a_{t-1}
+
+
+@_jit
+def _window(emb, norm, layers, head, stream, kind, bufs, slots, steps, obs, rtgs, out):
+    """The whole window step for slots [B]: see :meth:`FusedStep.window`."""
+    ln_w, ln_b = emb[7], emb[8]
+    mean, std, rtg_scale = norm
+    rtg_buf, obs_buf, act_buf = bufs
+    B, d, K = slots.shape[0], ln_w.shape[0], obs_buf.shape[1]
+    k = layers[4].shape[1] // d if kind == _LOCAL_DSM else layers[4].shape[1]  # [L, k d, d] or [L, k, d]
+    N, di = layers[14].shape[1], layers[14].shape[2]  # At [L, N, d_inner]
+    span = 1
+    for i in range(B):  # shift each window by one step and append (rtg_t, s_t, 0), normalized
+        slot = slots[i]
+        span = max(span, min(steps[i] + 1, K))
+        for col in range(K - 1):
+            rtg_buf[slot, col] = rtg_buf[slot, col + 1]
+            obs_buf[slot, col] = obs_buf[slot, col + 1]
+            act_buf[slot, col] = act_buf[slot, col + 1]
+        rtg_buf[slot, K - 1, 0] = rtgs[i] / rtg_scale
+        for j in range(obs.shape[1]):
+            obs_buf[slot, K - 1, j] = (obs[i, j] - mean[j]) / std[j]
+        act_buf[slot, K - 1] = _ZERO
+    M = TOKENS_PER_STEP * span * B
+    x = np.empty((M, d), np.float32)
+    mask = np.empty(M, np.bool_)
+    _embed_window(emb[:7], bufs, slots, steps, span, x, mask)
+    _layer_norm(x, ln_w, ln_b, x)
+    # every window starts from the initial state: a zero cache and scan state per slot, not kept
+    rows = np.arange(B)
+    cache = np.empty((B, k - 1, d), np.float32)
+    state = np.empty((B, di, N), np.float32)
+    for li in range(layers[0].shape[0]):
+        cache[:] = _ZERO
+        state[:] = _ZERO
+        _block(x, layers, li, stream, kind, mask, cache, state, rows)
+    _head(x, head, B, out)
+    for i in range(B):
+        act_buf[slots[i], K - 1] = out[i]  # the action column of step t
 
 
 class SlotBuffers(NamedTuple):
@@ -317,6 +432,15 @@ class SlotBuffers(NamedTuple):
     local: np.ndarray  # [n_layer, S, k-1, d]: each local mixer's last k-1 inputs
     ssm: np.ndarray  # [n_layer, S, d_inner, d_state]: each layer's scan state
     prev_action: np.ndarray  # [S, act_dim]: the action each slot answered last
+
+
+class WindowBuffers(NamedTuple):
+    """numpy views of a window runner's slot buffers (float32, C-contiguous, on the CPU): each slot's
+    last K steps, left-padded with zeros, inputs normalized as the network takes them."""
+
+    rtg: np.ndarray  # [S, K, 1]: returns-to-go over the runner's rtg scale
+    obs: np.ndarray  # [S, K, state_dim]: normalized states
+    act: np.ndarray  # [S, K, act_dim]: the actions answered (0 in the newest column before it is)
 
 
 def _f32(t: torch.Tensor) -> np.ndarray:
@@ -335,6 +459,23 @@ def _view(t: torch.Tensor, name: str, shape: tuple[int, ...]) -> np.ndarray:
     if tuple(t.shape) != shape:
         raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
     return t.detach().numpy()
+
+
+@functools.cache
+def _blas_on_one_thread() -> None:
+    """Keep the BLAS that numba's ``np.dot`` calls (scipy's OpenBLAS) on the calling thread, as the rest
+    of the kernel: its own threads would compete with the server's event loop and torch's workers
+    for the same cores. Other BLAS builds are left as they are."""
+    import ctypes
+    import glob
+
+    import scipy
+    import scipy.linalg.cython_blas
+
+    libs = os.path.join(os.path.dirname(os.path.dirname(scipy.__file__)), "scipy.libs", "*openblas*")
+    for path in glob.glob(libs):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(path).scipy_openblas_set_num_threads(1)
 
 
 class FusedStep:
@@ -356,9 +497,12 @@ class FusedStep:
         self._stream = cfg.residual == "stream"
         self._kind = _LOCAL_DSM if cfg.local_mixer == "dsm" else _LOCAL_CONV
         self._read_weights(model)
+        _blas_on_one_thread()
 
     def _read_weights(self, model: PolicyNetwork) -> None:
-        """Copy the weights once into the kernel's layout: linear weights transposed to [in, out]."""
+        """Copy the weights once into the kernel's layout: linear weights transposed to [in, out], and
+        Mamba's in_proj and x_proj split by output (x, z; dt, B, C) so that every product writes a
+        contiguous matrix."""
         d = self.config.d_model
         table = model.embed_timestep.weight if model.embed_timestep is not None else torch.zeros(0, d)
         emb = [model.embed_action.weight.t(), model.embed_action.bias, model.embed_rtg.weight[:, 0]]
@@ -375,8 +519,11 @@ class FusedStep:
             _stack([b.ln2.bias for b in blocks]),
             _stack(local),
             _stack(local_bias),
-            _stack([m.in_proj.weight.t() for m in mambas]),
-            _stack([m.x_proj.weight.t() for m in mambas]),
+            _stack([m.in_proj.weight[: m.d_inner].t() for m in mambas]),  # x
+            _stack([m.in_proj.weight[m.d_inner :].t() for m in mambas]),  # the gate z
+            _stack([m.x_proj.weight[: m.dt_rank].t() for m in mambas]),  # dt
+            _stack([m.x_proj.weight[m.dt_rank : m.dt_rank + m.d_state].t() for m in mambas]),  # B
+            _stack([m.x_proj.weight[m.dt_rank + m.d_state :].t() for m in mambas]),  # C
             _stack([m.dt_proj.weight.t() for m in mambas]),
             _stack([m.dt_proj.bias for m in mambas]),
             _stack([m.out_proj.weight.t() for m in mambas]),
@@ -398,13 +545,21 @@ class FusedStep:
             _view(prev_action, "the previous-action buffer", (S, cfg.act_dim)),
         )
 
-    def __call__(
-        self, buffers: SlotBuffers, slots: np.ndarray, steps: np.ndarray, states: np.ndarray, rtgs: np.ndarray
-    ) -> np.ndarray:
-        """Step the distinct ``slots`` [B] (int64) at episode steps ``steps`` [B] (int64) on raw
-        ``states`` [B, state_dim] and raw returns-to-go ``rtgs`` [B] (float32); returns the actions
-        [B, act_dim] and updates the slots' rows of ``buffers`` in place. The kernel does not check
-        its indices, so they are checked here."""
+    def window_views(self, rtg: torch.Tensor, obs: torch.Tensor, act: torch.Tensor) -> WindowBuffers:
+        """numpy views of a window runner's buffers of S slots and K steps: rtg [S, K, 1], obs
+        [S, K, state_dim], act [S, K, act_dim] (checked here once, not at each step)."""
+        cfg = self.config
+        S, K = obs.shape[:2]
+        return WindowBuffers(
+            _view(rtg, "the return-to-go window", (S, K, 1)),
+            _view(obs, "the state window", (S, K, cfg.state_dim)),
+            _view(act, "the action window", (S, K, cfg.act_dim)),
+        )
+
+    def _check(
+        self, slots: np.ndarray, steps: np.ndarray, states: np.ndarray, rtgs: np.ndarray, S: int
+    ) -> None:
+        """The kernels do not check their indices, so :meth:`__call__` and :meth:`window` do."""
         B = len(slots)
         ints = (slots.dtype, steps.dtype) == (np.int64, np.int64) and slots.shape == steps.shape == (B,)
         if not ints or states.shape != (B, self.config.state_dim) or rtgs.shape != (B,):
@@ -412,8 +567,18 @@ class FusedStep:
                 f"expected int64 slots and steps [B], states [B, {self.config.state_dim}] and rtgs [B]; got "
                 f"{slots.dtype} {slots.shape}, {steps.dtype} {steps.shape}, {states.shape}, {rtgs.shape}"
             )
-        if B and (slots.min() < 0 or slots.max() >= buffers.prev_action.shape[0]):
-            raise IndexError(f"slots must lie in [0, {buffers.prev_action.shape[0]})")
+        if B and (slots.min() < 0 or slots.max() >= S):
+            raise IndexError(f"slots must lie in [0, {S})")
+        if B and steps.min() < 0:
+            raise ValueError("steps must be >= 0")
+
+    def __call__(
+        self, buffers: SlotBuffers, slots: np.ndarray, steps: np.ndarray, states: np.ndarray, rtgs: np.ndarray
+    ) -> np.ndarray:
+        """Step the distinct ``slots`` [B] (int64) at episode steps ``steps`` [B] (int64) on raw
+        ``states`` [B, state_dim] and raw returns-to-go ``rtgs`` [B] (float32); returns the actions
+        [B, act_dim] and updates the slots' rows of ``buffers`` in place."""
+        self._check(slots, steps, states, rtgs, buffers.prev_action.shape[0])
         return self.run(buffers, slots, steps, states, rtgs)
 
     def run(
@@ -426,6 +591,41 @@ class FusedStep:
         _step(
             self._emb, self._norm, self._layers, self._head, self._stream, self._kind,
             buffers.local, buffers.ssm, buffers.prev_action, slots, steps, obs, rtg, out,
+        )  # fmt: skip
+        return out
+
+    def window(
+        self,
+        buffers: WindowBuffers,
+        slots: np.ndarray,
+        steps: np.ndarray,
+        states: np.ndarray,
+        rtgs: np.ndarray,
+    ) -> np.ndarray:
+        """The window step (:class:`PolicyRunner`'s ``window`` mode) of the distinct ``slots`` at
+        episode steps ``steps`` (arguments as in :meth:`__call__`): each slot's window shifts by one
+        step and takes the normalized (rtg_t, s_t); the network runs from the initial state over the
+        last min(t + 1, K) steps as the recurrent step's tokens (a_{c-1}, rtg_c, s_c), slots with
+        fewer steps than the longest masked at their padding as the window forward masks it (a
+        masked token from the initial state leaves it as it is, so this is the window forward's
+        action at s_t, which reads nothing after s_t); the action, returned, goes into the window."""
+        self._check(slots, steps, states, rtgs, buffers.obs.shape[0])
+        return self.run_window(buffers, slots, steps, states, rtgs)
+
+    def run_window(
+        self,
+        buffers: WindowBuffers,
+        slots: np.ndarray,
+        steps: np.ndarray,
+        states: np.ndarray,
+        rtgs: np.ndarray,
+    ) -> np.ndarray:
+        """:meth:`window` without the argument checks (see :meth:`run`)."""
+        out = np.empty((len(slots), self.config.act_dim), np.float32)
+        obs, rtg = np.ascontiguousarray(states, np.float32), np.ascontiguousarray(rtgs, np.float32)
+        _window(
+            self._emb, self._norm, self._layers, self._head, self._stream, self._kind,
+            tuple(buffers), slots, steps, obs, rtg, out,
         )  # fmt: skip
         return out
 
@@ -442,3 +642,6 @@ def warm_up() -> None:
     buffers = fused.views(local, torch.zeros(1, 1, cfg.d_inner, cfg.d_state), torch.zeros(1, 1))
     one = np.zeros(1, np.int64)
     fused(buffers, one, one, np.zeros((1, 1), np.float32), np.zeros(1, np.float32))
+    K = cfg.context
+    window = fused.window_views(torch.zeros(1, K, 1), torch.zeros(1, K, 1), torch.zeros(1, K, 1))
+    fused.window(window, one, one, np.zeros((1, 1), np.float32), np.zeros(1, np.float32))
