@@ -62,6 +62,41 @@ def test_a_resumed_slot_acts_as_the_uninterrupted_one(mode, overrides, backend, 
                 np.testing.assert_allclose(action, reference[step], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("chunk", [4, 1024])
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+@pytest.mark.parametrize(("mode", "overrides"), MODES)
+def test_slots_resumed_together_act_as_resumed_singly(mode, overrides, backend, chunk, monkeypatch) -> None:
+    """resume_many (one batched rebuild, in chunks of about ``chunk`` rows x steps) leaves every slot
+    acting as resume does one slot at a time, and as the uninterrupted slot."""
+    monkeypatch.setenv(scan.ENV_VAR, backend)
+    monkeypatch.setattr(PolicyRunner, "RESUME_CHUNK_ROW_STEPS", chunk)
+    policy = policy_of(_model(**overrides))
+    rng = np.random.default_rng(2)
+    T = 15
+    states = rng.normal(size=(T, 5))
+    rtgs = rng.normal(size=T) * 10
+    reference = _uninterrupted(PolicyRunner(policy, mode), 0, states, rtgs)
+    cuts = [3, 14, 1, 9, 4, 14]  # unsorted, with a tie
+    slots = [5, 1, 2, 3, 0, 7]
+    singly, together = PolicyRunner(policy, mode, capacity=1), PolicyRunner(policy, mode, capacity=1)
+    for slot, t in zip(slots, cuts, strict=True):
+        singly.resume([slot], [states[:t]], [reference[:t]], [rtgs[:t]])
+    together.resume_many(
+        slots, [states[:t] for t in cuts], [reference[:t] for t in cuts], [rtgs[:t] for t in cuts]
+    )
+    assert [together.steps_taken(s) for s in slots] == cuts
+    for slot, t in zip(slots, cuts, strict=True):
+        for step in range(t, T):
+            inputs = (states[step : step + 1], rtgs[step : step + 1])
+            a, b = singly.step([slot], *inputs)[0], together.step([slot], *inputs)[0]
+            if mode == "window":
+                np.testing.assert_array_equal(b, a)
+                np.testing.assert_array_equal(b, reference[step])
+            else:
+                np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)
+                np.testing.assert_allclose(b, reference[step], atol=1e-5, rtol=0)
+
+
 def test_resume_refuses_histories_of_the_wrong_shape() -> None:
     runner = PolicyRunner(policy_of(_model()), "window")
     with pytest.raises(ValueError, match="t >= 1"):
