@@ -5,7 +5,8 @@ time budget.
 GPU hosts are lent for minutes, bare (Python with torch and triton, no network), so everything this
 project wants to know from a GPU is gathered by one rehearsed command. The steps run in the order of
 what their results are worth; each writes into ``--out`` (8 files at most: ``device.json``,
-``device.md``, ``tests.log``, ``train_speed.json``, ``serve.json``, ``scores.json``, ``collect.log``),
+``device.md``, ``tests.log``, ``train_speed.json``, ``graph_speed.json``, ``serve.json``,
+``scores.json``, ``collect.log``),
 prints a one-line summary, and is skipped with its reason (never a crash) when a prerequisite is
 missing or the budget is spent. ``device.json`` and ``device.md`` are rewritten after every step, so
 a run cut short still leaves what it measured.
@@ -16,11 +17,13 @@ a run cut short still leaves what it measured.
    reference policy with the recipe of ../shared/data/README.md and checked against its digest
    (about 250 s on one core), unless ``runs/device-data`` travels with a packed copy
    (``python -m bench.device --pack-data`` here: 44 MB, unpacked on the host in seconds).
-2. ``tests``: the CUDA-marked tests (GPU runner = CPU runner, ``dmm serve --device cuda``, the
-   mamba_ssm backend against the torch scan where mamba_ssm is installed).
+2. ``tests``: the CUDA-marked tests (GPU runner = CPU runner, captured CUDA graphs = plain GPU step,
+   ``dmm serve --device cuda``, the mamba_ssm backend against the torch scan where mamba_ssm is
+   installed).
 3. ``train``: ``bench.train_speed`` on the GPU: DMM and DT, eager / compile / CUDA graphs.
-4. ``serve``: ``bench.serve --device cuda``: 1 / 64 / 256 / 1024 sessions, window and recurrent,
-   client processes on half of the cores.
+4. ``serve``: first the policy step alone, plain against CUDA graphs (``tools.device.graph_speed``:
+   B = 1 / 32 / 256 / 1024, window and recurrent), then ``bench.serve --device cuda``: 1024
+   recurrent sessions on 1-8 server workers, client processes on half of the cores.
 5. ``scores``: ``bench.scores`` for DMM and DT x 3 seeds at 100k updates (``--score-variants``,
    ``--score-seeds``), all runs at once, in resumable run folders (``runs/device-scores``): run the
    command again on the same machine (``--steps scores``) to continue them.
@@ -100,6 +103,7 @@ SERVING_MODULES = (
 )
 SERVING_STEPS = {"tests", "serve"}
 STEP_SECONDS = {"tests": 180, "train": 240, "serve": 240}  # caps; the scores get what is left
+GRAPH_SECONDS = 120  # cap of the graph timing within the serve step (before bench.serve's own cap)
 MIN_SECONDS = 45  # a step with less left is skipped
 RESERVE_SECONDS = 15  # kept for writing the report
 
@@ -354,6 +358,7 @@ def step_tests(device: Device, step: Step) -> None:
         "no:cacheprovider",
         "tests/test_cuda.py",
         "tests/test_model.py",
+        "tests/test_graphs.py",
     ]
     rc, out = device.python(*cmd, timeout_s=min(STEP_SECONDS["tests"], device.left()), log=log)
     last = [line for line in out.splitlines() if line.strip()][-1:] or ["no output"]
@@ -365,17 +370,24 @@ def _bench_step(
     device: Device, step: Step, module: str, args: list[str], cap_s: float, summarize: Callable[[dict], str]
 ) -> None:
     """Run a bench module into the work folder; keep its JSON as <module>.json and its table."""
-    out = device.work / step.name
+    step.status, step.summary, step.markdown = _bench(device, module, args, cap_s, summarize)
+
+
+def _bench(
+    device: Device, module: str, args: list[str], cap_s: float, summarize: Callable[[dict], str]
+) -> tuple[str, str, str]:
+    """Run a module that writes results.json and results.md (``--out``) into the work folder and keep
+    its JSON as <module>.json; (status, summary, its table)."""
+    name = module.split(".")[-1]
+    out = device.work / name
     rc, tail = device.python(module, *args, "--out", str(out), timeout_s=min(cap_s, device.left()))
     results = out / "results.json"
     if not results.is_file():
-        step.status, step.summary = "failed", f"exit {rc}: " + " / ".join(tail.strip().splitlines()[-3:])
-        return
+        return "failed", f"exit {rc}: " + " / ".join(tail.strip().splitlines()[-3:]), ""
     payload = json.loads(results.read_text())
-    (device.out / f"{module.split('.')[-1]}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    step.markdown = (out / "results.md").read_text()
-    step.status = "ok" if rc == 0 else "failed"
-    step.summary = summarize(payload) + ("" if rc == 0 else f" (exit {rc})")
+    (device.out / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    summary = summarize(payload) + ("" if rc == 0 else f" (exit {rc})")
+    return ("ok" if rc == 0 else "failed"), summary, (out / "results.md").read_text()
 
 
 def step_train(device: Device, step: Step) -> None:
@@ -401,8 +413,43 @@ def _train_summary(payload: dict) -> str:
 
 
 def step_serve(device: Device, step: Step) -> None:
-    """1024 recurrent episodes as Act streams and as ActVector streams of 32, on 1/2/4/8 server
-    workers (the sweep over 1-1024 sessions is in the first run's results)."""
+    """The policy step alone, plain against CUDA graphs (:func:`_graph_speed`); then 1024 recurrent
+    episodes as Act streams and as ActVector streams of 32, on 1/2/4/8 server workers (the sweep over
+    1-1024 sessions is in the first run's results)."""
+    if not device.args.dry_run and not _cuda(device):
+        step.status, step.summary = "skipped", "torch sees no CUDA GPU"
+        return
+    graphs = _graph_speed(device)
+    _serve(device, step)
+    step.summary = f"{graphs[1]}; {step.summary}"
+    step.markdown = "\n\n".join(filter(None, [graphs[2], step.markdown]))
+    if graphs[0] != "ok":
+        step.status = "failed"
+
+
+def _graph_speed(device: Device) -> tuple[str, str, str]:
+    """``tools.device.graph_speed``: PolicyRunner's plain torch step against the GraphedRunner's CUDA
+    graphs at B = 1 / 32 / 256 / 1024 in both modes (a dry run: B = 1 / 4 on the CPU, run eagerly)."""
+    args = ["--quick"] if device.args.dry_run else ["--device", "cuda"]
+    return _bench(device, "tools.device.graph_speed", args, GRAPH_SECONDS, _graph_summary)
+
+
+def _graph_summary(payload: dict) -> str:
+    """Per mode: the median step plain -> graphed at the smallest and the largest B, and actions/s."""
+    rows = {(r["mode"], r["batch"], r["step"]): r for r in payload["rows"]}
+    parts = []
+    for mode in dict.fromkeys(r["mode"] for r in payload["rows"]):
+        batches = sorted({b for m, b, _ in rows if m == mode})
+        for batch in dict.fromkeys([batches[0], batches[-1]]):
+            plain, graphed = rows[(mode, batch, "plain")], rows[(mode, batch, "graphed")]
+            parts.append(
+                f"{mode} B={batch} {plain['median_step_ms']:.2f} -> {graphed['median_step_ms']:.2f} ms "
+                f"({graphed['actions_per_second']:.0f}/s, diff {graphed['max_action_difference']:.0e})"
+            )
+    return "graphs: " + ", ".join(parts) if parts else "graphs: no rows"
+
+
+def _serve(device: Device, step: Step) -> None:
     if device.args.dry_run:
         args = [
             "--quick",
@@ -416,9 +463,6 @@ def step_serve(device: Device, step: Step) -> None:
             "recurrent",
         ]
         args += ["--workers", "1", "2", "--episodes-per-stream", "1", "2"]
-    elif not _cuda(device):
-        step.status, step.summary = "skipped", "torch sees no CUDA GPU"
-        return
     else:
         args = ["--device", "cuda", "--sessions", "1024", "--modes", "recurrent", "--batching", "on"]
         args += ["--workers", "1", "2", "4", "8", "--episodes-per-stream", "1", "32"]
