@@ -168,11 +168,10 @@ class GraphedRunner(PolicyRunner):
             return []
         self._drop_stale_graphs()
         top = bucket_size(min(up_to or self.max_bucket, self.max_bucket))
-        sizes = [1 << i for i in range(top.bit_length() - 1, -1, -1)]
+        sizes = [1 << i for i in range(top.bit_length() - 1, -1, -1) if (1 << i) not in self._graphs]
         with torch.inference_mode():
             for size in sizes:
-                if size not in self._graphs:
-                    self._graphs[size] = self._capture(size)
+                self._graphs[size] = self._capture(size)
         return sizes
 
     @torch.inference_mode()
@@ -290,19 +289,29 @@ class GraphedRunner(PolicyRunner):
             self._graphed_buffers = addresses
 
     def _capture(self, size: int) -> _Graph:
-        """Warm up on the capture stream with every lane on the pad slot, then capture the bucket."""
+        """Warm up on the capture stream with every lane on the pad slot, then capture the bucket.
+
+        The capture forbids unsafe CUDA calls (a synchronizing copy, cudaMalloc) in this thread only
+        (``thread_local``): a server loads models on other threads while it steps, and those must not
+        fail because a capture is underway here."""
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         stream = self._capture_stream
         self._stage(size)
         stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(WARMUP_RUNS):
-                self._static_step(size)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, stream=stream):
-            action = self._static_step(size)
+        try:
+            with torch.cuda.stream(stream):
+                for _ in range(WARMUP_RUNS):
+                    self._static_step(size)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
+                action = self._static_step(size)
+        except RuntimeError as err:
+            raise RuntimeError(
+                f"capturing the {self.mode} step of {size} rows as a CUDA graph failed: {err} "
+                "(a runner without CUDA graphs: cuda_graphs=False)"
+            ) from err
         # the staged pad lanes must be read before the caller stages its batch into the same buffers
         torch.cuda.synchronize(self.device)
         return _Graph(graph, action)
