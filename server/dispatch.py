@@ -21,7 +21,7 @@ from dmm.server import logs
 from dmm.server.checks import Abort, check_float32, invalid
 from dmm.server.metrics import ServerMetrics
 from dmm.server.pool import Lease, ModelPool
-from dmm.server.resume import read_history
+from dmm.server.resume import Rebuilds, read_history
 from dmm.server.sessions import Session, SessionTable
 from dmm.server.status import Unreadable, refuse, store_status
 from dmm.server.streams import StepInput, StreamFormat
@@ -81,6 +81,7 @@ class Dispatcher:
         self.default_mode = default_mode
         self.idle_timeout_s = idle_timeout_s
         self.sessions = SessionTable(max_sessions)
+        self.rebuilds = Rebuilds(pool.max_delay_s)
         self.shutting_down = False
 
     async def run(self, context: grpc.aio.ServicerContext, stream: StreamFormat) -> None:
@@ -252,9 +253,13 @@ class Dispatcher:
                 read_history(so_far, lease.policy, target, None if episodes is None else row)
                 for row, so_far in enumerate(resume)
             ]
-        except Abort:
+            if histories:  # with the other resumed starts that arrive with this one
+                await self.rebuilds.rebuild(lease.batcher.runner, lease.slots, histories)
+        except BaseException as err:  # a bad history, a failed rebuild, or the client went away
             self.pool.release(lease)
             self.sessions.unreserve(slots)
+            if isinstance(err, Exception) and not isinstance(err, Abort):
+                raise Abort(grpc.StatusCode.INTERNAL, f"resume failed: {type(err).__name__}: {err}") from None
             raise
         session = Session.open(lease, target, asyncio.current_task(), histories, start.resumable)
         self.sessions.add(session)

@@ -51,13 +51,13 @@ class Session:
         resumable: bool = False,
     ) -> Session:
         """A session of one row per slot of ``lease``, every row at ``target`` and step 0, or, resumed,
-        each row where its history left it (one history per row)."""
+        each row where its history left it (one history per row, already rebuilt into its slot:
+        :class:`dmm.server.resume.Rebuilds`)."""
         rows = len(lease.slots)
         session = cls(
             lease, ReturnsToGo(target, rows), task, np.zeros(rows, dtype=np.int64), resumable=resumable
         )
         if histories:
-            lease.batcher.resume(lease.slots, histories)
             for row, history in enumerate(histories):
                 session.rtg.values[row] = history.rtgs[-1]
                 session.rtg.returns[row] = history.episode_return

@@ -203,6 +203,66 @@ def test_a_vector_stream_resumes_every_row(served) -> None:
         assert list(reply.actions) == np.concatenate([a[5], b[9]]).tolist()
 
 
+@pytest.fixture(scope="module")
+def batching(tmp_path_factory: pytest.TempPathFactory):
+    """A server whose batching window (300 ms) holds every resumed start a test sends at once."""
+    from dmm.server.testing import ServerProcess
+
+    root = tmp_path_factory.mktemp("store")
+    publish_tiny(root, "tiny")
+    with ServerProcess(root, ["--mode", "window", "--max-delay-ms", "300"]) as server:
+        yield server
+
+
+def _resumed_steps(streams: list[Stream], episodes, cuts: list[int], steps: int) -> list[np.ndarray]:
+    """Each stream's actions for ``steps`` steps after its cut (its resumed start already sent)."""
+    actions = []
+    for stream, (states, rewards), t in zip(streams, episodes, cuts, strict=True):
+        assert next(stream.call).started.model == "tiny"
+        replies = []
+        for step in range(t, t + steps):
+            reply = stream.step(states[step], reward=float(rewards[step - 1]))
+            assert reply.step == step
+            replies.append(list(reply.action))
+        actions.append(np.array(replies, dtype=np.float32))
+        stream.end(1.0)
+        assert stream.finish() == grpc.StatusCode.OK
+    return actions
+
+
+@pytest.mark.parametrize("mode", ["window", "recurrent"])
+def test_sessions_resumed_at_once_go_on_as_resumed_singly(batching, mode: str) -> None:
+    """Resumed starts that arrive together are rebuilt together (recurrent: in one batch, the server
+    logs it) and act as the same sessions resumed one at a time, and as the uninterrupted ones."""
+    episodes = [_episode(24, seed=10 + i) for i in range(4)]
+    cuts, after = [5, 20, 1, 12], 3
+    with grpc.insecure_channel(batching.target) as channel:
+        played = [_act_episode(channel, states, rewards, mode)[0] for states, rewards in episodes]
+
+        def start(i: int) -> Stream:
+            (states, rewards), t = episodes[i], cuts[i]
+            stream = Stream(channel)
+            so_far = _so_far(states, played[i], rewards, t)
+            stream.put(
+                policy_pb2.ActRequest(start=policy_pb2.Start(model="tiny", mode=_MODE[mode], resume=so_far))
+            )
+            return stream
+
+        singly = [_resumed_steps([start(i)], [episodes[i]], [cuts[i]], after)[0] for i in range(4)]
+        logged = len(batching.output)
+        together = _resumed_steps([start(i) for i in range(4)], episodes, cuts, after)
+    rebuilt = [line for line in batching.output[logged:] if "histories rebuilt" in line]
+    if mode == "recurrent":  # a window runner's batch is what arrived before the loop's next pass
+        assert len(rebuilt) == 1 and "episodes=4" in rebuilt[0], rebuilt
+    for i, t in enumerate(cuts):
+        if mode == "window":
+            np.testing.assert_array_equal(together[i], singly[i])
+            np.testing.assert_array_equal(together[i], played[i][t : t + after])
+        else:
+            np.testing.assert_allclose(together[i], singly[i], atol=1e-5, rtol=0)
+            np.testing.assert_allclose(together[i], played[i][t : t + after], atol=1e-5, rtol=0)
+
+
 def _refused(channel: grpc.Channel, start: policy_pb2.Start) -> grpc.RpcError:
     stream = Stream(channel)
     with pytest.raises(grpc.RpcError) as info:
