@@ -68,7 +68,10 @@ class ModelPool:
 
     async def resolve(self, name: str, version: int | None) -> int:
         """The version a new session of ``name`` gets: the one it names, else its route's draw, else the
-        latest (StoreError subclasses if there is none)."""
+        latest (StoreError subclasses if there is none). A version it names that is loaded is that
+        version, without a look at the store (a resumed start names the version its episode ran on)."""
+        if version is not None and (name, version) in self._loaded:
+            return version
 
         def _resolve() -> tuple[int, int]:
             routed = version if version is not None or self.router is None else self.router.pick(name)
