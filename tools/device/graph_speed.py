@@ -2,13 +2,15 @@
 :class:`~dmm.model.graphs.GraphedRunner` (one captured graph per power-of-two bucket), per inference
 mode and batch size B, on one freshly initialized paper-size DMM.
 
-For every mode and B, a plain and a graphed runner with B slots step in turn (plain, graphed, plain,
-...) on the same states and returns-to-go, so machine noise hits both alike and their actions can be
-compared. The graphed runner's first step captures its bucket (timed apart, as ``first step``); after
-``--warmup`` untimed steps (past the context K, so window rows run full windows) come ``--steps``
-timed ones. A step is what a server's batch costs: staging the inputs, the forward, the actions back
-on the host. ``python -m bench.device`` runs it on a GPU host within its ``serve`` step; on the CPU the
-graphed runner runs the same static-buffer step eagerly (what a dry run rehearses).
+For every mode and B, three runners with B slots step in turn on the same states and returns-to-go,
+so machine noise hits all alike and their actions can be compared: plain, static (the graphed
+runner's static-buffer step run eagerly: what the padding to a bucket and window mode's full K
+columns cost) and graphed. The graphed runner's first step captures its bucket (timed apart, as
+``first step``); after ``--warmup`` untimed steps (past the context K, so window rows run full
+windows) come ``--steps`` timed ones. A step is what a server's batch costs: staging the inputs,
+the forward, the actions back on the host. ``python -m bench.device`` runs it on a GPU host within
+its ``serve`` step; on the CPU the graphed runner runs the static-buffer step eagerly too (what a dry
+run rehearses).
 
     python -m tools.device.graph_speed --device cuda
     python -m tools.device.graph_speed --quick --out /tmp/graph-speed
@@ -44,12 +46,14 @@ COLUMNS = (
 
 
 def time_steps(policy: Any, mode: str, batch: int, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Two rows, plain and graphed: ``batch`` slots stepped ``1 + args.warmup + args.steps`` times."""
+    """Three rows, plain, static and graphed: ``batch`` slots stepped ``1 + args.warmup + args.steps``
+    times."""
     from dmm.model import GraphedRunner, PolicyRunner
 
     slots = list(range(batch))
     runners = {
         "plain": PolicyRunner(policy, mode, capacity=batch, recurrent_step="torch"),
+        "static": GraphedRunner(policy, mode, capacity=batch, capture=False),
         "graphed": GraphedRunner(policy, mode, capacity=batch),
     }
     for runner in runners.values():
@@ -129,9 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     fig, axes = new_figure()
     ax = axes[0][0]
     for mode in args.modes:
-        for step in ("plain", "graphed"):
+        for step in ("plain", "static", "graphed"):
             pts = [r for r in rows if r["mode"] == mode and r["step"] == step]
-            style = "-" if step == "graphed" else "--"
+            style = {"plain": "--", "static": ":", "graphed": "-"}[step]
             ax.plot([r["batch"] for r in pts], [r["median_step_ms"] for r in pts], style, marker="o")
             ax.lines[-1].set_label(f"{mode}, {step}")
     ax.set(xscale="log", yscale="log", xlabel="slots per step (B)", ylabel="ms per step (median)")
@@ -148,8 +152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     notes = [
         f"policy: freshly initialized paper-size DMM ({FRESH_POLICY_ENV}); torch threads {args.threads}; "
         f"the median (and p99) of {args.steps} timed steps per row after {args.warmup} untimed ones",
-        "plain: PolicyRunner's torch step (recurrent_step='torch'); graphed: GraphedRunner "
-        f"(dmm/model/graphs.py), static buffers, {graphed}; plain and graphed steps interleaved",
+        "plain: PolicyRunner's torch step (recurrent_step='torch'); static: GraphedRunner's static-buffer "
+        "step (dmm/model/graphs.py: power-of-two buckets, window mode over all K columns) run eagerly; "
+        f"graphed: the same, {graphed}; the three steps interleaved",
         "first step: the runner's first step, which for graphed includes warming up and capturing its bucket",
     ]
     if gpu_mib is not None:
