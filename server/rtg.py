@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from dmm.server.checks import check_float32_rows
+from dmm.server.checks import FLOAT32_MAX, check_float32_rows
 
 
 class ReturnsToGo:
@@ -37,7 +37,23 @@ class ReturnsToGo:
         self, rows: np.ndarray, rewards: np.ndarray, restart: np.ndarray, where: Callable[[int], str]
     ) -> None:
         """Refuse (Abort, INVALID_ARGUMENT) a reward outside float32, or one that takes the rtg of a row
-        that goes on (not in the mask ``restart``) outside float32; ``where(i)`` names ``rows[i]``."""
+        that goes on (not in the mask ``restart``) outside float32; ``where(i)`` names ``rows[i]``.
+
+        The common case, every value fine, is cheap: an Act step's one reward takes two float
+        comparisons, a vector step's rewards two reductions; only a bad value takes the checks that
+        name it (NaN compares False, so it takes them too)."""
+        if rewards.size == 1:
+            reward = rewards.item()
+            if -FLOAT32_MAX <= reward <= FLOAT32_MAX and (
+                restart.item() or -FLOAT32_MAX <= self.values.item(rows.item()) - reward <= FLOAT32_MAX
+            ):
+                return
+        elif rewards.size:
+            after = np.where(restart, 0.0, self.values[rows] - rewards)
+            if np.abs(rewards).max() <= FLOAT32_MAX and np.abs(after).max() <= FLOAT32_MAX:
+                return
+        else:
+            return
         check_float32_rows("reward", rewards, where)
         going = np.flatnonzero(~restart)
         after = self.values[rows[going]] - rewards[going]

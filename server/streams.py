@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from dmm.server.checks import FLOAT32_MAX, Abort, check_float32, check_states, invalid
+from dmm.server.checks import Abort, check_float32, check_states, invalid
 from dmm.server.sessions import Session
 from dmm.v1 import policy_pb2
 from dmm.v1.modes import MODE_ENUM
@@ -86,11 +86,6 @@ def session_started(session: Session) -> policy_pb2.SessionStarted:
     )
 
 
-def _fits(value: float) -> bool:
-    """A value the model's float32 holds (finite, |value| <= its largest)."""
-    return -FLOAT32_MAX <= value <= FLOAT32_MAX
-
-
 def _non_finite(what: str, ended: str) -> str:
     return (
         f"the model produced a non-finite action {what} (inputs far outside the training data?); "
@@ -140,10 +135,8 @@ class ActFormat(StreamFormat):
                     "step 0 carries a reward, but there is no previous action: send only the state "
                     "(or an explicit rtg)"
                 )
-            reward = step.reward
-            rewards = np.array([reward])
-            if not (_fits(reward) and _fits(float(session.rtg.values[0]) - reward)):
-                session.rtg.check_rewards(self._ROW, rewards, self._NO_RESTART, where)  # names what
+            rewards = np.array([step.reward])
+            session.rtg.check_rewards(self._ROW, rewards, self._NO_RESTART, where)
             return StepInput(self._ROW, states, rewards, self._NO_RESTART)
         if n > 0:
             raise invalid(f"step {n} has neither the reward of the last action nor an explicit rtg")
