@@ -22,6 +22,15 @@ S, A = 5, 2
 TOLERANCE = 1e-6
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The models here are tiny: more torch threads only spin on a shared machine's cores (50x)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _network(seed: int = 0, **overrides) -> PolicyNetwork:
     torch.manual_seed(seed)
     config = {"state_dim": S, "act_dim": A, "d_model": 16, "n_layer": 3, "context": 4, "dsm_window": 6}
@@ -75,7 +84,7 @@ def test_static_path_acts_as_the_plain_step(mode, overrides, backend, monkeypatc
     free = list(range(40))
     rng.shuffle(free)
     sizes = [1, 3, 4, 5, 17, 2, 8, 9, 1, 16, 6, 17, 3]
-    for tick in range(60):
+    for tick in range(120):
         # new episodes, resumed ones (an episode moves to another slot) and finished ones
         if free and (len(history) < 20 or rng.random() < 0.3):
             fresh = [free.pop() for _ in range(min(len(free), int(rng.integers(1, 6))))]
@@ -111,7 +120,8 @@ def test_static_path_acts_as_the_plain_step(mode, overrides, backend, monkeypatc
             history[slot][2].append(rtgs[row])
             assert graphed.steps_taken(slot) == plain.steps_taken(slot) == len(history[slot][0])
     assert graphed.capacity > 2 + 1 and max(len(h[0]) for h in history.values()) > 2 * plain.context
-    assert {1, 4, 8} <= set(counted.rows), counted.rows  # buckets, and 17 rows as 8 + 8 + 1
+    assert {1, 4, 8} <= set(counted.rows), counted.rows
+    assert any(counted.rows[i : i + 3] == [8, 8, 1] for i in range(len(counted.rows))), "17 rows: 8 + 8 + 1"
 
 
 @pytest.mark.parametrize("mode", ["window", "recurrent"])
