@@ -132,7 +132,7 @@ class GraphedRunner(PolicyRunner):
         self._host_f_np, self._host_i_np = self._host_f.numpy(), self._host_i.numpy()
         self._columns = torch.arange(self.context, device=self.device)  # window mode's K columns
         self._graphs: dict[int, _Graph] = {}
-        self._graphed_buffers: tuple[int, ...] = ()  # addresses of the slot buffers the graphs use
+        self._graphed_buffers: tuple[int, ...] = ()  # _buffer_addresses() when the graphs were captured
         self._pool = None  # the graphs' shared memory pool (torch.cuda.graph_pool_handle)
         self._capture_stream = torch.cuda.Stream(self.device) if capture else None
 
@@ -278,7 +278,8 @@ class GraphedRunner(PolicyRunner):
         return action
 
     def _buffer_addresses(self) -> tuple[int, ...]:
-        return tuple(t.data_ptr() for t in self._buffers.values())
+        """What the graphs depend on: the capacity (it only grows) and the slot buffers' addresses."""
+        return (self.capacity, *(t.data_ptr() for t in self._buffers.values()))
 
     def _drop_stale_graphs(self) -> None:
         """Drop the graphs if the slot buffers moved (the capacity grew): they hold the old addresses."""
