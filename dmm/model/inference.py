@@ -17,11 +17,11 @@ ops, in both modes: in recurrent mode instead of :meth:`PolicyNetwork.step`'s ~9
 instead of the forward over the window (the kernel runs the network from the initial state over the
 slot's last min(t + 1, K) steps, padding masked as the forward masks it). Both read and write the
 same slot buffers as the torch step and give the same actions (to 1e-5). The fused step runs where
-the numba scan backend would, for batches of up to ``AUTO_FUSED_MAX_ROWS`` rows (larger ones take
-the torch step); ``recurrent_step="torch"`` (or ``DMM_RECURRENT_STEP=torch``) keeps the torch step in
-either mode (one setting for both: the name is historical), which is also what runs on a GPU and for
-policies without Mamba mixers. The fused step copies the weights when the runner is built: a runner
-serves the weights its policy had then.
+the numba scan backend would, for batches of up to ``AUTO_FUSED_MAX_ROWS`` rows (now any size;
+larger ones would take the torch step); ``recurrent_step="torch"`` (or ``DMM_RECURRENT_STEP=torch``)
+keeps the torch step in either mode (one setting for both: the name is historical), which is also
+what runs on a GPU and for policies without Mamba mixers. The fused step copies the weights when the
+runner is built: a runner serves the weights its policy had then.
 """
 
 from __future__ import annotations
@@ -49,10 +49,10 @@ RecurrentStep = Literal["auto", "fused", "torch"]
 RECURRENT_STEP_ENV = "DMM_RECURRENT_STEP"
 
 
-# Above this many rows ``auto`` steps with torch (its BLAS products beat the kernel's own loops): the
-# fused step is 8.6x the torch step at B=1, about equal to torch with the numba scan at B=64 and 14%
-# slower at B=256 (bench/results/step_speed).
-AUTO_FUSED_MAX_ROWS = 64
+# Above this many rows ``auto`` would step with torch. With its products in BLAS the fused step beat
+# the torch step (either scan backend) at every batch size measured, 1 to 1024 rows, in both modes
+# (bench/results/step_speed, bench/results/serve-fused-window), so ``auto`` takes it for all of them.
+AUTO_FUSED_MAX_ROWS = sys.maxsize
 
 
 def _fused_max_rows(policy: Policy, mode: InferenceMode, choice: str | None) -> int:
