@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -287,34 +288,35 @@ def _local_mix(xt, cache, slots, kind, w, bias, windows, out):
 
 
 @_jit
-def _mamba(zt, layer, li, mask, state, slots, out):
+def _mamba(zt, layer, li, mask, state, slots, out, ws, wbits):
     """out [T B, d] = ModifiedMamba(zt) of layer li; its scan (scan_numba's forward kernel, T tokens
-    per slot) updates the slots' rows of ``state`` [S, d_inner, d_state]."""
+    per slot) updates the slots' rows of ``state`` [S, d_inner, d_state]. ws, wbits: scratch (see
+    :func:`_workspace`)."""
     in_x, in_z, x_dt, x_B, x_C, dt_wt, dt_b, out_wt, At, D = layer[6:]
     M, di, N = zt.shape[0], dt_wt.shape[2], At.shape[1]
     R = dt_wt.shape[1]
-    xz = np.empty((2, M, di), np.float32)  # u = silu(x) and the gate silu(z)
+    xz = ws[: 2 * M * di].reshape(2, M, di)  # u = silu(x) and the gate silu(z)
     _matmul(zt, in_x[li], xz[0])
     _matmul(zt, in_z[li], xz[1])
-    z, e, bits = (
-        np.empty(2 * M * di, np.float32),
-        np.empty(2 * M * di, np.float32),
-        np.empty(2 * M * di, np.int32),
-    )
+    z, e, bits = ws[2 * M * di : 4 * M * di], ws[4 * M * di : 6 * M * di], wbits[: 2 * M * di]
     _silu_into(xz.reshape(2 * M * di), z, e, bits)
     u, gate = xz[0], xz[1]
     bt = (slots.shape[0], M // slots.shape[0])
-    dt, B, C = np.empty((M, R), np.float32), np.empty((M, N), np.float32), np.empty((M, N), np.float32)
+    o = 6 * M * di
+    dt = ws[o : o + M * R].reshape(M, R)
+    B = ws[o + M * R : o + M * (R + N)].reshape(M, N)
+    C = ws[o + M * (R + N) : o + M * (R + 2 * N)].reshape(M, N)
+    o += M * (R + 2 * N)
     _matmul(u, x_dt[li], dt)
     _matmul(u, x_B[li], B)
     _matmul(u, x_C[li], C)
-    delta = np.empty((M, di), np.float32)
+    delta = ws[o : o + M * di].reshape(M, di)
     _linear(dt, dt_wt[li], dt_b[li], delta)
     _softplus_into(delta.reshape(M * di), z[: M * di], e[: M * di], bits[: M * di])
     for r in range(M):
         if not mask[r]:
             delta[r] = _ZERO  # padding: the scan leaves the state as it is
-    y = np.empty((M, di), np.float32)
+    y = ws[o + M * di : o + 2 * M * di].reshape(M, di)
     _scan_forward(
         u.reshape(*bt, di), delta.reshape(*bt, di), At[li], B.reshape(*bt, N), C.reshape(*bt, N), D[li],
         state, slots, y.reshape(*bt, di),
@@ -326,26 +328,26 @@ def _mamba(zt, layer, li, mask, state, slots, out):
 
 
 @_jit
-def _block(x, layer, li, stream, kind, mask, cache, state, slots):
+def _block(x, layer, li, stream, kind, mask, cache, state, slots, ws, wbits):
     """x [T B, d] becomes block li's output: Z = X + DSM(LN1 X), Y = Z + Mamba(LN2 Z) ("stream"), or
     each mixer added to its normalized input ("normalized")."""
     ln1_w, ln1_b, ln2_w, ln2_b, local_w, local_b = layer[:6]
     M, d = x.shape
-    xt = np.empty((M, d), np.float32)
+    xt = ws[: M * d].reshape(M, d)
     _layer_norm(x, ln1_w[li], ln1_b[li], xt)
     for r in range(M):
         if not mask[r]:
             xt[r] = _ZERO  # padding enters the local mixer as zeros, as before a sequence start
-    mixed = np.empty((M, d), np.float32)
+    mixed = ws[M * d : 2 * M * d].reshape(M, d)
     width = local_w.shape[1] if kind == _LOCAL_DSM else local_w.shape[1] * d  # k * d either way
-    windows = np.empty((M, width), np.float32)
+    windows = ws[2 * M * d : (2 * d + width) * M].reshape(M, width)
     _local_mix(xt, cache, slots, kind, local_w[li], local_b[li], windows, mixed)
     for r in range(M):
         for c in range(d):
             x[r, c] = (x[r, c] if stream else xt[r, c]) + mixed[r, c]
     zt = xt  # LN1's output is no longer needed
     _layer_norm(x, ln2_w[li], ln2_b[li], zt)
-    _mamba(zt, layer, li, mask, state, slots, mixed)
+    _mamba(zt, layer, li, mask, state, slots, mixed, ws[2 * M * d :], wbits)  # windows are done
     for r in range(M):
         for c in range(d):
             x[r, c] = (x[r, c] if stream else zt[r, c]) + mixed[r, c]
@@ -368,26 +370,29 @@ def _head(x, head, B, out):
 
 
 @_jit
-def _step(emb, norm, layers, head, stream, kind, caches, states, prev_act, slots, steps, obs, rtgs, out):
-    """The whole recurrent step for slots [B]: see :class:`FusedStep`."""
+def _step(
+    emb, norm, layers, head, stream, kind, caches, states, prev_act, slots, steps, obs, rtgs, out, ws, wbits
+):
+    """The whole recurrent step for slots [B]: see :class:`FusedStep`; ws, wbits: scratch."""
     ln_w, ln_b = emb[7], emb[8]
     mean, std, rtg_scale = norm
     B, d = slots.shape[0], ln_w.shape[0]
-    x = np.empty((TOKENS_PER_STEP * B, d), np.float32)
+    M = TOKENS_PER_STEP * B
+    x = ws[: M * d].reshape(M, d)
     _embed(emb[:7], mean, std, rtg_scale, prev_act, slots, steps, obs, rtgs, x)
     _layer_norm(x, ln_w, ln_b, x)
     mask = np.ones(TOKENS_PER_STEP * B, np.bool_)
     for i in range(B):
         mask[3 * i] = steps[i] > 0  # at t = 0 the a_{t-1} token is padding
     for li in range(caches.shape[0]):
-        _block(x, layers, li, stream, kind, mask, caches[li], states[li], slots)
+        _block(x, layers, li, stream, kind, mask, caches[li], states[li], slots, ws[M * d :], wbits)
     _head(x, head, B, out)
     for i in range(B):
         prev_act[slots[i]] = out[i]  # the next step's a_{t-1}
 
 
 @_jit
-def _window(emb, norm, layers, head, stream, kind, bufs, slots, steps, obs, rtgs, out):
+def _window(emb, norm, layers, head, stream, kind, bufs, slots, steps, obs, rtgs, out, ws, wbits):
     """The whole window step for slots [B]: see :meth:`FusedStep.window`."""
     ln_w, ln_b = emb[7], emb[8]
     mean, std, rtg_scale = norm
@@ -408,18 +413,20 @@ def _window(emb, norm, layers, head, stream, kind, bufs, slots, steps, obs, rtgs
             obs_buf[slot, K - 1, j] = (obs[i, j] - mean[j]) / std[j]
         act_buf[slot, K - 1] = _ZERO
     M = TOKENS_PER_STEP * span * B
-    x = np.empty((M, d), np.float32)
+    x = ws[: M * d].reshape(M, d)
     mask = np.empty(M, np.bool_)
     _embed_window(emb[:7], bufs, slots, steps, span, x, mask)
     _layer_norm(x, ln_w, ln_b, x)
     # every window starts from the initial state: a zero cache and scan state per slot, not kept
     rows = np.arange(B)
-    cache = np.empty((B, k - 1, d), np.float32)
-    state = np.empty((B, di, N), np.float32)
+    o = M * d + B * (k - 1) * d
+    cache = ws[M * d : o].reshape(B, k - 1, d)
+    state = ws[o : o + B * di * N].reshape(B, di, N)
+    o += B * di * N
     for li in range(layers[0].shape[0]):
         cache[:] = _ZERO
         state[:] = _ZERO
-        _block(x, layers, li, stream, kind, mask, cache, state, rows)
+        _block(x, layers, li, stream, kind, mask, cache, state, rows, ws[o:], wbits)
     _head(x, head, B, out)
     for i in range(B):
         act_buf[slots[i], K - 1] = out[i]  # the action column of step t
@@ -497,6 +504,7 @@ class FusedStep:
         self._stream = cfg.residual == "stream"
         self._kind = _LOCAL_DSM if cfg.local_mixer == "dsm" else _LOCAL_CONV
         self._read_weights(model)
+        self._scratch = threading.local()  # see _workspace
         _blas_on_one_thread()
 
     def _read_weights(self, model: PolicyNetwork) -> None:
@@ -545,6 +553,23 @@ class FusedStep:
             _view(prev_action, "the previous-action buffer", (S, cfg.act_dim)),
         )
 
+    def _workspace(self, rows: int, window_slots: int) -> tuple[np.ndarray, np.ndarray]:
+        """Scratch for a call over ``rows`` tokens (and ``window_slots`` windows' initial states): float32
+        and int32 arrays that this thread's calls reuse, grown as needed, never shrunk. Fresh arrays
+        every call cost page faults at large batches (a 256-slot window call needs ~40 MB)."""
+        cfg = self.config
+        d, di, N, k, R = cfg.d_model, cfg.d_inner, cfg.d_state, cfg.dsm_window, cfg.resolved_dt_rank
+        floats = rows * (3 * d + max(k * d, 8 * di + R + 2 * N)) + window_slots * ((k - 1) * d + di * N)
+        ints = 2 * rows * di
+        scratch = self._scratch.__dict__
+        ws, wbits = scratch.get("ws"), scratch.get("wbits")
+        if ws is None or ws.size < floats or wbits.size < ints:
+            grown = ws is not None and wbits is not None
+            ws = np.empty(max(floats, ws.size if grown else 0), np.float32)
+            wbits = np.empty(max(ints, wbits.size if grown else 0), np.int32)
+            scratch["ws"], scratch["wbits"] = ws, wbits
+        return ws, wbits
+
     def window_views(self, rtg: torch.Tensor, obs: torch.Tensor, act: torch.Tensor) -> WindowBuffers:
         """numpy views of a window runner's buffers of S slots and K steps: rtg [S, K, 1], obs
         [S, K, state_dim], act [S, K, act_dim] (checked here once, not at each step)."""
@@ -591,6 +616,7 @@ class FusedStep:
         _step(
             self._emb, self._norm, self._layers, self._head, self._stream, self._kind,
             buffers.local, buffers.ssm, buffers.prev_action, slots, steps, obs, rtg, out,
+            *self._workspace(TOKENS_PER_STEP * len(slots), 0),
         )  # fmt: skip
         return out
 
@@ -621,11 +647,15 @@ class FusedStep:
         rtgs: np.ndarray,
     ) -> np.ndarray:
         """:meth:`window` without the argument checks (see :meth:`run`)."""
-        out = np.empty((len(slots), self.config.act_dim), np.float32)
+        B, K = len(slots), buffers.obs.shape[1]
+        out = np.empty((B, self.config.act_dim), np.float32)
+        if not B:
+            return out
         obs, rtg = np.ascontiguousarray(states, np.float32), np.ascontiguousarray(rtgs, np.float32)
+        span = min(int(steps.max()) + 1, K)  # the longest window of the batch, as the kernel finds it
         _window(
             self._emb, self._norm, self._layers, self._head, self._stream, self._kind,
-            tuple(buffers), slots, steps, obs, rtg, out,
+            tuple(buffers), slots, steps, obs, rtg, out, *self._workspace(TOKENS_PER_STEP * span * B, B),
         )  # fmt: skip
         return out
 
