@@ -192,6 +192,62 @@ def test_compose_trains_online_in_the_background(compose):
         assert "train-online" not in service.get("depends_on", {}), f"{name} must not wait for train-online"
 
 
+def compose_seconds(duration: str) -> float:
+    """A compose duration ("30s", "1m30s", "500ms") in seconds."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, f"not a compose duration: {duration!r}"
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def server_grace_s(command: list[str]) -> float:
+    """The --grace a `dmm serve` argument list gives, else the server's default."""
+    import dataclasses
+
+    from dmm.server.options import ServeOptions
+
+    if "--grace" in command:
+        return float(command[command.index("--grace") + 1])
+    return next(f.default for f in dataclasses.fields(ServeOptions) if f.name == "grace_s")
+
+
+# What a drain takes beyond --grace: the server ends the streams left and exits. Measured in the image
+# on a loaded 2-core machine: 3 s from its last log line to the process' end (the interpreter's exit
+# after torch and numba).
+EXIT_MARGIN_S = 10.0
+
+
+def test_compose_lets_the_server_drain_before_it_kills_it(compose):
+    """`docker compose stop`/`down` send SIGTERM, then SIGKILL after stop_grace_period (10 s unless
+    set). The server gives non-resumable streams --grace (10 s) and then exits: with the default, it
+    was killed (exit 137) before its drain ended."""
+    server = compose["services"]["server"]
+    grace = server_grace_s(server["command"])
+    assert grace + EXIT_MARGIN_S <= compose_seconds(server.get("stop_grace_period", "10s"))
+
+
+def test_readme_docker_run_gives_the_server_time_to_drain(compose):
+    """`docker run`'s own default is also 10 s: the README's `docker run` of the image says more."""
+    grace = server_grace_s(compose["services"]["server"]["command"])
+    runs = [line for line in (DEPLOY / "README.md").read_text().splitlines() if line.startswith("docker run")]
+    assert runs
+    for line in runs:
+        match = re.search(r"--stop-timeout (\d+)", line)
+        assert match and grace + EXIT_MARGIN_S <= int(match.group(1)), line
+
+
+def test_the_image_installs_scipy_for_numbas_dot():
+    """numba's np.dot, which the fused step kernel's products call, needs SciPy's BLAS: without it the
+    image's build-time warm-up stops (ModuleNotFoundError: scipy), and a server could not compile the
+    kernel. The package's extras do not pull it in (the dev extra does, through jax), so the image
+    installs it with the package unless the serve extra lists it."""
+    tomllib = pytest.importorskip("tomllib")
+    serve = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["serve"]
+    runs = " ".join(rest for instr, rest in dockerfile_instructions() if instr == "RUN")
+    package_install = next(cmd for cmd in re.findall(r"pip install ([^;&|]*)", runs) if ".${EXTRAS" in cmd)
+    assert any(re.match(r"scipy\b", req) for req in serve) or re.search(r"[\s\"']scipy\b", package_install)
+
+
 def test_the_image_holds_the_pretrained_store_where_bootstrap_looks():
     """deploy/pretrained is copied beside bootstrap.py, which is where its default --pretrained points
     and what compose passes; no dockerignore pattern drops a file of it."""
@@ -657,6 +713,19 @@ def test_bootstrap_without_pretrained_models_prints_the_rollout_that_works(tmp_p
     assert "no pre-trained models in" in out and "training a demonstration model instead" in out
     assert "dmm rollout --target localhost:50051 --env hopper-medium-sim-v4" in out
     assert 'rollout(env="hopper-medium-sim-v4")' in out
+
+
+def test_bootstrap_prints_the_rollout_the_shipped_score_is_measured_on(tmp_path, monkeypatch, capsys):
+    """The printed rollout plays the episodes the pre-trained README's score is a mean over (100): the
+    client's default 10 (seeds 0-9) played 67 where the README says 71.4 (measured in the image)."""
+    bootstrap = load_module("bootstrap")
+    episodes = bootstrap.PRETRAINED_EPISODES
+    assert f"--episodes {episodes}" in (DEPLOY / "pretrained" / "README.md").read_text()
+    monkeypatch.delenv("DMM_BOOTSTRAP_PRETRAINED", raising=False)
+    assert bootstrap.main(["--store", str(tmp_path / "store")]) == 0
+    out = capsys.readouterr().out
+    command = "dmm rollout --target localhost:50051 --env hopper-medium-sim-v4 --mode recurrent"
+    assert f"{command} --episodes {episodes}\n" in out
 
 
 def test_healthcheck_probes_a_tls_server_with_its_ca_and_a_client_certificate(tmp_path):
