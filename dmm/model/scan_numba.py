@@ -215,12 +215,14 @@ selective_scan_op, selective_scan_backward_op = scan_op.define(
 
 @functools.cache
 def warm_up() -> None:
-    """Compile (or load from numba's cache) the float32 kernels now rather than at a first request."""
-    with torch.inference_mode(False), torch.enable_grad():
-        shapes = [(1, 2, 2), (1, 2, 2), (2, 1), (1, 2, 1), (1, 2, 1), (2,), (1, 2, 1)]
-        leaves = [torch.rand(s, requires_grad=True) for s in shapes]
-        y, h = selective_scan_op(*leaves)
-        (y.sum() + h.sum()).backward()
+    """Compile (or load from numba's cache) the float32 kernels now rather than at a first request.
+
+    Calls the kernels' wrappers, not the registered op: going through the op (and autograd) imports
+    ``torch._dynamo``, a second or more of a server's start that serving never needs."""
+    shapes = [(1, 2, 2), (1, 2, 2), (2, 1), (1, 2, 1), (1, 2, 1), (2,), (1, 2, 1)]
+    u, delta, A, B, C, D, h0 = (torch.rand(s) for s in shapes)
+    y, h = _scan_from(u, delta, A, B, C, D, h0)
+    _gradients(u, delta, A, B, C, D, h0, torch.ones_like(y), torch.ones_like(h))
 
 
 selective_scan_numba = scan_op.entry_point(selective_scan_op, _scan_from, "numba")
