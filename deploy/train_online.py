@@ -4,10 +4,12 @@ The compose service ``train-online`` runs this beside the server, which does not
 serves the pre-trained model meanwhile. If the store already has the model (``--name``, default the
 dataset's name), or another live run is training it, nothing is done. Otherwise the D4RL dataset
 ``--dataset`` is downloaded (from D4RL's server, or the mirror ``$D4RL_BASE_URL``) and ``dmm train``
-trains on it for ``--updates`` updates (20,000) with a cosine learning-rate schedule and an EMA of the
-weights, then publishes it; the server reads the store at each session start, so new sessions get it
-without a restart. While it trains, the store's marker ``.training/<name>.json`` says so, and a client
-asking for the model is told that it is being trained and which models are available.
+trains on it for ``--updates`` updates (20,000) with a cosine learning-rate schedule, an EMA of the
+weights and half of each batch's rows walking whole episodes (the pre-trained model's recipe, which
+makes it play as well in recurrent mode as in window mode: docs/training.md), then publishes it; the
+server reads the store at each session start, so new sessions get it without a restart. While it
+trains, the store's marker ``.training/<name>.json`` says so, and a client asking for the model is
+told that it is being trained and which models are available.
 
 Offline (the download fails) it prints one line and exits 0, marking nothing. Every option can also
 be set by an environment variable (``DMM_TRAIN_ONLINE_*``, ``DMM_STORE``), which is how
@@ -59,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--lr-schedule", choices=("constant", "cosine"), default=_setting("LR_SCHEDULE", "cosine"))
     add("--ema-decay", type=float, default=_setting("EMA_DECAY", "0.999"))
+    add("--episode-fraction", type=float, default=_setting("EPISODE_FRACTION", "0.5"))
     add("--seed", type=int, default=_setting("SEED", "0"))
     add(
         "--eval-episodes",
@@ -132,7 +135,8 @@ def _train(args: argparse.Namespace, name: str, dataset: Path) -> int:
     print(f"train-online: training {name} for {args.updates} updates (progress every 1,000 updates)")
     train = ["train", "--dataset", str(dataset), "--store", str(args.store), "--name", name]
     train += ["--updates", str(args.updates), "--lr-schedule", args.lr_schedule]
-    train += ["--ema-decay", str(args.ema_decay), "--seed", str(args.seed), "--no-progress"]
+    train += ["--ema-decay", str(args.ema_decay), "--episode-fraction", str(args.episode_fraction)]
+    train += ["--seed", str(args.seed), "--no-progress"]
     train += ["--eval-every", "0", "--eval-episodes", str(args.eval_episodes)]
     return dmm_main([*train, "--compile" if args.compile else "--no-compile"])
 

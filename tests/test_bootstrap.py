@@ -199,7 +199,10 @@ def test_train_online_marks_trains_with_the_budget_and_publishes(
         "--updates": "20000",
         "--eval-every": "0",
     }
-    assert argv[argv.index("--lr-schedule") :][:4] == ["--lr-schedule", "cosine", "--ema-decay", "0.999"]
+    assert argv[argv.index("--lr-schedule") :][:6] == [
+        *("--lr-schedule", "cosine", "--ema-decay", "0.999"),
+        *("--episode-fraction", "0.5"),  # the pre-trained model's recipe: served in recurrent mode
+    ]
     assert re.fullmatch(
         rf"model '{ONLINE}' is being trained \(started \d+ s ago\); "
         rf"available models: hopper-expert-sim-v4, {SIM}",
