@@ -8,7 +8,7 @@ The returns-to-go are counted down from the session's target by the same float64
 session would have made, so the rebuilt context holds the very values an uninterrupted one would.
 
 Resumed sessions that arrive together (every stream of a server that died moves at once) are rebuilt
-together (:class:`Rebuilds`): in recurrent mode one forward over all their histories.
+together (:class:`Rebuilds`): in recurrent mode short histories share a forward.
 """
 
 from __future__ import annotations
@@ -131,11 +131,12 @@ class _Batch:
 class Rebuilds:
     """The rebuilds of resumed sessions, batched per runner as steps are: those that arrive within
     ``max_delay_s`` of the first (the server's batching window) run as one
-    :meth:`PolicyRunner.resume_many` call, in recurrent mode one forward over all their histories
-    (a rebuild's result does not depend on its batch beyond float rounding, so this holds whatever
-    ``--max-batch`` is). A batch closes early at ``max_rows`` rows. A window runner's rebuild copies
-    each history's last K steps: waiting would gain nothing, so its batch is what arrived before the
-    event loop's next pass. Like a batch of steps, the rebuild runs on the event loop."""
+    :meth:`PolicyRunner.resume_many` call, which in recurrent mode rebuilds short histories in shared
+    forwards (a rebuild's result does not depend on its batch beyond float rounding, so this holds
+    whatever ``--max-batch`` is). A batch closes early at ``max_rows`` rows. Where waiting would gain
+    nothing, a batch is what arrived before the event loop's next pass: in window mode (a rebuild
+    copies each history's last K steps) and when the first history is too long to share a forward
+    (``PolicyRunner.RESUME_BATCH_ROW_STEPS``). Like a batch of steps, the rebuild runs on the loop."""
 
     def __init__(self, max_delay_s: float, max_rows: int = MAX_REBUILD_ROWS) -> None:
         self.max_delay_s = max_delay_s
@@ -149,7 +150,8 @@ class Rebuilds:
         batch = self._pending.get(runner)
         if batch is None:
             batch = self._pending[runner] = _Batch(runner)
-            delay = self.max_delay_s if runner.mode == "recurrent" else 0.0
+            shares = len(slots) * max(h.steps for h in histories) <= runner.RESUME_BATCH_ROW_STEPS
+            delay = self.max_delay_s if runner.mode == "recurrent" and shares else 0.0
             batch.timer = loop.call_later(delay, self._run, batch)
         future = loop.create_future()
         batch.items.append(_Rebuild(slots, histories, future))

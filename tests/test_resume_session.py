@@ -62,14 +62,14 @@ def test_a_resumed_slot_acts_as_the_uninterrupted_one(mode, overrides, backend, 
                 np.testing.assert_allclose(action, reference[step], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("chunk", [4, 1024])
+@pytest.mark.parametrize("budget", [20, 1024])
 @pytest.mark.parametrize("backend", ["torch", "numba"])
 @pytest.mark.parametrize(("mode", "overrides"), MODES)
-def test_slots_resumed_together_act_as_resumed_singly(mode, overrides, backend, chunk, monkeypatch) -> None:
-    """resume_many (one batched rebuild, in chunks of about ``chunk`` rows x steps) leaves every slot
-    acting as resume does one slot at a time, and as the uninterrupted slot."""
+def test_slots_resumed_together_act_as_resumed_singly(mode, overrides, backend, budget, monkeypatch) -> None:
+    """resume_many (batched rebuilds of at most ``budget`` rows x steps: several forwards, or one)
+    leaves every slot acting as resume does one slot at a time, and as the uninterrupted slot."""
     monkeypatch.setenv(scan.ENV_VAR, backend)
-    monkeypatch.setattr(PolicyRunner, "RESUME_CHUNK_ROW_STEPS", chunk)
+    monkeypatch.setattr(PolicyRunner, "RESUME_BATCH_ROW_STEPS", budget)
     policy = policy_of(_model(**overrides))
     rng = np.random.default_rng(2)
     T = 15
