@@ -76,6 +76,27 @@ def test_a_reward_that_takes_a_going_rows_rtg_outside_float32_is_refused() -> No
     np.testing.assert_array_equal(rtg.values, [-FLOAT32_MAX] * 3)  # checks change nothing
 
 
+@pytest.mark.parametrize(
+    ("reward", "details"),
+    [
+        (np.nan, "reward is nan, outside float32 (step 7)"),
+        (-np.inf, "reward is -inf, outside float32 (step 7)"),
+        (1e39, "reward is 1e+39, outside float32 (step 7)"),
+        (-FLOAT32_MAX, "the return-to-go after this reward is 4.40282e+38, outside float32 (step 7)"),
+    ],
+)
+def test_one_rows_reward_is_checked_as_a_vector_rows(reward: float, details: str) -> None:
+    """An Act step's one reward (the scalar cheap path) is refused with the vector path's messages."""
+    rtg = ReturnsToGo(1e38, 1)
+    row, going = np.zeros(1, dtype=np.int64), np.zeros(1, dtype=bool)
+    with pytest.raises(Abort) as info:
+        rtg.check_rewards(row, np.array([reward]), going, lambda _: " (step 7)")
+    assert info.value.details == details
+    rtg.check_rewards(row, np.array([FLOAT32_MAX]), going, lambda _: "")  # 1e38 - max fits
+    if np.isfinite(reward) and abs(reward) <= FLOAT32_MAX:
+        rtg.check_rewards(row, np.array([reward]), np.ones(1, dtype=bool), lambda _: "")  # restarting
+
+
 def test_an_explicit_rtg_outside_float32_is_refused() -> None:
     with pytest.raises(Abort) as info:
         ReturnsToGo.check_given(np.array([1e308]), lambda _: " (step 4)")
