@@ -314,3 +314,22 @@ def test_the_fused_window_step_refuses_bad_inputs():
         pair.fused.window(views, np.array([1]), np.array([-1]), states, rtgs)
     with pytest.raises(ValueError, match="state window has shape"):
         pair.fused.window_views(torch.zeros(2, K, 1), torch.zeros(2, K, 4), torch.zeros(2, K, 3))
+
+
+@pytest.mark.parametrize("mode", ["window", "recurrent"])
+def test_a_state_that_overflows_the_model_gives_a_non_finite_action_as_in_torch(mode):
+    """A state of 1e30 overflows the LayerNorms' variance: torch's action is NaN, and so is the fused
+    step's (not the bias that 1 / sqrt(inf) = 0 would leave), so a server reports it; the other
+    slots of the batch are untouched."""
+    from conftest import policy_of
+
+    from dmm.model import PolicyRunner
+
+    policy = policy_of(_model(seed=9))
+    states = np.array([[1e30] * 5, [0.5] * 5])
+    for step in ("fused", "torch"):
+        runner = PolicyRunner(policy, mode, 2, step)
+        runner.reset([0, 1])
+        runner.step([0, 1], np.zeros((2, 5)), [10.0, 10.0])
+        finite = np.isfinite(runner.step([0, 1], states, [9.0, 9.0])).all(axis=1)
+        np.testing.assert_array_equal(finite, [False, True], err_msg=step)

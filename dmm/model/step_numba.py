@@ -65,6 +65,7 @@ from dmm.model.scan_numba import _forward as _scan_forward
 
 _EXP_CEIL = np.float32(88.0)  # exp(88) ~ 1.7e38 < the largest float32, 3.4e38
 _ZERO, _TWO = np.float32(0.0), np.float32(2.0)
+_FLOAT32_MAX, _NAN = np.float32(np.finfo(np.float32).max), np.float32(np.nan)
 _SQRT2_M1 = np.float32(0.41421356237309503)  # log1p below folds 1 + y into [0.71, 1.42)
 _LN2 = np.float32(0.6931471805599453)
 _THIRD, _FIFTH, _SEVENTH = np.float32(1 / 3), np.float32(1 / 5), np.float32(1 / 7)
@@ -172,7 +173,10 @@ def _linear(x, wt, bias, out):
 
 @_jit
 def _layer_norm(x, w, b, out):
-    """out[r] = LayerNorm(x[r]) with weight w, bias b and torch's eps 1e-5 (biased variance)."""
+    """out[r] = LayerNorm(x[r]) with weight w, bias b and torch's eps 1e-5 (biased variance). A row
+    whose variance overflows float32 (inputs ~1e19 and up) comes out NaN, as torch's does for such
+    inputs, rather than as the bias (1 / sqrt(inf) = 0): a state far outside the model's range must
+    give a non-finite action, which a server reports, not an arbitrary finite one."""
     d = x.shape[1]
     for r in range(x.shape[0]):
         row, o = x[r], out[r]
@@ -183,7 +187,7 @@ def _layer_norm(x, w, b, out):
         var = _ZERO
         for c in range(d):
             var += (row[c] - mean) * (row[c] - mean)
-        inv = _ONE / np.sqrt(var / d + np.float32(1e-5))
+        inv = _ONE / np.sqrt(var / d + np.float32(1e-5)) if var <= _FLOAT32_MAX else _NAN
         for c in range(d):
             o[c] = (row[c] - mean) * inv * w[c] + b[c]
 
