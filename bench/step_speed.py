@@ -34,9 +34,11 @@ COLUMNS = (
     ("B", "{batch}"),
     ("step", "{backend}"),
     ("ms/step (median)", "{median_step_ms:.3f}"),
+    ("cpu ms/step (median)", "{median_cpu_ms:.3f}"),
     ("us/action", "{us_per_action:.1f}"),
     ("actions/s", "{actions_per_second:.0f}"),
     ("x {reference}", "{x_reference:.2f}"),
+    ("x {reference} (cpu)", "{x_reference_cpu:.2f}"),
     ("max abs action diff vs {reference}", "{max_action_difference:.1e}"),
 )
 
@@ -58,15 +60,17 @@ def time_steps(policy: Any, mode: str, batch: int, args: argparse.Namespace) -> 
     states = rng.normal(size=(total, batch, policy.config.state_dim)).astype(np.float32)
     rtgs = np.linspace(policy.meta.target_return, 0.0, total, dtype=np.float32)
     seconds: dict[str, list[float]] = {backend: [] for backend in runners}
+    cpu: dict[str, list[float]] = {backend: [] for backend in runners}
     actions: dict[str, list[np.ndarray]] = {backend: [] for backend in runners}
     for t in range(total):
         for backend, runner in runners.items():
             if backend != "fused":
                 policy.network.set_scan_backend(backend)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.thread_time()
             out = runner.step(slots, states[t], np.full(batch, rtgs[t], dtype=np.float32))
             if t >= args.warmup:
                 seconds[backend].append(time.perf_counter() - start)
+                cpu[backend].append(time.thread_time() - start_cpu)
             actions[backend].append(out)
     rows = []
     for backend in runners:
@@ -75,6 +79,7 @@ def time_steps(policy: Any, mode: str, batch: int, args: argparse.Namespace) -> 
             {
                 **{"mode": mode, "batch": batch, "backend": backend, "step_seconds": seconds[backend]},
                 "median_step_ms": step_s * 1e3,
+                "median_cpu_ms": median(cpu[backend]) * 1e3,
                 "us_per_action": step_s * 1e6 / batch,
                 "actions_per_second": batch / step_s,
                 "actions": np.stack(actions[backend]),
@@ -119,6 +124,7 @@ def compare(rows: list[dict[str, Any]], reference: str) -> None:
     for r in rows:
         base = ref[(r["mode"], r["batch"])]
         r["x_reference"] = base["median_step_ms"] / r["median_step_ms"]
+        r["x_reference_cpu"] = base["median_cpu_ms"] / r["median_cpu_ms"]
         r["max_action_difference"] = float(np.abs(r["actions"] - base["actions"]).max())
     for r in rows:
         del r["actions"]
@@ -156,7 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     notes = [
         f"policy: {source}; torch threads {args.threads}; {args.warmup} untimed steps, then the median of "
         f"{args.steps} timed steps per row; a step = normalize, forward, read the actions back",
-        f"x {reference}: its median step time over this row's, same mode and B, steps interleaved",
+        f"x {reference}: its median step time over this row's, same mode and B, steps interleaved; "
+        "cpu: the calling thread's CPU time (time.thread_time; every backend computes on that one "
+        "thread), which a shared machine's other processes disturb less than the wall clock",
         "step torch / numba: the eager torch step (PolicyNetwork.step, or in window mode the forward over "
         "the last K steps) with that scan backend; fused: the whole step as one numba kernel "
         "(dmm/model/step_numba.py), the runner's default on the CPU in both modes",
