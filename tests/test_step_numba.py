@@ -333,3 +333,25 @@ def test_a_state_that_overflows_the_model_gives_a_non_finite_action_as_in_torch(
         runner.step([0, 1], np.zeros((2, 5)), [10.0, 10.0])
         finite = np.isfinite(runner.step([0, 1], states, [9.0, 9.0])).all(axis=1)
         np.testing.assert_array_equal(finite, [False, True], err_msg=step)
+
+
+def test_without_scipy_auto_takes_the_torch_step(monkeypatch):
+    """numba's np.dot needs SciPy's BLAS: without SciPy ``auto`` steps with torch; ``fused`` says why."""
+    import importlib.util
+
+    from conftest import policy_of
+
+    from dmm.model import PolicyRunner, scan
+
+    monkeypatch.setattr(scan, "_default", None)
+    monkeypatch.delenv(scan.ENV_VAR, raising=False)
+    monkeypatch.delenv("DMM_RECURRENT_STEP", raising=False)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "scipy" else find_spec(name, *a)
+    )
+    policy = policy_of(_model())
+    assert PolicyRunner(policy, "window").recurrent_step == "torch"
+    assert PolicyRunner(policy, "recurrent").recurrent_step == "torch"
+    with pytest.raises(ValueError, match="needs SciPy"):
+        PolicyRunner(policy, "window", recurrent_step="fused")

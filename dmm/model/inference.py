@@ -27,6 +27,7 @@ runner is built: a runner serves the weights its policy had then.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import sys
 from collections.abc import Sequence
@@ -61,7 +62,8 @@ def _fused_max_rows(policy: Policy, mode: InferenceMode, choice: str | None) -> 
     :data:`AUTO_FUSED_MAX_ROWS` rows wherever the policy's scans would run the numba backend (on the
     CPU, unless the scan backend is pinned to torch: then the whole torch step runs); ``fused`` takes
     it for every batch on the CPU whatever the scan backend. Only a DMM with Mamba global mixers has
-    a fused step (others always take the torch step)."""
+    a fused step (others always take the torch step), and only with SciPy installed (numba's
+    ``np.dot``, the kernel's products, calls SciPy's BLAS): without it ``auto`` takes the torch step."""
     source = "recurrent_step" if choice is not None else f"${RECURRENT_STEP_ENV}"
     choice = choice if choice is not None else (os.environ.get(RECURRENT_STEP_ENV, "").strip() or "auto")
     if choice not in get_args(RecurrentStep):
@@ -73,8 +75,13 @@ def _fused_max_rows(policy: Policy, mode: InferenceMode, choice: str | None) -> 
             where = f"on {policy.device}" if policy.device.type != "cpu" else policy.label
             raise ValueError(f"the fused step runs on the CPU for a DMM with Mamba mixers, not {where}")
         return 0
+    blas = importlib.util.find_spec("scipy") is not None
     if choice == "fused":
+        if not blas:
+            raise ValueError("the fused step needs SciPy (numba's np.dot calls its BLAS): pip install scipy")
         return sys.maxsize
+    if not blas:
+        return 0
     pinned = next(m.scan_backend for m in policy.network.modules() if isinstance(m, ModifiedMamba))
     try:
         return AUTO_FUSED_MAX_ROWS if resolve_backend(pinned, policy.device) == "numba" else 0
