@@ -113,6 +113,16 @@ def test_weights_are_read_once():
     np.testing.assert_array_equal(before, after)
 
 
+@pytest.mark.parametrize("mode", ["window", "recurrent"])
+def test_an_empty_step_is_empty(mode):
+    from conftest import policy_of
+
+    from dmm.model import PolicyRunner
+
+    runner = PolicyRunner(policy_of(_model()), mode, 2, "fused")
+    assert runner.step([], np.zeros((0, 5)), np.zeros(0)).shape == (0, 3)
+
+
 def test_bad_inputs_are_refused():
     pair = _Pair(_model(), capacity=2)
     slot, step = np.zeros(1, np.int64), np.zeros(1, np.int64)
@@ -283,8 +293,9 @@ def test_the_fused_window_step_equals_the_torch_window_step(overrides):
     later = [[2, 4, 0], [4, 2], [2, 4, 0]]
     for a, b in zip(_play(fused, later, {}, 8), _play(eager, later, {}, 8), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    for name in ("rtg", "obs", "act"):
-        torch.testing.assert_close(fused._buffers[name], eager._buffers[name], rtol=1e-5, atol=1e-5)
+    for name in ("rtg", "obs"):  # normalized as the torch step normalizes: the same bits
+        torch.testing.assert_close(fused._buffers[name], eager._buffers[name], rtol=0, atol=0)
+    torch.testing.assert_close(fused._buffers["act"], eager._buffers["act"], rtol=1e-5, atol=1e-5)
 
 
 def test_the_window_step_takes_turns_with_the_torch_step_on_the_same_slots(monkeypatch):

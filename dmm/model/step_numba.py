@@ -396,25 +396,24 @@ def _step(
 
 
 @_jit
-def _window(emb, norm, layers, head, stream, kind, bufs, slots, steps, obs, rtgs, out, ws, wbits):
-    """The whole window step for slots [B]: see :meth:`FusedStep.window`."""
+def _window(emb, layers, head, stream, kind, bufs, slots, steps, obs, rtgs, out, ws, wbits):
+    """The whole window step for slots [B]: see :meth:`FusedStep.window`; obs and rtgs come normalized
+    (the window buffers hold them as the torch step writes them, bit for bit)."""
     ln_w, ln_b = emb[7], emb[8]
-    mean, std, rtg_scale = norm
     rtg_buf, obs_buf, act_buf = bufs
     B, d, K = slots.shape[0], ln_w.shape[0], obs_buf.shape[1]
     k = layers[4].shape[1] // d if kind == _LOCAL_DSM else layers[4].shape[1]  # [L, k d, d] or [L, k, d]
     N, di = layers[14].shape[1], layers[14].shape[2]  # At [L, N, d_inner]
     span = 1
-    for i in range(B):  # shift each window by one step and append (rtg_t, s_t, 0), normalized
+    for i in range(B):  # shift each window by one step and append (rtg_t, s_t, 0)
         slot = slots[i]
         span = max(span, min(steps[i] + 1, K))
         for col in range(K - 1):
             rtg_buf[slot, col] = rtg_buf[slot, col + 1]
             obs_buf[slot, col] = obs_buf[slot, col + 1]
             act_buf[slot, col] = act_buf[slot, col + 1]
-        rtg_buf[slot, K - 1, 0] = rtgs[i] / rtg_scale
-        for j in range(obs.shape[1]):
-            obs_buf[slot, K - 1, j] = (obs[i, j] - mean[j]) / std[j]
+        rtg_buf[slot, K - 1, 0] = rtgs[i]
+        obs_buf[slot, K - 1] = obs[i]
         act_buf[slot, K - 1] = _ZERO
     M = TOKENS_PER_STEP * span * B
     x = ws[: M * d].reshape(M, d)
@@ -616,6 +615,8 @@ class FusedStep:
         """:meth:`__call__` for a caller that has checked the arguments itself (a runner's step, which
         checks its slots against its own buffers): the kernel alone."""
         out = np.empty((len(slots), self.config.act_dim), np.float32)
+        if not len(slots):
+            return out
         obs, rtg = np.ascontiguousarray(states, np.float32), np.ascontiguousarray(rtgs, np.float32)
         _step(
             self._emb, self._norm, self._layers, self._head, self._stream, self._kind,
@@ -655,10 +656,15 @@ class FusedStep:
         out = np.empty((B, self.config.act_dim), np.float32)
         if not B:
             return out
-        obs, rtg = np.ascontiguousarray(states, np.float32), np.ascontiguousarray(rtgs, np.float32)
+        # normalized here, in numpy's IEEE float32 (not under the kernel's fast-math), as the torch step
+        # and resume normalize: the buffers then hold the same bits whichever step wrote them, and a
+        # resumed window acts exactly as the uninterrupted one
+        mean, std, rtg_scale = self._norm
+        obs = (np.asarray(states, np.float32) - mean) / std
+        rtg = np.asarray(rtgs, np.float32) / rtg_scale
         span = min(int(steps.max()) + 1, K)  # the longest window of the batch, as the kernel finds it
         _window(
-            self._emb, self._norm, self._layers, self._head, self._stream, self._kind,
+            self._emb, self._layers, self._head, self._stream, self._kind,
             tuple(buffers), slots, steps, obs, rtg, out, *self._workspace(TOKENS_PER_STEP * span * B, B),
         )  # fmt: skip
         return out
