@@ -63,6 +63,7 @@ class PolicyServer:
             device=o.resolved_device,
             max_batch=o.resolved_max_batch,
             max_delay_s=o.max_delay_ms / 1e3,
+            cuda_graphs=o.cuda_graphs,
             # routes.json is read from a local store only; with an S3 store, routes come from --route
             router=Router(self.store.root if isinstance(self.store, ModelStore) else None, o.parsed_routes()),
         )

@@ -20,15 +20,11 @@ import asyncio
 import bisect
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 from prometheus_client import Histogram
 
 from dmm.model import PolicyRunner
-
-if TYPE_CHECKING:
-    from dmm.server.resume import History
 
 
 @dataclass
@@ -86,13 +82,6 @@ class Batcher:
     def restart(self, slots: list[int]) -> None:
         """Start a new episode in each of ``slots`` (a vector stream's rows whose episode ended)."""
         self.runner.reset(slots)
-
-    def resume(self, slots: list[int], histories: list[History]) -> None:
-        """Continue in each of ``slots`` the episode its history has played so far (on another server):
-        the next step of the slot answers the history's next step."""
-        self.runner.resume(
-            slots, [h.states for h in histories], [h.actions for h in histories], [h.rtgs for h in histories]
-        )
 
     def close_slots(self, slots: list[int]) -> None:
         """Forget the episodes in ``slots`` and drop their pending steps (their waiters are gone)."""

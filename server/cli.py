@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dmm.cli_common import add_scan_backend_option
 from dmm.server.logs import FORMATS, LEVELS
-from dmm.server.options import CPU_MAX_BATCH, GPU_MAX_BATCH, ServeOptions, default
+from dmm.server.options import CPU_MAX_BATCH, GPU_MAX_BATCH, SERVING_MODES, ServeOptions, default
 
 SERVE = """Serve the policies of a model store over gRPC (dmm.v1.PolicyService), with health, reflection \
 and Prometheus metrics. New versions in the store serve new sessions without a restart."""
@@ -68,8 +68,14 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     """Where and how the models run."""
     g = p.add_argument_group("inference")
     _option(g, "--device", "device", "auto (the GPU when there is one), cpu, cuda or cuda:N")
-    text = "inference mode of sessions that do not ask for one"
-    _option(g, "--mode", "mode", text, choices=("window", "recurrent"))
+    text = "inference mode of sessions that do not ask for one (auto: the one each policy was trained for)"
+    _option(g, "--mode", "mode", text, choices=SERVING_MODES)
+    g.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=default("cuda_graphs"),
+        help="replay each batched step as a captured CUDA graph (default: on for a CUDA device)",
+    )
 
 
 def _add_session_options(p: argparse.ArgumentParser) -> None:

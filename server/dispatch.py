@@ -20,6 +20,7 @@ from dmm.model import InferenceMode
 from dmm.server import logs
 from dmm.server.checks import Abort, check_float32, invalid
 from dmm.server.metrics import ServerMetrics
+from dmm.server.options import ServingMode
 from dmm.server.pool import Lease, ModelPool
 from dmm.server.resume import Rebuilds, read_history
 from dmm.server.sessions import Session, SessionTable
@@ -72,7 +73,7 @@ class Dispatcher:
         pool: ModelPool,
         metrics: ServerMetrics,
         *,
-        default_mode: InferenceMode,
+        default_mode: ServingMode,
         max_sessions: int,
         idle_timeout_s: float,
     ) -> None:
@@ -232,7 +233,8 @@ class Dispatcher:
             raise invalid("start.model is empty: name the model to run")
         if start.mode != policy_pb2.INFERENCE_MODE_UNSPECIFIED and start.mode not in MODE_NAME:
             raise invalid(f"unknown inference mode {start.mode}")
-        mode = cast(InferenceMode, MODE_NAME.get(start.mode, self.default_mode))
+        asked = MODE_NAME.get(start.mode, self.default_mode)
+        mode = None if asked == "auto" else cast(InferenceMode, asked)  # auto: the policy's own
         if start.HasField("target_return"):
             check_float32("target_return", start.target_return)
         slots = episodes or 1
@@ -280,7 +282,9 @@ class Dispatcher:
         self.metrics.active_sessions.labels(session.model).inc(slots)
         return session
 
-    async def _lease(self, start: policy_pb2.Start, mode: InferenceMode, episodes: int | None) -> Lease:
+    async def _lease(
+        self, start: policy_pb2.Start, mode: InferenceMode | None, episodes: int | None
+    ) -> Lease:
         """Slots for the session in the version it asks for (or is routed to), checked against the
         client's env dimensions; the store's errors become their statuses."""
         try:

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from dmm.errors import ConfigError
 from dmm.server import logs
 
 if TYPE_CHECKING:
-    from dmm.model import InferenceMode
     from dmm.server.routes import Route
+
+# The inference mode of sessions that ask for none: a mode, or each policy's own (auto)
+ServingMode = Literal["auto", "window", "recurrent"]
+SERVING_MODES: tuple[str, ...] = get_args(ServingMode)
 
 
 CPU_MAX_BATCH = 256
@@ -29,7 +32,8 @@ class ServeOptions:
     port: int = 50051
     metrics_port: int = 9090
     device: str = "auto"
-    mode: InferenceMode = "window"
+    # auto: the mode each policy was trained to be served in (PolicyMeta.inference_mode)
+    mode: ServingMode = "auto"
     max_sessions: int = 1024
     idle_timeout_s: float = 120.0
     max_batch: int | None = None  # None: CPU_MAX_BATCH on the CPU, GPU_MAX_BATCH on a GPU
@@ -45,6 +49,7 @@ class ServeOptions:
     auth_token_file: Path | None = None  # bearer tokens, one per line
     routes: tuple[str, ...] = ()  # NAME=V1:W1,V2:W2: weighted versions for new sessions naming none
     workers: int = 1  # server processes sharing the port (SO_REUSEPORT), each with its own models
+    cuda_graphs: bool | None = None  # replay batched steps as CUDA graphs; None: on a CUDA device
 
     @property
     def tls(self) -> bool:
@@ -58,7 +63,7 @@ class ServeOptions:
         checks = (
             (0 <= self.port <= 65535, f"--port {self.port} is not a TCP port"),
             (0 <= self.metrics_port <= 65535, f"--metrics-port {self.metrics_port} is not a TCP port"),
-            (self.mode in ("window", "recurrent"), f"--mode {self.mode!r}: use window or recurrent"),
+            (self.mode in SERVING_MODES, f"--mode {self.mode!r}: use {', '.join(SERVING_MODES)}"),
             (self.max_sessions > 0, f"--max-sessions must be > 0, got {self.max_sessions}"),
             (self.idle_timeout_s > 0, f"--idle-timeout must be > 0, got {self.idle_timeout_s}"),
             (self.max_batch is None or self.max_batch > 0, f"--max-batch must be > 0, got {self.max_batch}"),
@@ -87,6 +92,8 @@ class ServeOptions:
 
             if not torch.cuda.is_available():
                 raise ConfigError(f"--device {self.device}: CUDA is not available on this machine")
+        if probe_device and self.cuda_graphs and not self.resolved_device.startswith("cuda"):
+            raise ConfigError(f"--cuda-graphs needs a CUDA device; --device {self.device} is the CPU")
         self.parsed_routes()
 
     def parsed_routes(self) -> dict[str, Route]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import Counter, Histogram
 
-from dmm.model import InferenceMode, PolicyRunner, PolicyVersion, load_policy
+from dmm.model import InferenceMode, PolicyVersion, load_policy, make_runner
 from dmm.server import logs
 from dmm.server.batcher import Batcher
 from dmm.server.metrics import ServerMetrics
@@ -55,8 +55,10 @@ class ModelPool:
         max_batch: int,
         max_delay_s: float,
         router: Router | None = None,
+        cuda_graphs: bool | None = None,
     ) -> None:
         self.store = store
+        self.cuda_graphs = cuda_graphs
         self.router = router
         self.metrics = metrics
         self.device = device
@@ -115,18 +117,21 @@ class ModelPool:
         return served
 
     async def acquire(
-        self, name: str, version: int, mode: InferenceMode, episodes: int | None = None
+        self, name: str, version: int, mode: InferenceMode | None, episodes: int | None = None
     ) -> Lease:
-        """Load ``name`` ``version`` if needed and open fresh episode slots in its ``mode`` runner: one
-        for an Act session (``episodes`` None), ``episodes`` for a vector stream.
+        """Load ``name`` ``version`` if needed and open fresh episode slots in its ``mode`` runner (None:
+        the mode the policy was trained to be served in): one for an Act session (``episodes`` None),
+        ``episodes`` for a vector stream.
 
         Raises the store's errors (unknown, corrupt) and ValueError if the model cannot run ``mode``.
         """
         served = await self._reserve(name, version)
+        mode = mode or served.policy.meta.inference_mode
         batcher = served.batchers.get(mode)
         if batcher is None:
             try:
-                runner = PolicyRunner(served.policy, mode, capacity=min(self.max_batch, 64))
+                capacity = min(self.max_batch, 64)
+                runner = make_runner(served.policy, mode, capacity=capacity, cuda_graphs=self.cuda_graphs)
             except ValueError:
                 served.sessions -= 1
                 self._unload_stale(name)

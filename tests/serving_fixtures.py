@@ -18,9 +18,11 @@ STATE_DIM, ACT_DIM = 11, 3  # Hopper's
 TARGET_RETURN = 3600.0
 
 
-def publish_tiny(store_root: Path | str, name: str = "tiny", seed: int = 0, **config: object) -> int:
-    """Publish a small random DMM policy with Hopper's dimensions to a store folder or s3:// URL;
-    returns its version."""
+def publish_tiny(
+    store_root: Path | str, name: str = "tiny", seed: int = 0, inference_mode: str = "window", **config: Any
+) -> int:
+    """Publish a small random DMM policy with Hopper's dimensions to a store folder or s3:// URL,
+    meant to be served in ``inference_mode``; returns its version."""
     import torch
 
     from dmm.model import DMMConfig, PolicyMeta, PolicyNetwork, publish_policy
@@ -36,6 +38,7 @@ def publish_tiny(store_root: Path | str, name: str = "tiny", seed: int = 0, **co
         state_std=rng.uniform(0.5, 2.0, size=STATE_DIM).tolist(),
         rtg_scale=1000.0,
         target_return=TARGET_RETURN,
+        inference_mode=inference_mode,
     )
     return publish_policy(open_store(store_root), name, model, meta, metrics={"seed": seed})
 

@@ -302,6 +302,18 @@ def test_serve_on_cuda_without_a_gpu_is_refused(workdir, trained):
     )
 
 
+def test_serve_defaults_to_each_policy_s_mode_and_refuses_cuda_graphs_on_the_cpu():
+    from dmm.errors import ConfigError
+    from dmm.server.options import ServeOptions
+
+    assert ServeOptions(store="s").mode == "auto"
+    ServeOptions(store="s", mode="window", device="cpu").validate()
+    with pytest.raises(ConfigError, match="use auto, window, recurrent"):
+        ServeOptions(store="s", mode="fast").validate(probe_device=False)
+    with pytest.raises(ConfigError, match="--cuda-graphs needs a CUDA device"):
+        ServeOptions(store="s", device="cpu", cuda_graphs=True).validate()
+
+
 def test_max_batch_defaults_to_the_device_s_and_a_given_one_wins():
     from dmm.server.options import CPU_MAX_BATCH, GPU_MAX_BATCH, ServeOptions
 

@@ -35,6 +35,7 @@ STEPS = 20  # > context K=8, so window and recurrent differ
 def store_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("store")
     publish_tiny(root, "tiny", seed=0)
+    publish_tiny(root, "tiny-recurrent", seed=2, inference_mode="recurrent")
     publish_tiny(root, "broken", seed=1)
     weights = root / "broken" / "1" / "model.safetensors"
     data = bytearray(weights.read_bytes())
@@ -85,6 +86,23 @@ def test_streamed_actions_equal_in_process_runner(store_root: Path, channel: grp
     assert {(r.model, r.version) for r in replies} == {("tiny", 1)}
     got = np.array([r.action for r in replies])
     np.testing.assert_allclose(got, expected_actions(store_root, mode, states, rtgs), atol=1e-5)
+
+
+@pytest.mark.parametrize(("name", "mode"), [("tiny", "window"), ("tiny-recurrent", "recurrent")])
+def test_a_session_asking_no_mode_gets_the_one_its_policy_was_trained_for(
+    store_root: Path, channel: grpc.Channel, name: str, mode: str
+) -> None:
+    """The server's default --mode auto: each policy's meta names the mode it is served in."""
+    states, rewards = episode_inputs(STEPS, seed=4)
+    stream = Stream(channel)
+    started = stream.start(model=name, target_return=TARGET_RETURN)
+    assert started.mode == MODES[mode]
+    replies = [stream.step(states[0])]
+    replies += [stream.step(s, reward=r) for s, r in zip(states[1:], rewards[:-1], strict=True)]
+    assert stream.finish() == grpc.StatusCode.OK
+    rtgs = TARGET_RETURN - np.concatenate([[0.0], np.cumsum(rewards[:-1])])
+    got = np.array([r.action for r in replies])
+    np.testing.assert_allclose(got, expected_actions(store_root, mode, states, rtgs, name), atol=1e-5)
 
 
 def test_explicit_rtg_and_default_target_return(store_root: Path, channel: grpc.Channel) -> None:
