@@ -8,7 +8,8 @@ import torch
 
 from dmm.model import DMMConfig, PolicyNetwork
 from dmm.model.block import BlockState
-from dmm.model.step_numba import FusedStep, _exp_into, _softplus_into
+from dmm.model.scan_numba import _forward as scan_forward
+from dmm.model.step_numba import FusedStep, _exp_into, _scan, _softplus_into
 
 MEAN, STD, RTG_SCALE = 0.1, 2.0, 10.0
 
@@ -155,6 +156,27 @@ def test_exp_and_softplus_match_numpy_and_torch():
     scratch = np.empty(x.size, np.float32), np.empty(x.size, np.float32), np.empty(x.size, np.int32)
     _softplus_into(x, *scratch)
     np.testing.assert_allclose(x, want, rtol=3e-7, atol=1e-30)
+
+
+def test_step_scan_matches_training_scan():
+    """The step's scan (one exp pass per token) against scan_numba's forward kernel, padding included
+    (delta = 0 leaves a state as it is), on slots out of order."""
+    rng = np.random.default_rng(3)
+    b, T, d, n = 5, 3, 24, 4
+    u, delta = rng.normal(size=(2, b, T, d)).astype(np.float32)
+    delta = np.abs(delta)
+    delta[1, 0] = 0.0
+    At = -rng.uniform(0.5, 8.0, size=(n, d)).astype(np.float32)
+    B, C = rng.normal(size=(2, b, T, n)).astype(np.float32)
+    D = rng.normal(size=d).astype(np.float32)
+    state = rng.normal(size=(7, d, n)).astype(np.float32)
+    slots = np.array([6, 0, 3, 2, 5])
+    want_state, want_y = state.copy(), np.empty((b, T, d), np.float32)
+    scan_forward(u, delta, At, B, C, D, want_state, slots, want_y)
+    got_state, got_y = state.copy(), np.empty((b, T, d), np.float32)
+    _scan(u, delta, At, B, C, D, got_state, slots, got_y)
+    np.testing.assert_allclose(got_y, want_y, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got_state, want_state, rtol=1e-6, atol=1e-6)
 
 
 def _episodes(runner, rng: np.random.Generator) -> list[np.ndarray]:
