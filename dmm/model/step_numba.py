@@ -105,7 +105,7 @@ def _softplus_into(x, z, e, bits):
     for j in range(x.shape[0]):
         y = e[j]
         high = y > _SQRT2_M1
-        s = ((y - _ONE) if high else y) / ((y + np.float32(3.0)) if high else (_TWO + y))  # one division
+        s = (y - _ONE) / (y + np.float32(3.0)) if high else y / (_TWO + y)
         s2 = s * s
         series = _ONE + s2 * (_THIRD + s2 * (_FIFTH + s2 * (_SEVENTH + s2 * (_NINTH + s2 * _ELEVENTH))))
         log1p = _TWO * s * series + (_LN2 if high else _ZERO)
