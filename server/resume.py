@@ -131,7 +131,7 @@ class _Batch:
 class Rebuilds:
     """The rebuilds of resumed sessions, batched per runner as steps are: those that arrive within
     ``max_delay_s`` of the first (the server's batching window) run as one
-    :meth:`PolicyRunner.resume_many` call, which in recurrent mode rebuilds short histories in shared
+    `PolicyRunner.resume` call, which in recurrent mode rebuilds short histories in shared
     forwards (a rebuild's result does not depend on its batch beyond float rounding, so this holds
     whatever ``--max-batch`` is). A batch closes early at ``max_rows`` rows. Where waiting would gain
     nothing, a batch is what arrived before the event loop's next pass: in window mode (a rebuild
@@ -171,7 +171,7 @@ class Rebuilds:
         histories = [h for item in items for h in item.histories]
         started = time.perf_counter()
         try:
-            batch.runner.resume_many(
+            batch.runner.resume(
                 [slot for item in items for slot in item.slots],
                 [h.states for h in histories],
                 [h.actions for h in histories],

@@ -66,7 +66,7 @@ def test_a_resumed_slot_acts_as_the_uninterrupted_one(mode, overrides, backend, 
 @pytest.mark.parametrize("backend", ["torch", "numba"])
 @pytest.mark.parametrize(("mode", "overrides"), MODES)
 def test_slots_resumed_together_act_as_resumed_singly(mode, overrides, backend, budget, monkeypatch) -> None:
-    """resume_many (batched rebuilds of at most ``budget`` rows x steps: several forwards, or one)
+    """resume of several slots (batched rebuilds of at most ``budget`` rows x steps: several forwards, or one)
     leaves every slot acting as resume does one slot at a time, and as the uninterrupted slot."""
     monkeypatch.setenv(scan.ENV_VAR, backend)
     monkeypatch.setattr(PolicyRunner, "RESUME_BATCH_ROW_STEPS", budget)
@@ -81,7 +81,7 @@ def test_slots_resumed_together_act_as_resumed_singly(mode, overrides, backend, 
     singly, together = PolicyRunner(policy, mode, capacity=1), PolicyRunner(policy, mode, capacity=1)
     for slot, t in zip(slots, cuts, strict=True):
         singly.resume([slot], [states[:t]], [reference[:t]], [rtgs[:t]])
-    together.resume_many(
+    together.resume(
         slots, [states[:t] for t in cuts], [reference[:t] for t in cuts], [rtgs[:t] for t in cuts]
     )
     assert [together.steps_taken(s) for s in slots] == cuts

@@ -181,30 +181,21 @@ class PolicyRunner:
         return int(self._steps[slot])
 
     @torch.inference_mode()
-    def resume(
+    def _resume_group(
         self,
         slots: Sequence[int],
         states: Sequence[np.ndarray],
         actions: Sequence[np.ndarray],
         rtgs: Sequence[np.ndarray],
     ) -> None:
-        """Put into each of ``slots`` the context of an episode that has taken t >= 1 steps elsewhere:
-        its raw states [t, state_dim], the actions it got [t, act_dim] and the raw returns-to-go it was
-        conditioned on [t]. The next :meth:`step` of the slot then answers step t exactly as an
-        uninterrupted slot would: window mode copies the last K steps (the same values the slot would
-        hold); recurrent mode rebuilds the scan and local-mixer state with one forward over the history.
-        """
+        """:meth:`resume` of histories in one go: window mode copies the last K steps (the same values
+        the slot would hold); recurrent mode rebuilds the scan and local-mixer state with one forward
+        over all the histories."""
         slots = list(slots)
         if not slots:
             return
         self.reset(slots)
         lengths = [len(a) for a in actions]
-        for slot, s, a, r, t in zip(slots, states, actions, rtgs, lengths, strict=True):
-            if t < 1 or np.shape(s) != (t, self.state_dim) or np.shape(a) != (t, self.act_dim) or len(r) != t:
-                raise ValueError(
-                    f"slot {slot}: a history needs t >= 1 steps of states [t, {self.state_dim}], "
-                    f"actions [t, {self.act_dim}] and rtgs [t]; got {np.shape(s)}, {np.shape(a)}, {len(r)}"
-                )
         T = max(lengths)
         obs = torch.zeros(len(slots), T, self.state_dim, device=self.device)
         act = torch.zeros(len(slots), T, self.act_dim, device=self.device)
@@ -228,35 +219,45 @@ class PolicyRunner:
             self._rebuild_recurrent(idx, rtg, obs, act, steps)
         self._steps[slots] = steps
 
-    # Rows x steps (the longest history's) of one forward of :meth:`resume_many`. Batching pays while
+    # Rows x steps (the longest history's) of one rebuild forward of :meth:`resume`. Batching pays while
     # the forward's fixed costs dominate: 8 histories of 10 steps rebuilt 4x as fast together as one
     # by one, of 50 steps 1.2x; of 150 or more steps 0.8-0.9x (paper-size DMM, one thread).
     RESUME_BATCH_ROW_STEPS = 512
 
-    def resume_many(
+    def resume(
         self,
         slots: Sequence[int],
         states: Sequence[np.ndarray],
         actions: Sequence[np.ndarray],
         rtgs: Sequence[np.ndarray],
     ) -> None:
-        """:meth:`resume` for histories that arrived together (a server's resumed sessions), with the
-        same arguments. In recurrent mode the histories are rebuilt in as few forwards as pay: longest
-        first, each forward taking histories while its rows x longest steps stay within
-        :attr:`RESUME_BATCH_ROW_STEPS` (a long history is rebuilt alone). Each slot's next step answers
-        as after :meth:`resume` of that slot alone (window mode: equal; recurrent mode: to 1e-5)."""
+        """Put into each of ``slots`` the context of an episode that has taken t >= 1 steps elsewhere:
+        its raw states [t, state_dim], the actions it got [t, act_dim] and the raw returns-to-go it was
+        conditioned on [t]. The next :meth:`step` of the slot then answers step t as an uninterrupted
+        slot would (window mode: exactly; recurrent mode: to 1e-5).
+
+        In recurrent mode the histories (e.g. a server's resumed sessions that arrived together) are
+        rebuilt in as few forwards as pay: longest first, each forward taking histories while its rows
+        x longest steps stay within :attr:`RESUME_BATCH_ROW_STEPS` (a long history is rebuilt alone)."""
         slots = list(slots)
-        if self.mode == "window":
-            self.resume(slots, states, actions, rtgs)
-            return
         lengths = [len(a) for a in actions]
+        for slot, s, a, r, t in zip(slots, states, actions, rtgs, lengths, strict=True):
+            if t < 1 or np.shape(s) != (t, self.state_dim) or np.shape(a) != (t, self.act_dim) or len(r) != t:
+                raise ValueError(
+                    f"slot {slot}: a history needs t >= 1 steps of states [t, {self.state_dim}], "
+                    f"actions [t, {self.act_dim}] and rtgs [t]; got {np.shape(s)}, {np.shape(a)}, {len(r)}"
+                )
+        if self.mode == "window":
+            self._resume_group(slots, states, actions, rtgs)
+            return
         group: list[int] = []
         for i in sorted(range(len(slots)), key=lambda i: -lengths[i]):  # longest first
             if group and (len(group) + 1) * lengths[group[0]] > self.RESUME_BATCH_ROW_STEPS:
                 self._resume_rows(group, slots, states, actions, rtgs)
                 group = []
             group.append(i)
-        self._resume_rows(group, slots, states, actions, rtgs)
+        if group:
+            self._resume_rows(group, slots, states, actions, rtgs)
 
     def _resume_rows(
         self,
@@ -266,13 +267,9 @@ class PolicyRunner:
         actions: Sequence[np.ndarray],
         rtgs: Sequence[np.ndarray],
     ) -> None:
-        """:meth:`resume` of the ``rows`` of :meth:`resume_many`'s arguments."""
-        self.resume(
-            [slots[i] for i in rows],
-            [states[i] for i in rows],
-            [actions[i] for i in rows],
-            [rtgs[i] for i in rows],
-        )
+        """:meth:`_resume_group` of the ``rows`` of :meth:`resume`'s arguments."""
+        pick = [slots, states, actions, rtgs]
+        self._resume_group(*([column[i] for i in rows] for column in pick))
 
     def _rebuild_recurrent(
         self, idx: torch.Tensor, rtg: torch.Tensor, obs: torch.Tensor, act: torch.Tensor, steps: np.ndarray
