@@ -31,7 +31,7 @@ import importlib.util
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -181,17 +181,11 @@ class PolicyRunner:
         return int(self._steps[slot])
 
     @torch.inference_mode()
-    def _resume_group(
-        self,
-        slots: Sequence[int],
-        states: Sequence[np.ndarray],
-        actions: Sequence[np.ndarray],
-        rtgs: Sequence[np.ndarray],
-    ) -> None:
-        """:meth:`resume` of histories in one go: window mode copies the last K steps (the same values
-        the slot would hold); recurrent mode rebuilds the scan and local-mixer state with one forward
-        over all the histories."""
-        slots = list(slots)
+    def _resume_group(self, rows: Sequence[int], *columns: Sequence[Any]) -> None:
+        """:meth:`resume` of the ``rows`` of its arguments (slots, states, actions, rtgs) in one go:
+        window mode copies the last K steps (the same values the slot would hold); recurrent mode
+        rebuilds the scan and local-mixer state with one forward over all their histories."""
+        slots, states, actions, rtgs = ([column[i] for i in rows] for column in columns)
         if not slots:
             return
         self.reset(slots)
@@ -248,28 +242,15 @@ class PolicyRunner:
                     f"actions [t, {self.act_dim}] and rtgs [t]; got {np.shape(s)}, {np.shape(a)}, {len(r)}"
                 )
         if self.mode == "window":
-            self._resume_group(slots, states, actions, rtgs)
+            self._resume_group(range(len(slots)), slots, states, actions, rtgs)
             return
         group: list[int] = []
         for i in sorted(range(len(slots)), key=lambda i: -lengths[i]):  # longest first
             if group and (len(group) + 1) * lengths[group[0]] > self.RESUME_BATCH_ROW_STEPS:
-                self._resume_rows(group, slots, states, actions, rtgs)
+                self._resume_group(group, slots, states, actions, rtgs)
                 group = []
             group.append(i)
-        if group:
-            self._resume_rows(group, slots, states, actions, rtgs)
-
-    def _resume_rows(
-        self,
-        rows: list[int],
-        slots: list[int],
-        states: Sequence[np.ndarray],
-        actions: Sequence[np.ndarray],
-        rtgs: Sequence[np.ndarray],
-    ) -> None:
-        """:meth:`_resume_group` of the ``rows`` of :meth:`resume`'s arguments."""
-        pick = [slots, states, actions, rtgs]
-        self._resume_group(*([column[i] for i in rows] for column in pick))
+        self._resume_group(group, slots, states, actions, rtgs)
 
     def _rebuild_recurrent(
         self, idx: torch.Tensor, rtg: torch.Tensor, obs: torch.Tensor, act: torch.Tensor, steps: np.ndarray
@@ -318,7 +299,7 @@ class PolicyRunner:
         if self._fused is not None and n <= self._fused_max_rows:
             # the fused CPU kernel: no torch (and no inference-mode switch) on this path
             if self.mode == "window":
-                action = self._fused.run_window(self._views, idx, steps, states, rtgs)
+                action = self._fused.window(self._views, idx, steps, states, rtgs, check=False)
             else:
                 action = self._fused.run(self._views, idx, steps, states, rtgs)
         else:

@@ -672,6 +672,8 @@ class FusedStep:
         steps: np.ndarray,
         states: np.ndarray,
         rtgs: np.ndarray,
+        *,
+        check: bool = True,
     ) -> np.ndarray:
         """The window step (:class:`PolicyRunner`'s ``window`` mode) of the distinct ``slots`` at
         episode steps ``steps`` (arguments as in :meth:`__call__`): each slot's window shifts by one
@@ -679,19 +681,10 @@ class FusedStep:
         last min(t + 1, K) steps as the recurrent step's tokens (a_{c-1}, rtg_c, s_c), slots with
         fewer steps than the longest masked at their padding as the window forward masks it (a
         masked token from the initial state leaves it as it is, so this is the window forward's
-        action at s_t, which reads nothing after s_t); the action, returned, goes into the window."""
-        self._check(slots, steps, states, rtgs, buffers.obs.shape[0])
-        return self.run_window(buffers, slots, steps, states, rtgs)
-
-    def run_window(
-        self,
-        buffers: WindowBuffers,
-        slots: np.ndarray,
-        steps: np.ndarray,
-        states: np.ndarray,
-        rtgs: np.ndarray,
-    ) -> np.ndarray:
-        """:meth:`window` without the argument checks (see :meth:`run`)."""
+        action at s_t, which reads nothing after s_t); the action, returned, goes into the window.
+        ``check=False``: the caller has checked the arguments itself (see :meth:`run`)."""
+        if check:
+            self._check(slots, steps, states, rtgs, buffers.obs.shape[0])
         B, K = len(slots), buffers.obs.shape[1]
         out = np.empty((B, self.config.act_dim), np.float32)
         if not B:
