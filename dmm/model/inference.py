@@ -62,15 +62,17 @@ def _fused_max_rows(policy: Policy, mode: InferenceMode, choice: str | None) -> 
     :data:`AUTO_FUSED_MAX_ROWS` rows wherever the policy's scans would run the numba backend (on the
     CPU, unless the scan backend is pinned to torch: then the whole torch step runs); ``fused`` takes
     it for every batch on the CPU whatever the scan backend. Only a DMM with Mamba global mixers has
-    a fused step (others always take the torch step), and only with SciPy installed (numba's
-    ``np.dot``, the kernel's products, calls SciPy's BLAS): without it ``auto`` takes the torch step."""
+    a fused step (others, and networks of other classes, always take the torch step), and only with
+    SciPy installed (numba's ``np.dot``, the kernel's products, calls SciPy's BLAS): without it
+    ``auto`` takes the torch step."""
     source = "recurrent_step" if choice is not None else f"${RECURRENT_STEP_ENV}"
     choice = choice if choice is not None else (os.environ.get(RECURRENT_STEP_ENV, "").strip() or "auto")
     if choice not in get_args(RecurrentStep):
         raise ValueError(f"unknown {source} {choice!r}; expected auto, fused or torch")
     if choice == "torch":
         return 0
-    if policy.device.type != "cpu" or not policy.config.supports_recurrent:
+    mambas = [m for m in policy.network.modules() if isinstance(m, ModifiedMamba)]
+    if policy.device.type != "cpu" or not policy.config.supports_recurrent or not mambas:
         if choice == "fused":
             where = f"on {policy.device}" if policy.device.type != "cpu" else policy.label
             raise ValueError(f"the fused step runs on the CPU for a DMM with Mamba mixers, not {where}")
@@ -82,9 +84,8 @@ def _fused_max_rows(policy: Policy, mode: InferenceMode, choice: str | None) -> 
         return sys.maxsize
     if not blas:
         return 0
-    pinned = next(m.scan_backend for m in policy.network.modules() if isinstance(m, ModifiedMamba))
     try:
-        return AUTO_FUSED_MAX_ROWS if resolve_backend(pinned, policy.device) == "numba" else 0
+        return AUTO_FUSED_MAX_ROWS if resolve_backend(mambas[0].scan_backend, policy.device) == "numba" else 0
     except ConfigError:
         return 0  # a scan backend that cannot run here: the torch step reports it at its first step
 
