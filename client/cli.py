@@ -6,7 +6,13 @@ import argparse
 import os
 from pathlib import Path
 
-from dmm.cli_common import add_name_option, add_target_return_option, add_version_option, positive_int
+from dmm.cli_common import (
+    add_mode_option,
+    add_name_option,
+    add_target_return_option,
+    add_version_option,
+    positive_int,
+)
 
 TOKEN_ENV = "DMM_TOKEN"  # the bearer token when --token-file is not given
 DEFAULT_TARGET = "localhost:50051"
@@ -56,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", dest="name", help=argparse.SUPPRESS)
     add_version_option(p)
     add_target_return_option(p, default="the model's own")
-    p.add_argument("--mode", choices=("window", "recurrent"), default=None, help="default: the server's")
+    add_mode_option(p, "auto", "the server's default (dmm serve --mode), by default the policy's own")
     p.add_argument("--max-episode-steps", type=int, default=None, help="default: the env's limit")
     p.add_argument(
         "--per-episode-streams",
@@ -98,7 +104,7 @@ def _rollout(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 model=args.name,
                 version=args.version,
-                mode=args.mode,
+                mode=None if args.mode == "auto" else args.mode,
                 progress=not args.no_progress,
                 max_episode_steps=args.max_episode_steps,
                 vectorized=not args.per_episode_streams,

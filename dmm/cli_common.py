@@ -69,6 +69,18 @@ def add_scan_backend_option(parser: Options) -> None:
     )
 
 
+# --mode: an inference mode, or auto: the one the policy was trained for (its inference_mode)
+MODES = ("auto", "window", "recurrent")
+
+
+def add_mode_option(parser: Options, default: str, auto: str) -> None:
+    """``--mode``, shared by the commands that play a policy: window, recurrent, or ``auto`` (what
+    ``auto`` resolves to in this command: ``auto``), ``default`` when not given."""
+    parser.add_argument(
+        "--mode", choices=MODES, default=default, help=f"inference mode; auto: {auto} (default: {default})"
+    )
+
+
 def add_name_option(parser: Options, default: str | None) -> None:
     """``--name``: the model's name in the store; ``default`` says what none means (None: required)."""
     parser.add_argument(

@@ -6,9 +6,9 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from dmm.cli_common import add_scan_backend_option
+from dmm.cli_common import add_mode_option, add_scan_backend_option
 from dmm.server.logs import FORMATS, LEVELS
-from dmm.server.options import CPU_MAX_BATCH, GPU_MAX_BATCH, SERVING_MODES, ServeOptions, default
+from dmm.server.options import CPU_MAX_BATCH, GPU_MAX_BATCH, ServeOptions, default
 
 SERVE = """Serve the policies of a model store over gRPC (dmm.v1.PolicyService), with health, reflection \
 and Prometheus metrics. New versions in the store serve new sessions without a restart."""
@@ -68,8 +68,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     """Where and how the models run."""
     g = p.add_argument_group("inference")
     _option(g, "--device", "device", "auto (the GPU when there is one), cpu, cuda or cuda:N")
-    text = "inference mode of sessions that do not ask for one (auto: the one each policy was trained for)"
-    _option(g, "--mode", "mode", text, choices=SERVING_MODES)
+    auto = "the one each session's policy was trained for; of sessions that ask for none"
+    add_mode_option(g, default("mode"), auto)
     g.add_argument(
         "--cuda-graphs",
         action=argparse.BooleanOptionalAction,

@@ -15,9 +15,9 @@ from dmm.server import logs
 if TYPE_CHECKING:
     from dmm.server.routes import Route
 
-# The inference mode of sessions that ask for none: a mode, or each policy's own (auto)
+# The inference mode of sessions that ask for none: a mode, or each policy's own (auto); the
+# choices of every command's --mode (dmm.cli_common.MODES)
 ServingMode = Literal["auto", "window", "recurrent"]
-SERVING_MODES: tuple[str, ...] = get_args(ServingMode)
 
 
 CPU_MAX_BATCH = 256
@@ -63,7 +63,7 @@ class ServeOptions:
         checks = (
             (0 <= self.port <= 65535, f"--port {self.port} is not a TCP port"),
             (0 <= self.metrics_port <= 65535, f"--metrics-port {self.metrics_port} is not a TCP port"),
-            (self.mode in SERVING_MODES, f"--mode {self.mode!r}: use {', '.join(SERVING_MODES)}"),
+            (self.mode in get_args(ServingMode), f"--mode {self.mode!r}: use auto, window or recurrent"),
             (self.max_sessions > 0, f"--max-sessions must be > 0, got {self.max_sessions}"),
             (self.idle_timeout_s > 0, f"--idle-timeout must be > 0, got {self.idle_timeout_s}"),
             (self.max_batch is None or self.max_batch > 0, f"--max-batch must be > 0, got {self.max_batch}"),

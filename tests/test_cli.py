@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import get_args
 
 import pytest
 from conftest import SHARED_HOPPER_POLICY, random_sac_policy
@@ -303,12 +304,14 @@ def test_serve_on_cuda_without_a_gpu_is_refused(workdir, trained):
 
 
 def test_serve_defaults_to_each_policy_s_mode_and_refuses_cuda_graphs_on_the_cpu():
+    from dmm.cli_common import MODES
     from dmm.errors import ConfigError
-    from dmm.server.options import ServeOptions
+    from dmm.server.options import ServeOptions, ServingMode
 
     assert ServeOptions(store="s").mode == "auto"
+    assert get_args(ServingMode) == MODES  # every command's --mode takes what dmm serve's does
     ServeOptions(store="s", mode="window", device="cpu").validate()
-    with pytest.raises(ConfigError, match="use auto, window, recurrent"):
+    with pytest.raises(ConfigError, match="use auto, window or recurrent"):
         ServeOptions(store="s", mode="fast").validate(probe_device=False)
     with pytest.raises(ConfigError, match="--cuda-graphs needs a CUDA device"):
         ServeOptions(store="s", device="cpu", cuda_graphs=True).validate()

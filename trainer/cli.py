@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dmm.cli_common import (
+    add_mode_option,
     add_name_option,
     add_renamed_option,
     add_scan_backend_option,
@@ -242,8 +243,7 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
     add_version_option(ev)
     ev.add_argument("--episodes", type=positive_int, default=10, help="episodes per target return")
     add_target_return_option(ev, default="the one stored with the policy")
-    help_mode = "inference mode (default: the one the policy was trained for)"
-    ev.add_argument("--mode", choices=["window", "recurrent"], help=help_mode)
+    add_mode_option(ev, "auto", "the one the policy was trained for")
     ev.add_argument("--num-envs", type=positive_int, default=10, help="vector envs evaluated in parallel")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--env", help="environment / dataset name (default: the policy's)")
@@ -370,7 +370,7 @@ def run_eval(args: argparse.Namespace) -> int:
     store = open_store(args.store)  # before the scan backend's compilation: a bad store fails at once
     backend = use_scan_backend(args.scan_backend, args.device)
     policy = load_policy(store, args.name, args.version, device=args.device)
-    mode = args.mode or policy.meta.inference_mode
+    mode = policy.meta.inference_mode if args.mode == "auto" else args.mode
     for target in args.target_returns or [policy.meta.target_return]:
         result = evaluate(
             policy,
